@@ -1,0 +1,122 @@
+"""Frozen configuration: sampling settings, runtime limits and the bundle manifest.
+
+Every value a user can set is checked here, where it is built, and a bad one raises `UserError`
+with a message that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybrid.errors import BundleError, UserError
+
+MANIFEST_NAME = "manifest.json"
+BUNDLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens. `temperature == 0` means greedy (argmax); `top_k == 0` means no top-k."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("top_k", self.top_k, low=0)
+        _check_int("seed", self.seed, low=0)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=1e-3, high=100.0)
+        top_p = _check_float("top_p", self.top_p, low=0.0, high=1.0)
+        if top_p <= 0.0:
+            raise UserError("top_p must be in (0, 1]")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError("stop must be a tuple of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Limits and thread settings of one loaded pipeline."""
+
+    threads: int = 0  # 0: one per physical core
+    max_new_tokens_limit: int = 1024
+    max_images: int = 4
+    max_image_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        _check_int("threads", self.threads, low=0)
+        _check_int("max_new_tokens_limit", self.max_new_tokens_limit, low=1)
+        _check_int("max_images", self.max_images, low=0)
+        _check_int("max_image_pixels", self.max_image_pixels, low=1)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One file of a bundle: its path relative to the bundle, precision and checksum."""
+
+    path: str
+    precision: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`manifest.json` of a bundle: what each part is and how it was made."""
+
+    format: int
+    source: str
+    checkpoint: str
+    precision: str
+    parts: dict[str, PartInfo]
+    versions: dict[str, str]
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, bundle: Path) -> "Manifest":
+        path = bundle / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{path} is missing: not a bundle (make one with `python -m hybrid export`)")
+        try:
+            raw = json.loads(path.read_text())
+            parts = {name: PartInfo(**info) for name, info in raw.pop("parts").items()}
+            manifest = cls(parts=parts, **raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BundleError(f"{path} is corrupted ({exc}); export the bundle again") from exc
+        if manifest.format != BUNDLE_FORMAT:
+            raise BundleError(
+                f"{path} has bundle format {manifest.format}, this version reads {BUNDLE_FORMAT}; export it again"
+            )
+        return manifest
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise UserError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise UserError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)

@@ -1,0 +1,72 @@
+"""Embedding lookup and image-feature injection, exactly as `Qwen3VLModel.forward` does it.
+
+`inject` returns the decoder's prefill inputs: `inputs_embeds` with the image features scattered
+into the `<|image_pad|>` rows (`masked_scatter` order: row-major over the prompt), and a dense
+`deepstack_embeds` tensor that is zero outside those rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hybrid.errors import BundleError, UserError
+from hybrid.vision import VisionFeatures
+
+EMBED_NAME = "embed_tokens.npy"
+
+
+@dataclass(frozen=True)
+class InjectedInputs:
+    inputs_embeds: np.ndarray  # (1, S, H)
+    visual_pos_masks: np.ndarray  # (1, S) bool
+    deepstack_embeds: np.ndarray  # (D, 1, S, H)
+
+
+class EmbeddingTable:
+    """The text embedding matrix, memory-mapped: only the rows a prompt uses are paged in."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            self.weight = np.load(str(path), mmap_mode="r")  # (V, H)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot load the embedding table {path}: {exc}") from exc
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.weight.shape[0]):
+            raise UserError(f"token id out of range for a vocabulary of {self.weight.shape[0]}")
+        return np.ascontiguousarray(self.weight[input_ids], dtype=np.float32)
+
+
+def inject(
+    input_ids: np.ndarray,
+    embeddings: EmbeddingTable,
+    image_token_id: int,
+    num_deepstack: int,
+    features: VisionFeatures | None,
+) -> InjectedInputs:
+    inputs_embeds = embeddings(input_ids)  # (1, S, H)
+    mask = input_ids == image_token_id  # (1, S)
+    n_tokens = int(mask.sum())
+    n_features = 0 if features is None else int(features.image_embeds.shape[0])
+    if n_tokens != n_features:
+        raise UserError(
+            f"image features and image tokens do not match: {n_tokens} <|image_pad|> tokens in the prompt, "
+            f"{n_features} image features"
+        )
+    deepstack = np.zeros((num_deepstack, *inputs_embeds.shape), dtype=np.float32)
+    if features is not None and n_tokens:
+        inputs_embeds[mask] = features.image_embeds
+        if features.deepstack_embeds.shape[0] != num_deepstack:
+            raise BundleError(
+                f"the vision tower gives {features.deepstack_embeds.shape[0]} DeepStack maps, "
+                f"the decoder takes {num_deepstack}"
+            )
+        deepstack[:, mask] = features.deepstack_embeds
+    return InjectedInputs(inputs_embeds=inputs_embeds, visual_pos_masks=mask, deepstack_embeds=deepstack)

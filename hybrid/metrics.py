@@ -1,0 +1,88 @@
+"""Timings every route reports with the same names, and a cheap resident-memory probe."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MiB (reads /proc, so it costs microseconds)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class Timings:
+    preprocess_ms: float
+    vision_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    prompt_tokens: int
+    prefill_tok_s: float
+    decode_tokens: int
+    decode_tok_s: float
+    total_ms: float
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+class Stopwatch:
+    """Marks the stages of one request; `timings()` turns them into `Timings`.
+
+    Decode speed counts the tokens after the first one over the time after the first token, so
+    that prefill never inflates it.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.tokens = 0
+        self.prompt_tokens = 0
+        self.peak_rss = rss_mb()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.sample_memory()
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.tokens += 1
+
+    def sample_memory(self) -> None:
+        self.peak_rss = max(self.peak_rss, rss_mb())
+
+    def timings(self) -> Timings:
+        end = time.perf_counter()
+        self.sample_memory()
+        first = self.first_token_at or end
+        decode_s = (self.last_token_at or first) - first
+        decode_tokens = max(self.tokens - 1, 0)
+        prefill_s = self.stages.get("prefill", 0.0)
+        return Timings(
+            preprocess_ms=1e3 * self.stages.get("preprocess", 0.0),
+            vision_ms=1e3 * self.stages.get("vision", 0.0),
+            prefill_ms=1e3 * prefill_s,
+            ttft_ms=1e3 * (first - self.start),
+            prompt_tokens=self.prompt_tokens,
+            prefill_tok_s=self.prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens=self.tokens,
+            decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+            total_ms=1e3 * (end - self.start),
+            peak_rss_mb=self.peak_rss,
+        )

@@ -1,0 +1,100 @@
+"""The checkpoint's own HF processor, wrapped: a conversation in, model inputs out.
+
+`Processor.prepare` renders the messages with the checkpoint's chat template and runs the real
+`Qwen3VLProcessor` on the text and images. Token ids (image pad, EOS) come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hybrid.errors import BundleError, UserError
+from hybrid.images import to_rgb
+from hybrid.types import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Everything the routes need for one prompt; tensors keep transformers' names and shapes."""
+
+    prompt: str
+    input_ids: np.ndarray  # (1, S) int64
+    mm_token_type_ids: np.ndarray  # (1, S) int64: 0 text, 1 image
+    pixel_values: torch.Tensor | None  # (patches, C * T * P * P)
+    image_grid_thw: torch.Tensor | None  # (images, 3)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class Processor:
+    """Chat template + tokenizer + image processor of one checkpoint."""
+
+    def __init__(self, path: str | Path, max_context: int) -> None:
+        from transformers import AutoProcessor
+
+        try:
+            self.hf = AutoProcessor.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot load the processor from {path}: {exc}") from exc
+        self.tokenizer = self.hf.tokenizer
+        self.image_token_id: int = int(self.hf.image_token_id)
+        self.eos_token_ids: tuple[int, ...] = _eos_ids(Path(path), self.tokenizer)
+        self.max_context = max_context
+
+    def render(self, messages: tuple[Message, ...]) -> str:
+        """The chat-templated prompt text, ending with the assistant's turn opener."""
+        conversation = [_to_hf_message(m) for m in messages]
+        return self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def prepare(self, messages: tuple[Message, ...]) -> PreparedInputs:
+        prompt = self.render(messages)
+        images = [to_rgb(img) for m in messages for img in m.images]
+        batch = self.hf(text=[prompt], images=images or None, return_tensors="pt")
+        input_ids = batch["input_ids"].numpy().astype(np.int64)
+        if input_ids.shape[1] >= self.max_context:
+            raise UserError(
+                f"the prompt is {input_ids.shape[1]} tokens, the model's context is {self.max_context}: "
+                "shorten it or start a new conversation"
+            )
+        return PreparedInputs(
+            prompt=prompt,
+            input_ids=input_ids,
+            mm_token_type_ids=batch["mm_token_type_ids"].numpy().astype(np.int64),
+            pixel_values=batch.get("pixel_values"),
+            image_grid_thw=batch.get("image_grid_thw"),
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _to_hf_message(message: Message) -> dict:
+    content: list[dict] = [{"type": "image"} for _ in message.images]
+    if message.text:
+        content.append({"type": "text", "text": message.text})
+    return {"role": message.role, "content": content}
+
+
+def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (what `generate` stops on), else the tokenizer's EOS."""
+    gen_path = path / "generation_config.json"
+    ids: list[int] = []
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [int(tokenizer.eos_token_id)]
+    if not ids:
+        raise BundleError(f"no EOS token id in {gen_path} or the tokenizer")
+    return tuple(int(i) for i in ids)

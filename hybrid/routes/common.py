@@ -1,0 +1,65 @@
+"""What every route shares: turning generated token ids into `Chunk`s, with the same stop rules.
+
+A route feeds each new token id to `Emitter.push`; the emitter decides when generation is over
+(EOS from the checkpoint, max new tokens, a stop string, or cancellation) and keeps the timings.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from hybrid.config import SamplingConfig
+from hybrid.metrics import Stopwatch
+from hybrid.processor import Processor
+from hybrid.streaming import TextStream
+from hybrid.types import Chunk, FinishReason
+
+
+class Emitter:
+    def __init__(
+        self,
+        route: str,
+        processor: Processor,
+        sampling: SamplingConfig,
+        watch: Stopwatch,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.route = route
+        self.sampling = sampling
+        self.eos = set(processor.eos_token_ids)
+        self.watch = watch
+        self.cancel = cancel
+        self.stream = TextStream(processor.decode, sampling.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        if self.finish_reason is None and self.cancel is not None and self.cancel.is_set():
+            self.finish_reason = "cancelled"
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> Chunk:
+        """Account for one generated token; the returned chunk holds the text it released."""
+        self.watch.token()
+        self.token_ids.append(token_id)
+        text = ""
+        if token_id in self.eos:
+            self.finish_reason = "eos"
+        else:
+            text = self.stream.push(token_id)
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.token_ids) >= self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+        return Chunk(route=self.route, text=text, token_ids=(token_id,))
+
+    def final(self) -> Chunk:
+        text = "" if self.finish_reason == "stop" else self.stream.flush()
+        return Chunk(
+            route=self.route,
+            text=text,
+            token_ids=(),
+            finish_reason=self.finish_reason or "cancelled",
+            timings=self.watch.timings(),
+        )

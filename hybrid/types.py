@@ -1,0 +1,64 @@
+"""Request and response types shared by every route: a conversation in, a stream of `Chunk`s out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+from hybrid.config import SamplingConfig
+from hybrid.errors import UserError
+from hybrid.metrics import Timings
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["eos", "length", "stop", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn. Images go before the text in the rendered turn, in the order given."""
+
+    role: Role
+    text: str = ""
+    images: tuple[Image.Image, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant"):
+            raise UserError(f"role must be system, user or assistant, got {self.role!r}")
+        if not isinstance(self.text, str):
+            raise UserError("message text must be a string")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A conversation ending with a user turn, and how to sample the answer."""
+
+    messages: tuple[Message, ...]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.messages or self.messages[-1].role != "user":
+            raise UserError("a request must end with a user message")
+        last = self.messages[-1]
+        if not last.text.strip() and not last.images:
+            raise UserError("the prompt is empty: type a question or add an image")
+
+    @property
+    def images(self) -> tuple[Image.Image, ...]:
+        return tuple(img for m in self.messages for img in m.images)
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.images for m in self.messages)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output. The last chunk of a stream has `finish_reason` and `timings`."""
+
+    route: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None

@@ -1,0 +1,67 @@
+"""The Qwen3-VL vision tower alone, in PyTorch: pixels in, merged image features and DeepStack maps out.
+
+Only the `model.visual.*` weights are loaded; the language model never enters memory here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrid.errors import BundleError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_PREFIX = "model.visual."
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    image_embeds: np.ndarray  # (N, H): merged patches of all images, in prompt order
+    deepstack_embeds: np.ndarray  # (D, N, H): one map per DeepStack layer
+
+
+class VisionTower:
+    def __init__(self, folder: str | Path, threads: int) -> None:
+        from safetensors.torch import load_file
+        from transformers import Qwen3VLVisionConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        folder = Path(folder)
+        try:
+            config = Qwen3VLVisionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+            state = load_file(str(folder / WEIGHTS_NAME))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
+        config._attn_implementation = "sdpa"
+        self.model = Qwen3VLVisionModel(config).eval()
+        self.model.load_state_dict(state, strict=True)
+        self.spatial_merge_size = config.spatial_merge_size
+        self.threads = threads
+
+    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.model(pixel_values.to(self.model.dtype), grid_thw=image_grid_thw, return_dict=True)
+            deepstack = torch.stack(list(out.deepstack_features)) if out.deepstack_features else None
+        image_embeds = out.pooler_output.float().numpy()
+        if deepstack is None:
+            deepstack_np = np.zeros((0, *image_embeds.shape), dtype=np.float32)
+        else:
+            deepstack_np = deepstack.float().numpy()
+        return VisionFeatures(image_embeds=image_embeds, deepstack_embeds=deepstack_np)
+
+
+def save_vision_tower(model, folder: Path) -> None:
+    """Write the visual tower of a loaded `Qwen3VLForConditionalGeneration` on its own."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.model.visual.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME))
+    (folder / CONFIG_NAME).write_text(model.config.vision_config.to_json_string())
