@@ -23,6 +23,7 @@ class SamplingConfig:
     """How to pick tokens. `temperature == 0` means greedy (argmax); `top_k == 0` means no top-k."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -32,6 +33,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("min_new_tokens", self.min_new_tokens, low=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise UserError("min_new_tokens must not exceed max_new_tokens")
         _check_int("top_k", self.top_k, low=0)
         _check_int("seed", self.seed, low=0)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)

@@ -21,6 +21,13 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
+def suppress(logits: np.ndarray, token_ids: tuple[int, ...]) -> np.ndarray:
+    """Make `token_ids` impossible (EOS before `min_new_tokens`)."""
+    logits = logits.copy()
+    logits[list(token_ids)] = -np.inf
+    return logits
+
+
 def logits_to_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     logits = logits.astype(np.float64) / temperature
     if 0 < top_k < logits.size:

@@ -35,7 +35,7 @@ POSITIONS = {
 IMAGE_KINDS = ("shape", "colour", "position", "describe")
 KINDS = (*IMAGE_KINDS, "text")
 IMAGE_SIZE = 96
-MIN_SIZE, MAX_SIZE = 0.22, 0.42  # shape diameter as a fraction of the picture side
+MIN_SIZE, MAX_SIZE = 0.25, 0.45  # shape diameter as a fraction of the picture side
 MAX_OFFSET = 0.04  # jitter around the place's centre, fraction of the side
 MAX_ANGLE = 12.0  # degrees
 FILL_JITTER = 25  # per RGB channel
@@ -177,7 +177,8 @@ def text_exchanges() -> list[Exchange]:
 
 def corpus() -> tuple[str, ...]:
     """Every sentence of the language: all questions and all possible answers, for the tokenizer."""
-    lines = [q for qs in QUESTIONS.values() for q in qs]
+    lines = ["user\nassistant\n"]  # the chat template's role names, in every prompt
+    lines += [q for qs in QUESTIONS.values() for q in qs]
     lines += [f"{e.question} {e.answer}" for e in text_exchanges()]
     for shape in SHAPES:
         for colour in COLOURS:

@@ -17,7 +17,7 @@ from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import decode_position, get_rope_index
 from hybrid.routes.common import Emitter
-from hybrid.sampling import sample
+from hybrid.sampling import sample, suppress
 from hybrid.types import Chunk, Request
 from hybrid.vision import VisionFeatures, VisionTower
 
@@ -67,7 +67,10 @@ class HybridRoute:
         rng = np.random.default_rng(sampling.seed)
         seen = set(prompt_ids.tolist())
         no_deepstack = np.zeros((self.decoder.num_deepstack, 1, 1, self.decoder.hidden_size), dtype=np.float32)
+        eos = self.processor.eos_token_ids
         while True:
+            if len(emitter.token_ids) < sampling.min_new_tokens:
+                logits = suppress(logits, eos)
             token = sample(logits, sampling, np.fromiter(seen, dtype=np.int64), rng)
             yield emitter.push(token)
             if emitter.done:

@@ -102,6 +102,7 @@ class PyTorchRoute:
             attention_mask=torch.ones_like(torch.from_numpy(inputs.input_ids)),
             mm_token_type_ids=torch.from_numpy(inputs.mm_token_type_ids),
             max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens or None,
             do_sample=not s.greedy,
             repetition_penalty=s.repetition_penalty,
             eos_token_id=list(self.processor.eos_token_ids),

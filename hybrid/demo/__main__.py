@@ -1,0 +1,68 @@
+"""CLI for the demo model: `train` it from scratch, or `eval` a checkpoint's accuracy per question kind.
+
+    python -m hybrid.demo train --out assets/demo-model [--steps N] [--seed S] [--threads T]
+    python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route pytorch] [--zero-image] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from hybrid.demo.eval import ROUTES, RouteNotAvailable, eval_exchanges, evaluate, make_answerer
+from hybrid.demo.train import InvalidConfig, TrainConfig, train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hybrid.demo", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("train", help="train the demo model from scratch on the CPU")
+    fit.add_argument("--out", required=True, help="checkpoint folder to write")
+    fit.add_argument("--steps", type=int, default=TrainConfig.steps)
+    fit.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    fit.add_argument("--seed", type=int, default=TrainConfig.seed)
+    fit.add_argument("--threads", type=int, default=TrainConfig.threads)
+    check = commands.add_parser("eval", help="grade a checkpoint on fresh scenes")
+    check.add_argument("--model", required=True, help="checkpoint folder")
+    check.add_argument("--n", type=int, default=300, help="number of scenes (4 questions each)")
+    check.add_argument("--seed", type=int, default=1234, help="scene seed; use one training did not")
+    check.add_argument("--route", default="pytorch", choices=ROUTES)
+    check.add_argument("--zero-image", action="store_true", help="ablation: blank the vision features")
+    check.add_argument("--max-new-tokens", type=int, default=24)
+    check.add_argument("--threads", type=int, default=2)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(argv)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    answer = make_answerer(args.route, args.model, args.zero_image, args.max_new_tokens)
+    report = evaluate(answer, eval_exchanges(args.n, args.seed))
+    if args.json:
+        result = {"route": args.route, "model": args.model, "n": args.n, "seed": args.seed, "zero_image": args.zero_image}
+        sys.stdout.write(json.dumps(result | report.to_json()) + "\n")
+    else:
+        sys.stdout.write(report.table() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        if args.command == "train":
+            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
+            train(args.out, cfg)
+        else:
+            run_eval(args)
+    except (RouteNotAvailable, InvalidConfig) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shared test helpers: run a route greedily, and compute teacher-forced reference logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hybrid.__main__ import collect
+from hybrid.config import SamplingConfig
+from hybrid.types import Message, Request
+
+NEW_TOKENS = 24
+
+
+def ask(text: str, images=(), history=(), max_new_tokens: int = NEW_TOKENS, **sampling) -> Request:
+    sampling.setdefault("min_new_tokens", max_new_tokens)  # random weights may emit EOS at once
+    sampling_config = SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
+    return Request(tuple(history) + (Message("user", text, tuple(images)),), sampling_config)
+
+
+def run(pipeline, request: Request, route: str) -> dict:
+    return collect(pipeline.stream(request, route))
+
+
+def reference_logits(model, inputs, generated: list[int]) -> np.ndarray:
+    """HF logits `(n, V)` that predicted each generated token, teacher-forced in one forward."""
+    ids = np.concatenate([inputs.input_ids, np.array([generated[:-1]], dtype=np.int64)], axis=1)
+    types = np.concatenate([inputs.mm_token_type_ids, np.zeros((1, len(generated) - 1), dtype=np.int64)], axis=1)
+    kwargs = dict(input_ids=torch.from_numpy(ids), mm_token_type_ids=torch.from_numpy(types))
+    if inputs.pixel_values is not None:
+        kwargs.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+    with torch.inference_mode():
+        logits = model(**kwargs).logits[0]
+    return logits[inputs.num_tokens - 1 :].numpy()
+
+
+def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
+    """Our decoder's logits `(n, V)` for the same tokens: prefill, then one step per token."""
+    from hybrid.rope import decode_position, get_rope_index
+
+    features = route.encode(inputs)
+    injected = route.inject(inputs, features)
+    grid = None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
+    positions, delta = get_rope_index(inputs.mm_token_type_ids, grid, route.vision.spatial_merge_size)
+    cache = route.decoder.new_cache()
+    rows = [route.decoder.forward(cache, injected.inputs_embeds, positions, injected.deepstack_embeds)]
+    zeros = np.zeros((route.decoder.num_deepstack, 1, 1, route.decoder.hidden_size), dtype=np.float32)
+    for token in generated[:-1]:
+        embeds = route.embeddings(np.array([[token]], dtype=np.int64))
+        rows.append(route.decoder.forward(cache, embeds, decode_position(cache.length, delta), zeros))
+    return np.stack(rows)
