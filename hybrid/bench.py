@@ -1,15 +1,331 @@
-"""`python -m hybrid bench`: the routes side by side on a checkpoint with the real 2B/4B shapes."""
+"""`python -m hybrid bench`: the routes side by side on a checkpoint with the real 2B/4B shapes.
+
+Builds (and caches) a random-weight Qwen3-VL of the preset's shapes, exports an fp32 and an INT4
+bundle, and measures every route in its own worker process (so each route's memory is its own),
+interleaved run by run so that machine noise hits all routes alike. Figures are medians. Random
+weights make the speed figures real and the answers meaningless.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 
 from hybrid.errors import UserError
 
+log = logging.getLogger(__name__)
+
+# route key -> (bundle precision, route name)
+ROUTES = {
+    "pytorch_fp32": ("fp32", "pytorch"),
+    "hybrid_fp32": ("fp32", "hybrid"),
+    "hybrid_int4": ("int4", "hybrid"),
+    "genai_int4": ("int4", "genai"),
+}
+FIELDS = ("vision_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
+
+
+def preset_spec(preset: str, layers: int | None):
+    """Real Qwen3-VL-2B/4B shapes (text and vision), or a tiny one for tests; `layers` cuts the text depth."""
+    from hybrid.tiny import TinySpec
+
+    vision = dict(
+        vision_depth=24,
+        vision_hidden_size=1024,
+        vision_heads=16,
+        vision_intermediate_size=4096,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=(5, 11, 17),
+        min_pixels=65536,
+        max_pixels=16384 * 32 * 32,
+    )
+    text = dict(
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20), vocab_size=151936,
+        tie_word_embeddings=True, initializer_range=0.02, max_position_embeddings=32768,
+    )  # fmt: skip
+    presets = {
+        "2b": TinySpec(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144, **text, **vision),
+        "4b": replace(
+            TinySpec(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728, **text, **vision),
+            num_attention_heads=32,
+        ),
+        "tiny": TinySpec(num_hidden_layers=2, vocab_size=4096),
+    }
+    if preset not in presets:
+        raise UserError(f"--preset must be one of {', '.join(presets)}")
+    spec = presets[preset]
+    if layers is not None:
+        if not 1 <= layers <= spec.num_hidden_layers:
+            raise UserError(f"--layers must be in [1, {spec.num_hidden_layers}] for {preset}")
+        spec = replace(spec, num_hidden_layers=layers)
+    return spec
+
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="2b", help="2b | 4b | tiny")
+    parser.add_argument("--layers", type=int, default=None, help="cut the text depth (default: full)")
+    parser.add_argument("--image", default="448x336", help="image size WxH")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per route, after one warm-up")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of " + ",".join(ROUTES))
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
+    parser.add_argument("--json", action="store_true")
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    raise UserError("bench is not built yet")
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    unknown = set(routes) - set(ROUTES)
+    if unknown:
+        raise UserError(f"unknown routes {sorted(unknown)}; choose from {', '.join(ROUTES)}")
+    width, height = _parse_size(args.image)
+    if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
+        raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
+    spec = preset_spec(args.preset, args.layers)
+    bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r][0] for r in routes})
+    report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
+    report.update(preset=args.preset, layers=spec.num_hidden_layers, image=args.image)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--image must look like 448x336, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise UserError("--image sizes must be positive")
+    return width, height
+
+
+def _prepare_bundles(cache: Path, preset: str, spec, precisions: set[str]) -> dict[str, Path]:
+    from hybrid.config import MANIFEST_NAME
+    from hybrid.export.bundle import export_bundle
+    from hybrid.tiny import build_checkpoint
+
+    name = f"{preset}-L{spec.num_hidden_layers}"
+    checkpoint = cache / f"checkpoint-{name}"
+    if not (checkpoint / "config.json").is_file():
+        log.info("building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint)
+        build_checkpoint(checkpoint, spec, seed=0)
+    bundles = {}
+    for precision in sorted(precisions):
+        out = cache / f"bundle-{name}-{precision}"
+        if not (out / MANIFEST_NAME).is_file():
+            export_bundle(str(checkpoint), out, precision, genai=precision == "int4")
+        bundles[precision] = out
+    return bundles
+
+
+def measure(
+    bundles: dict[str, Path], routes: list[str], width: int, height: int, prompt_tokens: int, new_tokens: int,
+    runs: int, threads: int,
+) -> dict:  # fmt: skip
+    ctx = mp.get_context("spawn")
+    workers = {key: _Worker(ctx, bundles[ROUTES[key][0]], ROUTES[key][1], threads) for key in routes}
+    try:
+        image_prompt = _image_request(width, height, prompt_tokens, new_tokens)
+        image_tokens = None
+        samples: dict[str, list[dict]] = {key: [] for key in routes}
+        for run in range(runs + 1):  # run 0 warms up and is left out
+            for key in routes:
+                if key.startswith("genai"):
+                    request = _text_request(image_tokens or prompt_tokens, new_tokens)
+                else:
+                    request = image_prompt
+                result = workers[key].ask(request)
+                if key.startswith(("hybrid", "pytorch")):
+                    image_tokens = result["timings"]["prompt_tokens"]
+                if run:
+                    samples[key].append(result)
+        return _summarise(samples, workers, bundles, new_tokens)
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int):
+    from PIL import Image
+
+    from hybrid.config import SamplingConfig
+    from hybrid.types import Message, Request
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    text = " ".join(["the"] * prompt_tokens)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return Request((Message("user", text, (image,)),), sampling)
+
+
+def _text_request(total_tokens: int, new_tokens: int):
+    """A text prompt padded to the same token count as the image prompt."""
+    from hybrid.config import SamplingConfig
+    from hybrid.types import Message, Request
+
+    overhead = 5  # <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n
+    text = " ".join(["the"] * max(total_tokens - overhead, 1))
+    sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return Request((Message("user", text),), sampling)
+
+
+def _summarise(samples: dict, workers: dict, bundles: dict, new_tokens: int) -> dict:
+    bandwidth = measure_bandwidth_gb_s()
+    weight_bytes = int4_decode_bytes(bundles["int4"]) if "int4" in bundles else None
+    ceiling = bandwidth * 1e9 / weight_bytes if weight_bytes else None
+    routes = {}
+    for key, results in samples.items():
+        timings = [r["timings"] for r in results]
+        row = {f: statistics.median(t[f] for t in timings) for f in FIELDS}
+        row["peak_rss_mb"] = max(t["peak_rss_mb"] for t in timings)
+        row.update(
+            prompt_tokens=timings[0]["prompt_tokens"],
+            decode_tokens=timings[0]["decode_tokens"],
+            loaded_mb=workers[key].loaded_mb,
+            baseline_rss_mb=workers[key].baseline_rss_mb,
+        )
+        if ceiling:
+            row["ceiling_share"] = row["decode_tok_s"] / ceiling
+        routes[key] = row
+    return {
+        "routes": routes,
+        "bandwidth_gb_s": bandwidth,
+        "int4_bytes_per_token": weight_bytes,
+        "ceiling_tok_s": ceiling,
+        "new_tokens": new_tokens,
+        "runs": len(next(iter(samples.values()))),
+        "ratios": _ratios(routes),
+        "note": "random weights: the speed figures are real, the answers are not",
+    }
+
+
+def _ratios(routes: dict) -> dict:
+    ratios = {}
+    pairs = [
+        ("hybrid_int4", "genai_int4", "decode_tok_s"),
+        ("hybrid_int4", "pytorch_fp32", "decode_tok_s"),
+        ("hybrid_fp32", "pytorch_fp32", "decode_tok_s"),
+        ("hybrid_int4", "pytorch_fp32", "ttft_ms"),
+    ]
+    for a, b, field in pairs:
+        if a in routes and b in routes and routes[b][field]:
+            ratios[f"{a}/{b} {field}"] = routes[a][field] / routes[b][field]
+    return ratios
+
+
+def measure_bandwidth_gb_s(size_mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth as numpy copies see it: (bytes read + bytes written) / time, best of `repeats`."""
+    src = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def int4_decode_bytes(bundle: Path) -> int:
+    """Bytes of decoder weights read per decode step: every initializer except the embedding table
+    (a decode step reads one row of it, and it is not in the decoder graph)."""
+    import onnx
+
+    model = onnx.load(str(bundle / "decoder" / "model.onnx"), load_external_data=True)
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+class _Worker:
+    """One route of one bundle in its own process; requests go over a pipe, results come back."""
+
+    def __init__(self, ctx, bundle: Path, route: str, threads: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, str(bundle), route, threads), daemon=True)
+        self.process.start()
+        ready = self.conn.recv()
+        if "error" in ready:
+            raise UserError(f"{route} worker failed to start: {ready['error']}")
+        self.loaded_mb = ready["loaded_mb"]
+        self.baseline_rss_mb = ready["baseline_rss_mb"]
+
+    def ask(self, request) -> dict:
+        self.conn.send(request)
+        result = self.conn.recv()
+        if "error" in result:
+            raise UserError(f"benchmark request failed: {result['error']}")
+        return result
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=30)
+
+
+def _serve(conn, bundle: str, route: str, threads: int) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from hybrid.__main__ import collect
+    from hybrid.config import RuntimeConfig
+    from hybrid.metrics import rss_mb
+    from hybrid.pipeline import Pipeline
+
+    try:
+        import torch  # noqa: F401  (import cost counts as baseline, not as the route's load)
+
+        baseline = rss_mb()
+        pipeline = Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
+        if route == "pytorch":
+            pipeline.routes["pytorch"].model  # load now, not inside the first timed request
+        conn.send({"loaded_mb": _loaded_mb(Path(bundle), route, pipeline), "baseline_rss_mb": baseline})
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    while (request := conn.recv()) is not None:
+        try:
+            conn.send(collect(pipeline.stream(request, route)))
+        except Exception as exc:  # reported to the parent, which raises it
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _loaded_mb(bundle: Path, route: str, pipeline) -> float:
+    """Bytes of weights a route loads (the memory-mapped embedding table counts only when read whole)."""
+    if route == "pytorch":
+        folder = Path(pipeline.manifest.checkpoint)
+        files = list(folder.glob("*.safetensors"))
+    elif route == "hybrid":
+        files = list((bundle / "vision").glob("*.safetensors")) + list((bundle / "decoder").glob("model.onnx*"))
+    else:
+        files = list((bundle / "genai").glob("model.onnx*"))
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def format_report(report: dict) -> str:
+    routes = report["routes"]
+    columns = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "ceiling_share", "peak_rss_mb", "loaded_mb")
+    lines = [
+        f"preset {report['preset']} ({report['layers']} text layers), image {report['image']}, "
+        f"{report['new_tokens']} new tokens, median of {report['runs']} runs",
+        f"{'route':<14}" + "".join(f"{c:>15}" for c in columns),
+    ]
+    for key, row in routes.items():
+        cells = "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns)
+        lines.append(f"{key:<14}{cells}")
+    lines.append(f"memory bandwidth {report['bandwidth_gb_s']:.1f} GB/s (numpy copy)")
+    if report["ceiling_tok_s"]:
+        lines.append(
+            f"INT4 decoder reads {report['int4_bytes_per_token'] / 2**20:.0f} MiB per token: "
+            f"decode ceiling {report['ceiling_tok_s']:.1f} tok/s"
+        )
+    lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    lines.append(report["note"])
+    return "\n".join(lines)

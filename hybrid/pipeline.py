@@ -28,7 +28,13 @@ class Pipeline:
     load_seconds: float = 0.0
 
     @classmethod
-    def load(cls, bundle: str | Path, runtime: RuntimeConfig = RuntimeConfig(), verify: bool = True) -> "Pipeline":
+    def load(
+        cls,
+        bundle: str | Path,
+        runtime: RuntimeConfig = RuntimeConfig(),
+        verify: bool = True,
+        only: tuple[str, ...] = ("hybrid", "pytorch", "genai"),
+    ) -> "Pipeline":
         from hybrid.decoder import OnnxDecoder
         from hybrid.injection import EmbeddingTable
         from hybrid.processor import Processor
@@ -45,16 +51,17 @@ class Pipeline:
             verify_bundle(bundle, manifest)
         max_context = int(manifest.model.get("max_position_embeddings", 32768))
         processor = Processor(bundle / PROCESSOR_DIR, max_context=max_context)
-        routes: dict = {
-            "hybrid": HybridRoute(
+        routes: dict = {}
+        if "hybrid" in only:
+            routes["hybrid"] = HybridRoute(
                 processor,
                 VisionTower(bundle / VISION_DIR, runtime.threads),
                 EmbeddingTable(bundle / EMBED_FILE),
                 OnnxDecoder(bundle / DECODER_FILE, runtime.threads),
-            ),
-            "pytorch": PyTorchRoute(manifest.checkpoint, processor, runtime.threads),
-        }
-        if (bundle / GENAI_DIR).is_dir():
+            )
+        if "pytorch" in only:
+            routes["pytorch"] = PyTorchRoute(manifest.checkpoint, processor, runtime.threads)
+        if "genai" in only and (bundle / GENAI_DIR).is_dir():
             from hybrid.routes.genai import GenAIRoute
 
             routes["genai"] = GenAIRoute(bundle / GENAI_DIR, processor, runtime.threads)

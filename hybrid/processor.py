@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ from hybrid.images import to_rgb
 from hybrid.types import Message
 
 log = logging.getLogger(__name__)
+
+# Private-use characters mark where message texts go in the rendered template.
+_SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
+_SENTINEL = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
 
 
 @dataclass(frozen=True)
@@ -58,22 +63,48 @@ class Processor:
         return self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def prepare(self, messages: tuple[Message, ...]) -> PreparedInputs:
-        prompt = self.render(messages)
+        """Tokenize the conversation. Message texts are always plain text: a `<|im_end|>` or
+        `<|image_pad|>` typed by a user becomes ordinary characters, never a control token."""
         images = [to_rgb(img) for m in messages for img in m.images]
-        batch = self.hf(text=[prompt], images=images or None, return_tensors="pt")
-        input_ids = batch["input_ids"].numpy().astype(np.int64)
-        if input_ids.shape[1] >= self.max_context:
+        pixel_values = image_grid_thw = None
+        pads: list[int] = []
+        if images:
+            batch = self.hf.image_processor(images=images, return_tensors="pt")
+            pixel_values, image_grid_thw = batch["pixel_values"], batch["image_grid_thw"]
+            pads = (image_grid_thw.prod(-1) // self.hf.image_processor.merge_size**2).tolist()
+        ids = self._tokenize(messages, pads)
+        if ids.shape[1] >= self.max_context:
             raise UserError(
-                f"the prompt is {input_ids.shape[1]} tokens, the model's context is {self.max_context}: "
+                f"the prompt is {ids.shape[1]} tokens, the model's context is {self.max_context}: "
                 "shorten it or start a new conversation"
             )
         return PreparedInputs(
-            prompt=prompt,
-            input_ids=input_ids,
-            mm_token_type_ids=batch["mm_token_type_ids"].numpy().astype(np.int64),
-            pixel_values=batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
+            prompt=self.render(messages),
+            input_ids=ids,
+            mm_token_type_ids=(ids == self.image_token_id).astype(np.int64),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
         )
+
+    def _tokenize(self, messages: tuple[Message, ...], pads: list[int]) -> np.ndarray:
+        """The template is rendered around sentinels; template pieces are tokenized with special
+        tokens (each image placeholder expanded to its patch count), message texts without."""
+        marked = tuple(replace(m, text=f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}" if m.text else "")
+                       for i, m in enumerate(messages))  # fmt: skip
+        pieces = _SENTINEL.split(self.render(marked))
+        placeholder = self.hf.image_token
+        counts = iter(pads)
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                text, split = messages[int(piece)].text, True
+            else:
+                text = re.sub(re.escape(placeholder), lambda _: placeholder * next(counts), piece)
+                split = False
+            ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+        if next(counts, None) is not None:
+            raise UserError("the chat template did not place every image; the checkpoint's template is unusual")
+        return np.array([ids], dtype=np.int64)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
