@@ -26,8 +26,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
                 img.seek(0)  # first frame of an animation
                 img.load()
                 return to_rgb(img)
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise UserError(f"{name} is not a readable image: {exc}") from exc
+        except Image.DecompressionBombError as exc:
+            raise UserError(f"{name} has more than the limit of {max_pixels:,} pixels: scale it down first") from exc
+        except UnidentifiedImageError as exc:
+            raise UserError(f"{name} is not a readable image (PNG, JPEG, GIF, WebP, BMP, TIFF ...)") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise UserError(f"{name} is truncated or corrupt: {exc}") from exc
 
