@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hybrid.config import Manifest, RuntimeConfig
-from hybrid.errors import BundleError, UserError
+from hybrid.errors import BundleError, HybridError, RouteError, UserError
 from hybrid.export.bundle import DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR, verify_bundle
 from hybrid.types import Chunk, Request
 
@@ -87,5 +87,16 @@ class Pipeline:
         return choose_routes(request, route, tuple(self.routes))
 
     def stream(self, request: Request, route: str, cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first)."""
-        return self.routes[route].stream(request, cancel)
+        """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first).
+
+        A fault inside a route (not a user error) is logged with its traceback and re-raised as a
+        `RouteError` naming the route, so one failing request never takes the server down."""
+        if route not in self.routes:
+            raise RouteError(f"the {route} route is not loaded; loaded: {', '.join(self.routes)}")
+        try:
+            yield from self.routes[route].stream(request, cancel)
+        except HybridError:
+            raise
+        except Exception as exc:  # a bug or a runtime fault in one route: report it, keep serving
+            log.exception("the %s route failed", route)
+            raise RouteError(f"the {route} route failed: {type(exc).__name__}: {exc}") from exc
