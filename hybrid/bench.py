@@ -138,10 +138,11 @@ def measure(
     ctx = mp.get_context("spawn")
     workers = {key: _Worker(ctx, bundles[ROUTES[key][0]], ROUTES[key][1], threads) for key in routes}
     try:
-        image_prompt = _image_request(width, height, prompt_tokens, new_tokens)
         image_tokens = None
         samples: dict[str, list[dict]] = {key: [] for key in routes}
         for run in range(runs + 1):  # run 0 warms up and is left out
+            # a new picture every run, so the vision feature cache never answers for the tower
+            image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
             for key in routes:
                 if key.startswith("genai"):
                     request = _text_request(image_tokens or prompt_tokens, new_tokens)
@@ -158,13 +159,13 @@ def measure(
             worker.close()
 
 
-def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int):
+def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int):
     from PIL import Image
 
     from hybrid.config import SamplingConfig
     from hybrid.types import Message, Request
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     text = " ".join(["the"] * prompt_tokens)
     sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)

@@ -5,7 +5,9 @@ Only the `model.visual.*` weights are loaded; the language model never enters me
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,35 @@ class VisionFeatures:
     deepstack_embeds: np.ndarray  # (D, N, H): one map per DeepStack layer
 
 
+class FeatureCache:
+    """A small LRU of vision features keyed by the pixels and grid, so a follow-up question about
+    the same pictures skips the vision tower."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[str, VisionFeatures] = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def key(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> str:
+        digest = hashlib.sha256(pixel_values.numpy().tobytes())
+        digest.update(image_grid_thw.numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> VisionFeatures | None:
+        features = self.entries.get(key)
+        if features is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        return features
+
+    def put(self, key: str, features: VisionFeatures) -> None:
+        self.entries[key] = features
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
 class VisionTower:
     def __init__(self, folder: str | Path, threads: int) -> None:
         from safetensors.torch import load_file
@@ -42,8 +73,17 @@ class VisionTower:
         self.model.load_state_dict(state, strict=True)
         self.spatial_merge_size = config.spatial_merge_size
         self.threads = threads
+        self.cache = FeatureCache()
 
     def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+        key = self.cache.key(pixel_values, image_grid_thw)
+        features = self.cache.get(key)
+        if features is None:
+            features = self._run(pixel_values, image_grid_thw)
+            self.cache.put(key, features)
+        return features
+
+    def _run(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
         if self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
