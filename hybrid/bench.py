@@ -312,14 +312,17 @@ def _loaded_mb(bundle: Path, route: str, pipeline) -> float:
 
 def format_report(report: dict) -> str:
     routes = report["routes"]
-    columns = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "ceiling_share", "peak_rss_mb", "loaded_mb")
+    columns = (
+        "vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "ceiling_share", "peak_rss_mb", "baseline_rss_mb",
+        "loaded_mb",
+    )  # fmt: skip
     lines = [
         f"preset {report['preset']} ({report['layers']} text layers), image {report['image']}, "
         f"{report['new_tokens']} new tokens, median of {report['runs']} runs",
-        f"{'route':<14}" + "".join(f"{c:>15}" for c in columns),
+        f"{'route':<14}" + "".join(f"{c:>16}" for c in columns),
     ]
     for key, row in routes.items():
-        cells = "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns)
+        cells = "".join(f"{row.get(c, float('nan')):>16.2f}" for c in columns)
         lines.append(f"{key:<14}{cells}")
     lines.append(f"memory bandwidth {report['bandwidth_gb_s']:.1f} GB/s (numpy copy)")
     if report["ceiling_tok_s"]:
@@ -328,5 +331,6 @@ def format_report(report: dict) -> str:
             f"decode ceiling {report['ceiling_tok_s']:.1f} tok/s"
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    lines.append("peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading")
     lines.append(report["note"])
     return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""The benchmark runs on a tiny preset and its report is complete and consistent (no timing limits)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hybrid.bench import ROUTES, preset_spec
+
+ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
+
+
+def test_presets_have_the_real_shapes():
+    spec = preset_spec("2b", None)
+    assert (spec.hidden_size, spec.num_hidden_layers, spec.num_attention_heads, spec.num_key_value_heads) == (
+        2048, 28, 16, 8,
+    )  # fmt: skip
+    assert spec.vocab_size == 151936 and spec.tie_word_embeddings
+    assert preset_spec("4b", 6).num_hidden_layers == 6 and preset_spec("4b", None).hidden_size == 2560
+
+
+def test_tiny_bench_report(tmp_path):
+    command = [
+        sys.executable, "-m", "hybrid", "bench", "--preset", "tiny", "--image", "64x64", "--new-tokens", "6",
+        "--runs", "1", "--prompt-tokens", "8", "--cache", str(tmp_path), "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["routes"]) == set(ROUTES)
+    for key, row in report["routes"].items():
+        for field in ROUTE_FIELDS:
+            assert row[field] >= 0, (key, field)
+        assert row["decode_tok_s"] > 0 and row["ttft_ms"] > 0 and row["peak_rss_mb"] > row["baseline_rss_mb"] > 0
+        assert row["decode_tokens"] == 6
+    image_rows = [report["routes"][k] for k in ("pytorch_fp32", "hybrid_fp32", "hybrid_int4")]
+    assert all(r["vision_ms"] > 0 for r in image_rows) and report["routes"]["genai_int4"]["vision_ms"] == 0
+    assert len({r["prompt_tokens"] for r in image_rows}) == 1
+    assert report["bandwidth_gb_s"] > 0 and report["int4_bytes_per_token"] > 0
+    ceiling = report["bandwidth_gb_s"] * 1e9 / report["int4_bytes_per_token"]
+    assert abs(report["ceiling_tok_s"] - ceiling) < 1e-6 * ceiling
+    hybrid = report["routes"]["hybrid_int4"]
+    assert abs(hybrid["ceiling_share"] - hybrid["decode_tok_s"] / ceiling) < 1e-9
