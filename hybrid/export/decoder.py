@@ -9,8 +9,10 @@ the same as the masked add in transformers). Only the last position's logits are
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -116,25 +118,30 @@ def export_decoder(model, out_path: Path) -> None:
     for name in output_names[1:]:
         dynamic_axes[name] = {0: "batch", 2: "total_sequence"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
+        # over 2 GB the exporter writes one file per tensor: trace into a scratch folder, then
+        # save one graph file and one weights file
+        traced = Path(tmp) / "model.onnx"
         torch.onnx.export(
             module,
             example,
-            str(out_path),
+            str(traced),
             input_names=input_names,
             output_names=output_names,
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             dynamo=False,
         )
-    _externalize_if_large(out_path)
+        save_with_external_data(onnx.load(str(traced)), out_path)
 
 
-def _externalize_if_large(path: Path) -> None:
-    """Models over 2 GB cannot live in one protobuf: move the weights into `model.onnx.data`."""
-    import onnx
-
-    if path.stat().st_size < 1_800_000_000 and not (path.parent / (path.name + ".data")).exists():
-        return
-    proto = onnx.load(str(path))
-    onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+def save_with_external_data(proto, path: Path) -> None:
+    """`path` holds the graph, `path.data` every weight: no 2 GB protobuf limit, one file to map."""
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    onnx.save_model(
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=path.name + ".data", size_threshold=1024,
+    )  # fmt: skip
+    for written in path.parent.glob(path.name + "*"):
+        written.chmod(0o644)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hybrid.export.decoder import save_with_external_data
+
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
@@ -21,6 +23,4 @@ def quantize_int4(path: Path, block_size: int = BLOCK_SIZE, accuracy_level: int 
         model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
     )
     quantizer.process()
-    for stale in path.parent.glob(path.name + "*"):
-        stale.unlink()
-    quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+    save_with_external_data(quantizer.model.model, path)
