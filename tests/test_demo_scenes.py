@@ -69,6 +69,8 @@ def test_answers_are_short_and_name_the_scene():
     assert scenes.answer("colour", scene) == "Purple."
     assert scenes.answer("position", scene) == "In the bottom right."
     assert scenes.answer("describe", scene) == "A purple star in the bottom right."
+    orange = scenes.Scene("circle", "orange", "centre", 0.3, (255, 255, 255))
+    assert scenes.answer("describe", orange) == "An orange circle in the centre."
 
 
 @pytest.mark.parametrize("kind", scenes.IMAGE_KINDS)

@@ -35,12 +35,13 @@ POSITIONS = {
 IMAGE_KINDS = ("shape", "colour", "position", "describe")
 KINDS = (*IMAGE_KINDS, "text")
 IMAGE_SIZE = 96
-MIN_SIZE, MAX_SIZE = 0.25, 0.45  # shape diameter as a fraction of the picture side
-MAX_OFFSET = 0.04  # jitter around the place's centre, fraction of the side
-MAX_ANGLE = 12.0  # degrees
+MIN_SIZE, MAX_SIZE = 0.3, 0.48  # diameter of the shape's circumcircle, fraction of the side
+MAX_OFFSET = 0.03  # jitter around the place's centre, fraction of the side
+MAX_ANGLE = 8.0  # degrees
 FILL_JITTER = 25  # per RGB channel
 MIN_CONTRAST = 110.0  # Euclidean RGB distance between shape and background
-SUPERSAMPLE = 4
+MIN_BACKGROUND = 160  # darkest grey level of the background, before its tint
+SUPERSAMPLE = 2
 
 QUESTIONS = {
     "shape": ("What shape is this?", "What shape do you see?", "Which shape is in the picture?", "What is the shape?"),
@@ -131,10 +132,14 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def random_background(rng: np.random.Generator, fill: tuple[int, int, int]) -> tuple[int, int, int]:
-    """A grey of any lightness with a faint tint, at least `MIN_CONTRAST` away from `fill`."""
+    """A light grey with a faint tint, at least `MIN_CONTRAST` away from `fill`.
+
+    Light only: with dark backgrounds too, the small vision tower needs several times the training
+    to tell shapes apart (edges of both polarities), which the CPU budget does not allow.
+    """
     while True:
-        grey = rng.integers(0, 256)
-        rgb = np.clip(grey + rng.integers(-20, 21, 3), 0, 255)
+        grey = rng.integers(MIN_BACKGROUND, 256)
+        rgb = np.clip(grey + rng.integers(-25, 26, 3), 0, 255)
         if np.linalg.norm(rgb - np.array(fill)) >= MIN_CONTRAST:
             return tuple(int(v) for v in rgb)
 
@@ -145,6 +150,10 @@ def scenes(rng: np.random.Generator) -> Iterator[Scene]:
         yield random_scene(rng)
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def answer(kind: str, scene: Scene) -> str:
     """The one expected answer to a question of `kind` about `scene`."""
     place = f"the {scene.position}"
@@ -152,7 +161,7 @@ def answer(kind: str, scene: Scene) -> str:
         "shape": f"A {scene.shape}.",
         "colour": f"{scene.colour.capitalize()}.",
         "position": f"In {place}.",
-        "describe": f"A {scene.colour} {scene.shape} in {place}.",
+        "describe": f"{article(scene.colour).capitalize()} {scene.colour} {scene.shape} in {place}.",
     }
     if kind not in answers:
         raise ValueError(f"unknown image question kind {kind!r}; expected one of {IMAGE_KINDS}")
