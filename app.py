@@ -1,0 +1,513 @@
+"""The Gradio page over one loaded `Pipeline`: a chat with images, the routes side by side, and the
+latency breakdown of every answer.
+
+`build_demo(pipeline, description)` builds the page without launching it (tests use it);
+`python app.py [--model SRC] ...` exports or reuses a bundle, loads it once and serves the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from hybrid.config import RuntimeConfig, SamplingConfig
+from hybrid.errors import HybridError
+from hybrid.images import open_image
+from hybrid.launch import describe_model, load_pipeline
+from hybrid.metrics import Timings
+from hybrid.pipeline import Pipeline
+from hybrid.router import COMPARE_ORDER
+from hybrid.types import Chunk, Message, Request
+
+log = logging.getLogger("app")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+EXAMPLES = (
+    ("red_circle.png", "What shape is this?"),
+    ("blue_star.png", "Describe the picture."),
+    ("green_triangle.png", "What colour is the shape?"),
+)
+ROUTE_LABELS = {
+    "auto": "Auto",
+    "hybrid": "Hybrid ONNX",
+    "genai": "GenAI",
+    "pytorch": "PyTorch reference",
+    "compare": "Compare all",
+}
+CPU = "cpu"  # the concurrency group of every event that generates: one generation at a time
+QUEUE_SIZE = 16
+MAX_FILE_SIZE = "20mb"
+LATENCY_COLUMNS = (
+    "route", "finish", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
+    "decode tok/s", "prompt tokens", "new tokens", "total ms", "peak RSS MB",
+)  # fmt: skip
+RUN_COLUMNS = ("#", "route", "prompt", "tokens", "tok/s", "total ms", "finish")
+PROMPT_CHARS = 40  # of each prompt, in the run history
+STAGE_COLUMNS = ("route", "stage", "ms")
+CSS = """
+.route-mark { display: block; margin-top: 0.4em; font-size: 0.8em; font-style: italic; opacity: 0.7; }
+#chatbot img { max-height: 160px; width: auto; }
+#header h1 { margin-bottom: 0.2em; }
+"""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One bubble of the conversation. A user turn keeps its images (they are sent again with
+    every later request); an answer remembers its route and, once finished, how it ended."""
+
+    role: str  # "user" or "assistant"
+    text: str
+    images: tuple[Image.Image, ...] = ()
+    paths: tuple[str, ...] = ()  # the uploaded files, for the chat display
+    route: str = ""
+    status: str = ""  # the mark under an answer
+    done: bool = True
+
+
+@dataclass
+class RouteRun:
+    """Collects one route's chunk stream: the answer so far and, at the end, its timings."""
+
+    route: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    timings: Timings | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.text += chunk.text
+        self.token_ids.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self.finish_reason, self.timings = chunk.finish_reason, chunk.timings
+
+    def turn(self) -> Turn:
+        return Turn("assistant", self.text, route=self.route, status=self.status(), done=self.timings is not None)
+
+    def status(self) -> str:
+        if self.timings is None:
+            return f"{self.route} · generating…"
+        speed = f"{self.timings.decode_tok_s:.1f} tok/s · {self.timings.decode_tokens} tokens"
+        endings = {"cancelled": "stopped", "length": "cut at max new tokens", "stop": "stop string"}
+        ending = endings.get(self.finish_reason or "")
+        return f"{self.route} · {speed}" + (f" · {ending}" if ending else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI's JSON shape: route, text, token_ids, finish_reason, timings."""
+        return {
+            "route": self.route,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "timings": self.timings.to_dict() if self.timings else {},
+        }
+
+
+def to_request(turns: list[Turn], sampling: SamplingConfig) -> Request:
+    """The whole conversation, earlier images included. After "Compare all" a question has one
+    answer per route: the first one stands for the conversation."""
+    messages: list[Message] = []
+    for turn in turns:
+        if turn.role == "user":
+            messages.append(Message("user", turn.text, turn.images))
+        elif turn.text and messages and messages[-1].role == "user":
+            messages.append(Message("assistant", turn.text))
+    return Request(tuple(messages), sampling)
+
+
+def user_turn(message: dict | str | None, max_pixels: int) -> Turn:
+    """The textbox value (`{"text", "files"}`) as a user turn; unreadable images raise UserError."""
+    if not isinstance(message, dict):
+        message = {"text": message or "", "files": []}
+    paths = tuple(_file_path(f) for f in message.get("files") or ())
+    images = tuple(open_image(p, max_pixels) for p in paths)
+    return Turn("user", (message.get("text") or "").strip(), images=images, paths=paths)
+
+
+def _file_path(item: str | dict) -> str:
+    return item["path"] if isinstance(item, dict) else str(item)
+
+
+def settle(turns: list[Turn], ending: str) -> list[Turn]:
+    """The conversation with an unfinished last answer marked as ended (stopped, failed)."""
+    if not turns or turns[-1].done:
+        return turns
+    last = turns[-1]
+    return [*turns[:-1], replace(last, status=f"{last.route} · {ending}", done=True)]
+
+
+def to_chatbot(turns: list[Turn]) -> list[dict[str, Any]]:
+    """The Chatbot's messages: images then text for a question, the route mark under an answer."""
+    bubbles = []
+    for turn in turns:
+        if turn.role == "user":
+            content: list[Any] = [{"path": p} for p in turn.paths] + ([turn.text] if turn.text else [])
+            bubbles.append({"role": "user", "content": content})
+        else:
+            mark = f'<span class="route-mark">{turn.status}</span>'
+            bubbles.append({"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark})
+    return bubbles
+
+
+def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        t = run.timings
+        rows.append((
+            run.route, run.finish_reason, round(t.preprocess_ms, 1), round(t.vision_ms, 1), round(t.prefill_ms, 1),
+            round(t.ttft_ms, 1), round(t.decode_tok_s, 1), t.prompt_tokens, t.decode_tokens, round(t.total_ms, 1),
+            round(t.peak_rss_mb),
+        ))  # fmt: skip
+    return pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
+
+
+def stage_rows(runs: list[RouteRun]) -> pd.DataFrame:
+    """Where each route's time went, for the stacked bar chart; decode is everything after TTFT."""
+    rows = []
+    for run in runs:
+        t = run.timings
+        stages = {"preprocess": t.preprocess_ms, "vision": t.vision_ms, "prefill": t.prefill_ms}
+        stages["other"] = max(t.ttft_ms - sum(stages.values()), 0.0)
+        stages["decode"] = max(t.total_ms - t.ttft_ms, 0.0)
+        rows += [(run.route, stage, round(ms, 2)) for stage, ms in stages.items()]
+    frame = pd.DataFrame(rows, columns=list(STAGE_COLUMNS))
+    return frame.astype({"route": str, "stage": str, "ms": float})  # typed even when empty: the chart's axes
+
+
+def history_rows(history: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(list(reversed(history)), columns=list(RUN_COLUMNS))
+
+
+def history_entries(start: int, user: Turn, runs: list[RouteRun]) -> list[dict[str, Any]]:
+    prompt = user.text if len(user.text) <= PROMPT_CHARS else user.text[: PROMPT_CHARS - 1] + "…"
+    return [
+        {
+            "#": start + i + 1, "route": run.route, "prompt": prompt,
+            "tokens": run.timings.decode_tokens, "tok/s": round(run.timings.decode_tok_s, 1),
+            "total ms": round(run.timings.total_ms, 1),
+            "finish": run.finish_reason,
+        }  # fmt: skip
+        for i, run in enumerate(runs)
+    ]
+
+
+def as_int(value: Any) -> Any:
+    """Sliders and number boxes send floats: 12.0 becomes 12; anything else is left for
+    `SamplingConfig` to accept or reject with a clear message."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class ChatService:
+    """The page's handlers, over one loaded pipeline. Stop reaches the running request of the
+    session that pressed it, through that request's cancel event."""
+
+    def __init__(self, pipeline: Pipeline, stream_interval: float = 0.05) -> None:
+        self.pipeline = pipeline
+        self.stream_interval = stream_interval  # at most one chat update per interval while streaming
+        self._cancels: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def chat(
+        self,
+        message: dict | None,
+        turns: list[Turn],
+        route: str,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        repetition_penalty: float,
+        seed: float,
+        history: list[dict[str, Any]],
+        request: gr.Request,
+    ) -> Iterator[tuple]:
+        """Streams (textbox, chatbot, turns, latency table, stage chart, history, history table)."""
+        sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        user, full, routes = self._prepare(message, turns, sampling, route)
+        turns = [*turns, user]
+        cancel = self._begin(_session(request))
+        runs: list[RouteRun] = []
+        try:
+            yield None, to_chatbot(turns), turns, *[gr.skip()] * 4
+            for name in routes:
+                if cancel.is_set():
+                    break
+                for turns, run in self._answer(full, name, turns, cancel):
+                    yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
+                runs.append(run)
+                yield gr.skip(), gr.skip(), gr.skip(), latency_rows(runs), stage_rows(runs), gr.skip(), gr.skip()
+        except HybridError as exc:
+            turns = settle(turns, "failed")
+            yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
+            raise gr.Error(str(exc)) from exc
+        finally:
+            self._end(_session(request), cancel)
+        history = [*history, *history_entries(len(history), user, runs)]
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history, history_rows(history)
+
+    def _prepare(
+        self, message: dict | None, turns: list[Turn], sampling: SamplingConfig, route: str
+    ) -> tuple[Turn, Request, tuple[str, ...]]:
+        """Everything that can be refused, checked before the conversation changes."""
+        try:
+            user = user_turn(message, self.pipeline.runtime.max_image_pixels)
+            request = to_request([*turns, user], sampling)
+            return user, request, self.pipeline.plan(request, route)
+        except HybridError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def _answer(
+        self, request: Request, route: str, turns: list[Turn], cancel: threading.Event
+    ) -> Iterator[tuple[list[Turn], RouteRun]]:
+        """The conversation with the route's answer so far, at most once per `stream_interval`."""
+        run = RouteRun(route)
+        yield [*turns, run.turn()], run
+        shown = time.perf_counter()
+        with closing(self.pipeline.stream(request, route, cancel)) as chunks:
+            for chunk in chunks:
+                run.add(chunk)
+                if chunk.finish_reason is not None or time.perf_counter() - shown >= self.stream_interval:
+                    shown = time.perf_counter()
+                    yield [*turns, run.turn()], run
+
+    def stop(self, turns: list[Turn], request: gr.Request) -> tuple[list[dict], list[Turn]]:
+        """Cancel this session's running request; an unfinished answer is marked as stopped."""
+        with self._lock:
+            cancel = self._cancels.get(_session(request))
+        if cancel is not None:
+            cancel.set()
+        turns = settle(turns, "stopped")
+        return to_chatbot(turns), turns
+
+    def clear(self, request: gr.Request) -> tuple[None, list, list]:
+        """Stop anything running and start a new conversation (the run history stays)."""
+        self.stop([], request)
+        return None, [], []
+
+    def generate(
+        self, prompt: str, image: str | None, route: str, max_new_tokens: float, temperature: float, seed: float
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """One prompt (and at most one image) answered in full: the answer of the first route, and
+        one CLI-shaped result per route (`route`, `text`, `token_ids`, `finish_reason`, `timings`)."""
+        sampling = _sampling(max_new_tokens, temperature, 1.0, 0, 1.0, seed)
+        _, request, routes = self._prepare({"text": prompt, "files": [image] if image else []}, [], sampling, route)
+        results = []
+        try:
+            for name in routes:
+                run = RouteRun(name)
+                for chunk in self.pipeline.stream(request, name):
+                    run.add(chunk)
+                results.append(run.to_dict())
+        except HybridError as exc:
+            raise gr.Error(str(exc)) from exc
+        return results[0]["text"], results
+
+    def _begin(self, session: str) -> threading.Event:
+        cancel = threading.Event()
+        with self._lock:
+            self._cancels[session] = cancel
+        return cancel
+
+    def _end(self, session: str, cancel: threading.Event) -> None:
+        with self._lock:
+            if self._cancels.get(session) is cancel:
+                del self._cancels[session]
+
+
+def _sampling(
+    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
+) -> SamplingConfig:
+    try:
+        return SamplingConfig(
+            max_new_tokens=as_int(max_new_tokens),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=as_int(top_k),
+            repetition_penalty=repetition_penalty,
+            seed=as_int(seed),
+        )
+    except HybridError as exc:
+        raise gr.Error(str(exc)) from exc
+
+
+def _session(request: gr.Request | None) -> str:
+    return (request.session_hash if request is not None else None) or ""
+
+
+def header(pipeline: Pipeline, description: str) -> str:
+    lazily = " (loaded on first use)" if "pytorch" in pipeline.routes else ""
+    routes = {
+        "hybrid": "**Hybrid ONNX**: PyTorch vision tower → image features injected into our ONNX decoder",
+        "genai": "**GenAI**: onnxruntime-genai, text only",
+        "pytorch": f"**PyTorch reference**: transformers `generate`{lazily}",
+    }
+    listed = " · ".join(text for name, text in routes.items() if name in pipeline.routes)
+    return (
+        "# Qwen3-VL hybrid inference on the CPU\n\n"
+        f"{description}\n\n"
+        f"Routes: {listed}. *Auto* sends image prompts to Hybrid ONNX and text to GenAI; "
+        "one request runs at a time."
+    )
+
+
+def build_demo(pipeline: Pipeline, description: str, stream_interval: float = 0.05) -> gr.Blocks:
+    """The page, wired to `pipeline`; launch it with `launch_demo`."""
+    service = ChatService(pipeline, stream_interval)
+    with gr.Blocks(title="Qwen3-VL hybrid inference", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
+        gr.Markdown(header(pipeline, description), elem_id="header")
+        turns, history = gr.State([]), gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chatbot, prompt, stop, clear = _chat_column()
+            with gr.Column(scale=2, min_width=300):
+                controls = _controls(pipeline)
+                _examples(prompt)
+        latency, stages, history_table = _latency_panel()
+        _api_only(service)
+
+        outputs = [prompt, chatbot, turns, latency, stages, history, history_table]
+        chat_event = prompt.submit(
+            service.chat, [prompt, turns, *controls, history], outputs,
+            api_name="chat", concurrency_id=CPU, concurrency_limit=1, show_progress="minimal",
+        )  # fmt: skip
+        stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
+        clear.click(service.clear, None, [prompt, chatbot, turns], cancels=[chat_event], queue=False, api_name="clear")
+    return demo
+
+
+def _chat_column() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button]:
+    chatbot = gr.Chatbot(
+        label="Conversation", height=500, elem_id="chatbot", buttons=["copy"],
+        placeholder="Ask about a picture: add one below (upload, paste or drop) or pick an example.",
+    )  # fmt: skip
+    prompt = gr.MultimodalTextbox(
+        file_types=["image"], file_count="multiple", show_label=False, elem_id="prompt", autofocus=True,
+        placeholder="Type a question and press Enter; add images with the clip, by pasting or by dropping them here",
+    )  # fmt: skip
+    with gr.Row():
+        stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
+        clear = gr.Button("Clear conversation", elem_id="clear", size="sm")
+    return chatbot, prompt, stop, clear
+
+
+def _examples(prompt: gr.MultimodalTextbox) -> None:
+    gr.Examples(
+        examples=[[{"text": question, "files": [str(EXAMPLES_DIR / name)]}] for name, question in EXAMPLES],
+        inputs=[prompt],
+        label="Examples: pick one, then press Enter",
+        elem_id="examples",
+        examples_per_page=len(EXAMPLES),
+    )
+
+
+def _controls(pipeline: Pipeline) -> list[gr.components.Component]:
+    choices = [(label, name) for name, label in ROUTE_LABELS.items() if name in ("auto", "compare", *pipeline.routes)]
+    limit = pipeline.runtime.max_new_tokens_limit
+    route = gr.Radio(choices, value="auto", label="Route", elem_id="route",
+                     info="Compare all runs every route that can serve the prompt, one after the other.")  # fmt: skip
+    max_new_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens")
+    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
+    with gr.Accordion("More sampling settings", open=False):
+        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+        top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
+        repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+    return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
+
+
+def _latency_panel() -> tuple[gr.Dataframe, gr.BarPlot, gr.Dataframe]:
+    gr.Markdown("### Latency of the last request")
+    latency = gr.Dataframe(
+        pd.DataFrame(columns=list(LATENCY_COLUMNS)), interactive=False, elem_id="latency", show_label=False,
+        wrap=True,
+    )  # fmt: skip
+    with gr.Row():
+        stages = gr.BarPlot(  # no value until the first answer: the chart's colours come from its first data
+            None, x="route", y="ms", color="stage", elem_id="stages", sort=list(COMPARE_ORDER),
+            title="Where the time went (ms)", y_title="ms", x_title="route", height=260, scale=2,
+        )  # fmt: skip
+        with gr.Column(scale=3):
+            history = gr.Dataframe(
+                pd.DataFrame(columns=list(RUN_COLUMNS)), interactive=False, label="Runs this session",
+                elem_id="history", max_height=260, wrap=True,
+            )  # fmt: skip
+    return latency, stages, history
+
+
+def _api_only(service: ChatService) -> None:
+    """`/generate`: one prompt and an optional image in, (answer, per-route results) out."""
+    with gr.Row(visible=False):
+        prompt = gr.Textbox(label="prompt")
+        image = gr.File(label="image", file_types=["image"], type="filepath")
+        route = gr.Dropdown(list(ROUTE_LABELS), value="auto", label="route")
+        max_new_tokens = gr.Number(128, precision=0, label="max_new_tokens")
+        temperature = gr.Number(0.0, label="temperature")
+        seed = gr.Number(0, precision=0, label="seed")
+        answer = gr.Textbox(label="answer")
+        results = gr.JSON(label="results")
+        run = gr.Button("generate")
+    run.click(
+        service.generate, [prompt, image, route, max_new_tokens, temperature, seed], [answer, results],
+        api_name="generate", concurrency_id=CPU, concurrency_limit=1,
+    )  # fmt: skip
+
+
+def launch_demo(demo: gr.Blocks, **kwargs: Any) -> Any:
+    """Queue (bounded) and launch; `kwargs` go to `Blocks.launch` (server_name, server_port, ...)."""
+    theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
+    return demo.queue(max_size=QUEUE_SIZE).launch(
+        max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)], theme=theme, css=CSS, **kwargs
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Qwen3-VL hybrid inference on the CPU: the web demo")
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo model in assets/demo-model)")
+    parser.add_argument("--bundle", help="bundle folder (default: .cache/bundles/<model>-<precision>); "
+                        "an existing bundle given without --model is served as is")  # fmt: skip
+    parser.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    parser.add_argument("--server-name", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="make a public Gradio link (use --auth with it)")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login before showing the page")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if args.auth is not None and ":" not in args.auth:
+        parser.error("--auth takes USER:PASSWORD")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        pipeline = load_pipeline(args.model, args.bundle, args.precision, RuntimeConfig(threads=args.threads))
+    except HybridError as exc:
+        log.error("%s", exc)
+        return 2
+    demo = build_demo(pipeline, describe_model(pipeline.manifest))
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    launch_demo(demo, server_name=args.server_name, server_port=args.port, share=args.share, auth=auth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""What the app needs before it can serve: a model source, a bundle exported from it, and a plain
+description of that model for the page header.
+
+`ensure_bundle` exports on the first start (progress in the log) and reuses the bundle afterwards,
+as long as its manifest names the same source, the checkpoint is not newer, and the files verify.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hybrid.config import MANIFEST_NAME, Manifest, RuntimeConfig
+from hybrid.errors import BundleError, UserError
+
+if TYPE_CHECKING:
+    from hybrid.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "assets" / "demo-model"
+CACHE = REPO / ".cache"
+TINY_MODEL = CACHE / "tiny-model"
+BUNDLES = CACHE / "bundles"
+REAL_MODEL_HINT = "`python app.py --model Qwen/Qwen3-VL-2B-Instruct` (or `--model /path/to/checkpoint`)"
+
+
+def default_model() -> Path:
+    """The trained demo model if it is there, else a random-weight tiny checkpoint (built once)."""
+    if (DEMO_MODEL / "config.json").is_file():
+        return DEMO_MODEL
+    log.warning("no demo model in %s: serving an untrained tiny model (train one with "
+                "`python -m hybrid.demo train --out assets/demo-model`)", DEMO_MODEL)  # fmt: skip
+    return build_tiny_model(TINY_MODEL)
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A small random-weight Qwen3-VL checkpoint at `out`, written once and atomically."""
+    if (out / "config.json").is_file():
+        return out
+    from hybrid.tiny import build_checkpoint
+
+    log.info("building a tiny random-weight checkpoint in %s", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        build_checkpoint(work)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def normalize_source(model: str | Path) -> str:
+    """A local folder as its absolute path, a hub id as given: what the manifest records."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def default_bundle_dir(source: str, precision: str) -> Path:
+    """`.cache/bundles/<model-name>-<precision>`; a hub id's name is the part after the slash."""
+    name = Path(source).name or "model"
+    return BUNDLES / f"{name}-{precision}"
+
+
+def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: str) -> Path:
+    """The bundle of `model` at `bundle_dir` (default under `.cache/bundles`), exported if needed."""
+    from hybrid.export.bundle import export_bundle
+
+    source = normalize_source(model)
+    bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(source, precision)
+    if bundle.is_dir() and not (bundle / MANIFEST_NAME).is_file() and any(bundle.iterdir()):
+        raise UserError(f"{bundle} is a folder but not a bundle: exporting would replace it; pick another --bundle")
+    reason = stale_reason(bundle, source, precision)
+    if reason is None:
+        log.info("reusing the bundle %s", bundle)
+        return bundle
+    log.info("exporting %s to %s (%s); later starts reuse it", source, bundle, reason)
+    return export_bundle(source, bundle, precision)
+
+
+def stale_reason(bundle: Path, source: str, precision: str) -> str | None:
+    """Why the bundle at `bundle` cannot serve `source` at `precision`, or None if it can."""
+    from hybrid.export.bundle import verify_bundle
+
+    if not bundle.exists():
+        return "first start"
+    try:
+        manifest = Manifest.load(bundle)
+    except BundleError as exc:
+        return f"unreadable manifest: {exc}"
+    if manifest.source != source:
+        return f"it was made from {manifest.source}"
+    if manifest.precision != precision:
+        return f"it is {manifest.precision}, not {precision}"
+    if _newest_mtime(Path(source)) > (bundle / MANIFEST_NAME).stat().st_mtime:
+        return "the checkpoint changed since"
+    try:
+        verify_bundle(bundle, manifest)
+    except BundleError as exc:
+        return str(exc)
+    return None
+
+
+def _newest_mtime(checkpoint: Path) -> float:
+    """Latest modification time of a local checkpoint's files (0 for a hub id)."""
+    if not checkpoint.is_dir():
+        return 0.0
+    return max((p.stat().st_mtime for p in checkpoint.iterdir() if p.is_file()), default=0.0)
+
+
+def describe_model(manifest: Manifest) -> str:
+    """Markdown for the page header: which model is loaded and what it can be expected to do."""
+    source = Path(manifest.source)
+    size = _model_size(manifest)
+    if source == DEMO_MODEL:
+        return (
+            f"**Demo model** (`assets/demo-model`, {size}): a tiny Qwen3-VL trained from scratch on this "
+            "machine on synthetic pictures of one coloured shape (circle, square, triangle or star) on a "
+            "plain background. It names the shape, its colour and where it is, and adds small numbers; "
+            "it knows nothing else, and it learned one question per picture: clear the conversation "
+            f"before asking about the next one. For a real model start {REAL_MODEL_HINT}."
+        )
+    if source == TINY_MODEL:
+        return (
+            f"**Untrained tiny model** ({size}, random weights): its answers are noise. It is here to "
+            "show the pipeline and its timings. Train the demo model with `python -m hybrid.demo train "
+            f"--out assets/demo-model`, or start a real one with {REAL_MODEL_HINT}."
+        )
+    return f"**{source.name or manifest.source}** (`{manifest.source}`, {size})."
+
+
+def _model_size(manifest: Manifest) -> str:
+    info = manifest.model
+    params = int(info.get("parameters", 0))
+    count = f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.1f} M"
+    return f"{count} parameters, {info.get('num_hidden_layers', '?')} layers, {manifest.precision}"
+
+
+
+def load_pipeline(model: str | None, bundle: str | None, precision: str, runtime: RuntimeConfig) -> Pipeline:
+    """The app's pipeline: an existing `bundle` alone is served as is; otherwise the bundle of
+    `model` (default: `default_model()`) is exported or reused first."""
+    from hybrid.pipeline import Pipeline
+
+    if bundle is not None and model is None and Path(bundle).exists():
+        return Pipeline.load(bundle, runtime)
+    path = ensure_bundle(model if model is not None else default_model(), bundle, precision)
+    return Pipeline.load(path, runtime, verify=False)  # ensure_bundle has just verified or written it

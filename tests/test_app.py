@@ -1,0 +1,199 @@
+"""The page's handlers without a browser: streaming, the latency panel, compare, Stop, errors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import gradio as gr
+import pytest
+
+from app import EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ChatService, Turn, build_demo, to_request
+from hybrid.config import SamplingConfig
+from hybrid.errors import RouteError, UserError
+from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
+
+# max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
+GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def service(pipeline) -> ChatService:
+    return ChatService(pipeline("base"), stream_interval=0.0)
+
+
+def session(name: str = "s1") -> gr.Request:
+    return gr.Request(session_hash=name)
+
+
+def run_chat(service: ChatService, message, turns=(), route="auto", sampling=GREEDY, history=(), name="s1"):
+    """All the updates of one chat request, each a dict of the outputs it set."""
+    keys = ("prompt", "chatbot", "turns", "latency", "stages", "history", "history_table")
+    updates = []
+    for values in service.chat(message, list(turns), route, *sampling, list(history), session(name)):
+        updates.append({k: v for k, v in zip(keys, values, strict=True) if not _skipped(v)})
+    return updates
+
+
+def _skipped(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def last(updates: list[dict], key: str):
+    return [u[key] for u in updates if key in u][-1]
+
+
+def answer_texts(turns: list[Turn]) -> list[str]:
+    return [t.text for t in turns if t.role == "assistant"]
+
+
+def test_text_prompt_streams_and_fills_the_latency_table(service):
+    updates = run_chat(service, {"text": "Hello! What is 3 plus 4?", "files": []})
+    partial = [u["turns"][-1].text for u in updates if "turns" in u and u["turns"][-1].role == "assistant"]
+    assert len(partial) >= 3 and partial[-1], "the answer streams in several updates"
+    assert all(partial[-1].startswith(p) for p in partial)
+    turns = last(updates, "turns")
+    assert [t.role for t in turns] == ["user", "assistant"]
+    assert turns[-1].route == "genai" and turns[-1].done
+    assert "tok/s" in turns[-1].status
+    table = last(updates, "latency")
+    assert list(table.columns) == list(LATENCY_COLUMNS)
+    assert table["route"].tolist() == ["genai"] and table["new tokens"][0] > 0
+    assert set(last(updates, "stages")["stage"]) >= {"prefill", "decode"}
+    assert len(last(updates, "history")) == 1
+    assert updates[0]["prompt"] is None, "the textbox is cleared as soon as the request starts"
+    bubble = last(updates, "chatbot")[-1]
+    assert bubble["role"] == "assistant" and "genai" in bubble["content"]
+
+
+def test_image_prompt_goes_to_the_hybrid_route_and_keeps_images_for_follow_ups(service):
+    image = str(EXAMPLES_DIR / EXAMPLES[0][0])
+    first = run_chat(service, {"text": "What shape is this?", "files": [image]})
+    turns = last(first, "turns")
+    assert turns[0].paths == (image,) and len(turns[0].images) == 1
+    assert turns[-1].route == "hybrid"
+    assert last(first, "latency")["vision ms"][0] > 0
+    assert {"path": image} in last(first, "chatbot")[0]["content"]
+
+    follow = run_chat(service, {"text": "And what colour is it?", "files": []}, turns=turns)
+    turns = last(follow, "turns")
+    assert turns[-1].route == "hybrid", "an image earlier in the conversation still needs the hybrid route"
+    request = to_request(turns[:-1], SamplingConfig())
+    assert [m.role for m in request.messages] == ["user", "assistant", "user"]
+    assert len(request.images) == 1
+
+
+def test_compare_fills_one_row_per_route(service, pipeline):
+    updates = run_chat(service, {"text": "Who are you?", "files": []}, route="compare")
+    table = last(updates, "latency")
+    assert table["route"].tolist() == ["pytorch", "hybrid", "genai"]
+    answers = answer_texts(last(updates, "turns"))
+    assert len(answers) == 3
+    assert answers[0] == answers[1] == answers[2], "fp32 greedy: every route gives the same answer"
+    assert len(last(updates, "history")) == 3
+
+
+def test_stop_ends_a_generation_early(service):
+    message = {"text": "Describe the image in one sentence.", "files": [str(EXAMPLES_DIR / EXAMPLES[1][0])]}
+    updates, stopped = [], None
+    for values in service.chat(message, [], "hybrid", 400.0, *GREEDY[1:], [], session("stopper")):
+        updates.append(values)
+        turns = values[2]
+        if stopped is None and isinstance(turns, list) and turns[-1].role == "assistant" and turns[-1].text:
+            stopped, _ = service.stop(turns, session("stopper"))
+    assert stopped is not None and "stopped" in stopped[-1]["content"]
+    history = updates[-1][5]
+    assert history[-1]["finish"] == "cancelled"
+    assert 0 < history[-1]["tokens"] < 400
+    shown = [values[1] for values in updates if not _skipped(values[1])][-1]
+    assert "stopped" in shown[-1]["content"], "the streamed answer ends with the stopped mark"
+
+
+def test_bad_input_raises_gr_error_and_the_next_request_works(service):
+    with pytest.raises(gr.Error, match="temperature"):
+        run_chat(service, {"text": "Hello!", "files": []}, sampling=(24.0, -1.0, 1.0, 0.0, 1.0, 0.0))
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        run_chat(service, {"text": "  ", "files": []})
+    with pytest.raises(gr.Error, match="GenAI route serves text only"):
+        run_chat(service, {"text": "Hi", "files": [str(EXAMPLES_DIR / EXAMPLES[2][0])]}, route="genai")
+    with pytest.raises(gr.Error, match="not a readable image"):
+        run_chat(service, {"text": "Hi", "files": [__file__]})
+    updates = run_chat(service, {"text": "Hello!", "files": []})
+    assert last(updates, "latency")["route"].tolist() == ["genai"]
+
+
+def test_generate_endpoint_returns_the_answer_and_per_route_results(service):
+    text, results = service.generate("What shape is this?", str(EXAMPLES_DIR / EXAMPLES[0][0]), "compare", 12, 0.0, 0)
+    assert [r["route"] for r in results] == ["pytorch", "hybrid"]
+    assert text == results[0]["text"] == results[1]["text"]
+    assert results[1]["timings"]["vision_ms"] > 0 and results[1]["token_ids"]
+
+
+def test_build_demo_names_the_endpoints_and_describes_the_model(pipeline):
+    loaded = pipeline("base")
+    demo = build_demo(loaded, describe_model(loaded.manifest))
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"chat", "generate", "stop", "clear"} <= names
+    chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
+    assert chat.concurrency_id == "cpu" and chat.concurrency_limit == 1
+
+
+class FailingPipeline:
+    """The test pipeline, except that each stream breaks after its first chunk."""
+
+    def __init__(self, pipeline) -> None:
+        self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
+
+    def plan(self, request, route):
+        return self.inner.plan(request, route)
+
+    def stream(self, request, route, cancel=None):
+        stream = self.inner.stream(request, route, cancel)
+        yield next(stream)
+        raise RouteError(f"the {route} route failed: RuntimeError: boom")
+
+
+def test_a_route_failing_mid_answer_is_reported_and_marked(pipeline):
+    service = ChatService(FailingPipeline(pipeline("base")), stream_interval=0.0)
+    updates = []
+    with pytest.raises(gr.Error, match="boom"):
+        for values in service.chat({"text": "Hello!", "files": []}, [], "hybrid", *GREEDY, [], session("f")):
+            updates.append(values)
+    turns = [v[2] for v in updates if isinstance(v[2], list)][-1]
+    assert turns[-1].status == "hybrid · failed" and turns[-1].done
+
+
+def test_the_bundle_is_exported_once_then_reused_until_it_is_stale(checkpoint, tmp_path, caplog):
+    source = checkpoint("base")
+    bundle = tmp_path / "bundle"
+    with caplog.at_level(logging.INFO, logger="hybrid"):
+        assert ensure_bundle(source, bundle, "fp32") == bundle.resolve()
+        assert "first start" in caplog.text and "[5/5]" in caplog.text, "the export shows its progress"
+        written = (bundle / "manifest.json").stat().st_mtime_ns
+        assert ensure_bundle(source, bundle, "fp32") == bundle
+    assert (bundle / "manifest.json").stat().st_mtime_ns == written
+    assert stale_reason(bundle, str(source), "fp32") is None
+    assert "made from" in stale_reason(bundle, "/elsewhere/model", "fp32")
+    assert "not int4" in stale_reason(bundle, str(source), "int4")
+    with open(bundle / "embed_tokens.npy", "ab") as f:
+        f.write(b"x")
+    assert "corrupted" in stale_reason(bundle, str(source), "fp32")
+
+
+def test_a_folder_that_is_not_a_bundle_is_never_replaced(checkpoint, tmp_path):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a bundle"):
+        ensure_bundle(checkpoint("base"), keep, "fp32")
+    assert (keep / "todo.txt").read_text() == "mine"
+
+
+def test_the_header_says_plainly_what_the_model_is(pipeline):
+    manifest = pipeline("base").manifest
+    demo = describe_model(replace(manifest, source=str(DEMO_MODEL)))
+    assert demo.startswith("**Demo model**") and "synthetic pictures" in demo and "Qwen/Qwen3-VL-2B-Instruct" in demo
+    tiny = describe_model(replace(manifest, source=str(TINY_MODEL)))
+    assert "random weights" in tiny and "python -m hybrid.demo train" in tiny
+    other = describe_model(replace(manifest, source="Qwen/Qwen3-VL-2B-Instruct"))
+    assert other.startswith("**Qwen3-VL-2B-Instruct**") and "fp32" in other

@@ -1,0 +1,117 @@
+"""End to end in headless Chromium (Debian's, driven by Playwright): upload an example picture,
+ask about it, and wait for the streamed answer and the latency table.
+
+Set SAVE_SCREENSHOT=path to keep a copy of the final page there (e.g. assets/screenshot.png).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from app import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
+from hybrid.export.bundle import export_bundle
+from hybrid.launch import DEMO_MODEL, describe_model
+from hybrid.pipeline import Pipeline
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+TIMEOUT_MS = 120_000  # generous: the machine may be busy; every wait is on a condition
+
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory) -> Pipeline:
+    """The demo model the app serves by default (it answers the example questions), exported
+    here; the random-weight test model where the demo model is not in the checkout."""
+    source = DEMO_MODEL if (DEMO_MODEL / "config.json").is_file() else checkpoint("base")
+    return Pipeline.load(export_bundle(str(source), tmp_path_factory.mktemp("browser") / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    demo = build_demo(served, describe_model(served.manifest))
+    launch_demo(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+def test_image_question_streams_an_answer_then_an_example_compares_routes(url, tmp_path):
+    assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            ask_about_example(page)
+            wait_for_answer(page)
+            compare_on_an_example(page)
+            screenshot = tmp_path / "app.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    if target := os.environ.get("SAVE_SCREENSHOT"):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target)
+
+
+def ask_about_example(page) -> None:
+    name, question = EXAMPLES[0]
+    page.locator("#prompt input[type=file]").set_input_files(str(EXAMPLES_DIR / name))
+    expect(page.locator("#prompt img")).to_have_count(1)  # the thumbnail: the upload is done
+    textbox = page.locator("#prompt textarea")
+    textbox.fill(question)
+    textbox.press("Enter")
+
+
+def wait_for_answer(page) -> None:
+    chat = page.locator("#chatbot")
+    expect(chat.locator("img")).to_have_count(1)  # the question bubble shows the picture
+    mark = chat.locator(".route-mark").last
+    expect(mark).to_contain_text("tok/s")  # the answer is finished and names its route
+    expect(mark).to_contain_text("hybrid")
+    expect(page.locator("#latency")).to_contain_text("hybrid")
+    expect(page.locator("#history")).to_contain_text("What shape is this?")
+    expect(page.locator("#stages")).to_contain_text("decode")  # the chart's legend: it has drawn
+
+
+def compare_on_an_example(page) -> None:
+    """A new conversation from a clicked example, answered by every route that sees images
+    (PyTorch, then hybrid), one after the other."""
+    page.locator("#clear").click()
+    expect(page.locator("#chatbot .route-mark")).to_have_count(0)
+    page.locator("#route").get_by_label("Compare all").check()
+    name, question = EXAMPLES[2]
+    page.locator("#examples").get_by_text(question).click()
+    expect(page.locator("#prompt img")).to_have_count(1)
+    textbox = page.locator("#prompt textarea")
+    expect(textbox).to_have_value(question)
+    textbox.press("Enter")
+    marks = page.locator("#chatbot .route-mark")
+    expect(marks).to_have_count(2)
+    expect(marks.nth(0)).to_contain_text("pytorch")
+    expect(marks.nth(1)).to_contain_text("hybrid")
+    expect(marks.nth(1)).to_contain_text("tok/s")
+    expect(page.locator("#latency [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 routes
+    expect(page.locator("#latency")).to_contain_text("pytorch")
+    expect(page.locator("#history [role=grid]")).to_have_attribute("aria-rowcount", "4")  # the runs stay
