@@ -81,6 +81,20 @@ def pipeline(bundle):
     return get
 
 
+@pytest.fixture(scope="session")
+def demo_bundle(workdir):
+    """`demo_bundle(precision)` -> the shipped demo model (assets/demo-model), exported here."""
+    from hybrid.export.bundle import export_bundle
+    from hybrid.launch import DEMO_MODEL
+
+    def get(precision: str = "fp32") -> Path:
+        return _memo(
+            ("demo", precision), lambda: export_bundle(str(DEMO_MODEL), workdir / f"demo-{precision}", precision)
+        )
+
+    return get
+
+
 def draw_scene(size: tuple[int, int], colour: tuple[int, int, int], box_frac=(0.1, 0.1, 0.6, 0.6)) -> Image.Image:
     """A plain test picture: one ellipse on a light background."""
     img = Image.new("RGB", size, (235, 235, 235))

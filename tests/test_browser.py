@@ -15,8 +15,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from app import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
-from hybrid.export.bundle import export_bundle
-from hybrid.launch import DEMO_MODEL, describe_model
+from hybrid.launch import describe_model
 from hybrid.pipeline import Pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,11 +36,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint, tmp_path_factory) -> Pipeline:
-    """The demo model the app serves by default (it answers the example questions), exported
-    here; the random-weight test model where the demo model is not in the checkout."""
-    source = DEMO_MODEL if (DEMO_MODEL / "config.json").is_file() else checkpoint("base")
-    return Pipeline.load(export_bundle(str(source), tmp_path_factory.mktemp("browser") / "bundle"))
+def served(demo_bundle) -> Pipeline:
+    """The demo model the app serves by default: it answers the example questions."""
+    return Pipeline.load(demo_bundle("fp32"))
 
 
 @pytest.fixture(scope="module")

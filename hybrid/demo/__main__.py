@@ -1,7 +1,11 @@
 """CLI for the demo model: `train` it from scratch, or `eval` a checkpoint's accuracy per question kind.
 
     python -m hybrid.demo train --out assets/demo-model [--steps N] [--seed S] [--threads T]
-    python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route pytorch] [--zero-image] [--json]
+    python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route hybrid|pytorch|genai]
+                               [--precision fp32|int4] [--zero-image] [--json]
+
+`eval` exports the checkpoint's bundle on first use (under .cache/bundles, as the app does) and asks
+every question through the chosen route; the GenAI route gets the text-only questions.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import sys
 
 import torch
 
-from hybrid.demo.eval import ROUTES, RouteNotAvailable, eval_exchanges, evaluate, make_answerer
+from hybrid.demo.eval import ROUTES, evaluate, load_pipeline, pipeline_answerer, route_exchanges, zero_image_features
 from hybrid.demo.train import InvalidConfig, TrainConfig, train
+from hybrid.errors import HybridError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check.add_argument("--model", required=True, help="checkpoint folder")
     check.add_argument("--n", type=int, default=300, help="number of scenes (4 questions each)")
     check.add_argument("--seed", type=int, default=1234, help="scene seed; use one training did not")
-    check.add_argument("--route", default="pytorch", choices=ROUTES)
+    check.add_argument("--route", default="hybrid", choices=ROUTES)
+    check.add_argument("--precision", default="fp32", choices=("fp32", "int4"), help="of the ONNX decoders")
     check.add_argument("--zero-image", action="store_true", help="ablation: blank the vision features")
     check.add_argument("--max-new-tokens", type=int, default=24)
     check.add_argument("--threads", type=int, default=2)
@@ -39,10 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    answer = make_answerer(args.route, args.model, args.zero_image, args.max_new_tokens)
-    report = evaluate(answer, eval_exchanges(args.n, args.seed))
+    pipeline = load_pipeline(args.model, args.route, args.precision, args.threads)
+    if args.zero_image:
+        zero_image_features(pipeline, args.route)
+    answer = pipeline_answerer(pipeline, args.route, args.max_new_tokens)
+    report = evaluate(answer, route_exchanges(args.route, args.n, args.seed))
     if args.json:
-        result = {"route": args.route, "model": args.model, "n": args.n, "seed": args.seed, "zero_image": args.zero_image}
+        result = {
+            "route": args.route, "precision": args.precision, "model": args.model, "n": args.n,
+            "seed": args.seed, "zero_image": args.zero_image,
+        }  # fmt: skip
         sys.stdout.write(json.dumps(result | report.to_json()) + "\n")
     else:
         sys.stdout.write(report.table() + "\n")
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             train(args.out, cfg)
         else:
             run_eval(args)
-    except (RouteNotAvailable, InvalidConfig) as error:
+    except (HybridError, InvalidConfig) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     return 0

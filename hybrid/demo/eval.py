@@ -2,8 +2,9 @@
 
 The route is a parameter: `evaluate` takes any `Answerer`, a callable `(image or None, question) ->
 reply text`, so every inference route is graded on the same exchanges by the same grader.
-`pytorch_answerer` is the plain-transformers reference; `zero_image_features` is the ablation that
-blanks the vision tower's output to show the answers really come from the picture.
+`pipeline_answerer` asks one route of a loaded bundle, exactly as the app does;
+`zero_image_features` is the ablation that blanks the vision tower's output, to show the answers
+really come from the picture.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hybrid.config import RuntimeConfig, SamplingConfig
 from hybrid.demo import scenes
-from hybrid.demo.chat import chat_prompt
+from hybrid.errors import UserError
+from hybrid.launch import ensure_bundle
+from hybrid.pipeline import Pipeline
+from hybrid.types import Message, Request
+from hybrid.vision import VisionFeatures
 
 log = logging.getLogger(__name__)
 
 Answerer = Callable[[Image.Image | None, str], str]
 ROUTES = ("pytorch", "hybrid", "genai")
-
-
-class RouteNotAvailable(RuntimeError):
-    """The requested inference route is not wired into the demo eval yet."""
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,21 @@ class EvalReport:
 
     def to_json(self) -> dict:
         return {
-            "accuracy": {k: round(s.accuracy, 4) for k, s in self.scores.items()},
-            "counts": {k: {"total": s.total, "correct": s.correct, "exact": s.exact} for k, s in self.scores.items()},
+            "accuracy": {k: round(s.accuracy, 4) for k, s in self.asked.items()},
+            "counts": {k: {"total": s.total, "correct": s.correct, "exact": s.exact} for k, s in self.asked.items()},
             "seconds": round(self.seconds, 1),
             "examples": [vars(s) for s in self.samples[:12]],
             "failures": [vars(s) for s in self.samples if not s.correct][:20],
         }
 
+    @property
+    def asked(self) -> dict[str, KindScore]:
+        """The kinds that had at least one question."""
+        return {k: s for k, s in self.scores.items() if s.total}
+
     def table(self) -> str:
         rows = [f"{'kind':<10} {'accuracy':>8} {'exact':>6} {'n':>5}"]
-        rows += [f"{k:<10} {s.accuracy:>8.3f} {s.exact / max(1, s.total):>6.3f} {s.total:>5}" for k, s in self.scores.items()]
+        rows += [f"{k:<10} {s.accuracy:>8.3f} {s.exact / s.total:>6.3f} {s.total:>5}" for k, s in self.asked.items()]
         return "\n".join(rows)
 
 
@@ -110,50 +117,56 @@ def evaluate(answer: Answerer, exchanges: list[scenes.Exchange], keep: int = 8) 
     return EvalReport(scores, samples, time.perf_counter() - start)
 
 
-def load_pytorch(model_dir: str | Path):
-    """The checkpoint as `Qwen3VLForConditionalGeneration` (fp32, eval mode) and its processor."""
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+def load_pipeline(model_dir: str | Path, route: str, precision: str = "fp32", threads: int = 0) -> Pipeline:
+    """The checkpoint's bundle (exported on first use, reused after, as the app does) with only
+    `route` loaded."""
+    if route not in ROUTES:
+        raise UserError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    bundle = ensure_bundle(model_dir, None, precision)
+    return Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(model_dir)
 
+def pipeline_answerer(pipeline: Pipeline, route: str, max_new_tokens: int = 24) -> Answerer:
+    """Greedy answer of `route` to one (picture, question) turn, through the same `Request` and
+    stream as the app and the CLI."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-def pytorch_answerer(model, processor, max_new_tokens: int = 24) -> Answerer:
-    """Greedy `model.generate` on one (picture, question) turn; the reply without special tokens."""
-
-    @torch.inference_mode()
     def answer(image: Image.Image | None, question: str) -> str:
-        prompt = chat_prompt(processor, question, image is not None)
-        inputs = processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)  # (1, S + new)
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        return processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        images = (image,) if image is not None else ()
+        request = Request((Message("user", question, images),), sampling)
+        return "".join(chunk.text for chunk in pipeline.stream(request, route))
 
     return answer
 
 
-def zero_image_features(model) -> torch.utils.hooks.RemovableHandle:
-    """Ablation: the vision tower returns zeros (merged features and every DeepStack map).
-
-    The image pads and positions stay as they are, so only the picture's content is removed.
-    Call `.remove()` on the returned handle to undo it.
-    """
-
-    def blank(module, args, output):
-        output.pooler_output = torch.zeros_like(output.pooler_output)
-        output.deepstack_features = [torch.zeros_like(f) for f in output.deepstack_features]
-        return output
-
-    return model.model.visual.register_forward_hook(blank)
+def zero_image_features(pipeline: Pipeline, route: str) -> None:
+    """Ablation: the vision tower of `route` returns zeros (merged features and every DeepStack
+    map). The image pads and their positions stay, so only the picture's content is removed."""
+    if route == "hybrid":
+        _blank_tower(pipeline.routes["hybrid"].vision)
+    elif route == "pytorch":
+        pipeline.routes["pytorch"].model.model.visual.register_forward_hook(_blank_output)
+    else:
+        raise UserError(f"the {route} route has no image input to blank")
 
 
-def make_answerer(route: str, model_dir: str | Path, zero_image: bool = False, max_new_tokens: int = 24) -> Answerer:
-    """The answering function of `route`; only the PyTorch reference is wired in so far."""
-    if route not in ROUTES:
-        raise RouteNotAvailable(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
-    if route != "pytorch":
-        raise RouteNotAvailable(f"route {route!r} is not wired into the demo eval yet; use --route pytorch")
-    model, processor = load_pytorch(model_dir)
-    if zero_image:
-        zero_image_features(model)
-    return pytorch_answerer(model, processor, max_new_tokens)
+def _blank_tower(tower) -> None:
+    encode = tower.encode
+
+    def blank(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+        real = encode(pixel_values, image_grid_thw)
+        return VisionFeatures(np.zeros_like(real.image_embeds), np.zeros_like(real.deepstack_embeds))
+
+    tower.encode = blank
+
+
+def _blank_output(module, args, output):
+    output.pooler_output = torch.zeros_like(output.pooler_output)
+    output.deepstack_features = [torch.zeros_like(f) for f in output.deepstack_features]
+    return output
+
+
+def route_exchanges(route: str, n: int, seed: int) -> list[scenes.Exchange]:
+    """`eval_exchanges`, less the picture questions on the text-only GenAI route."""
+    exchanges = eval_exchanges(n, seed)
+    return [e for e in exchanges if e.scene is None] if route == "genai" else exchanges

@@ -54,12 +54,20 @@ class Emitter:
             self.finish_reason = "length"
         return Chunk(route=self.route, text=text, token_ids=(token_id,))
 
+    def finish(self, reason: FinishReason) -> None:
+        """End generation for a reason the route saw itself (its runtime stopped on its own)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
     def final(self) -> Chunk:
+        """The last chunk: any text held back, how generation ended, and the timings."""
+        if self.finish_reason is None:
+            raise RuntimeError(f"the {self.route} route ended its loop before generation was over")
         text = "" if self.finish_reason == "stop" else self.stream.flush()
         return Chunk(
             route=self.route,
             text=text,
             token_ids=(),
-            finish_reason=self.finish_reason or "cancelled",
+            finish_reason=self.finish_reason,
             timings=self.watch.timings(),
         )

@@ -56,7 +56,10 @@ class GenAIRoute:
             start = time.perf_counter()
             generator.append_tokens(inputs.input_ids[0].tolist())
             watch.add("prefill", time.perf_counter() - start)
-            while not emitter.done and not generator.is_done():
+            while not emitter.done:
+                if generator.is_done():  # GenAI stopped on an EOS id of its own config
+                    emitter.finish("eos")
+                    break
                 generator.generate_next_token()
                 yield emitter.push(int(generator.get_next_tokens()[0]))
         finally:
