@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from hybrid.config import RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
 from hybrid.images import open_image
 from hybrid.launch import describe_model, load_pipeline
+from hybrid.limits import RateLimiter
 from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import COMPARE_ORDER
@@ -46,8 +48,10 @@ ROUTE_LABELS = {
     "compare": "Compare all",
 }
 CPU = "cpu"  # the concurrency group of every event that generates: one generation at a time
-QUEUE_SIZE = 16
-MAX_FILE_SIZE = "20mb"
+QUEUE_SIZE = 16  # requests waiting for the CPU; more are refused with Gradio's "queue is full"
+MAX_FILE_SIZE = "20mb"  # per uploaded file
+RATE_LIMIT = 20  # requests per minute and session
+AUTH_ENV = "HYBRID_AUTH"  # USER:PASSWORD, read when --auth is not given
 LATENCY_COLUMNS = (
     "route", "finish", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
     "decode tok/s", "prompt tokens", "new tokens", "total ms", "peak RSS MB",
@@ -210,11 +214,13 @@ def as_int(value: Any) -> Any:
 
 class ChatService:
     """The page's handlers, over one loaded pipeline. Stop reaches the running request of the
-    session that pressed it, through that request's cancel event."""
+    session that pressed it, through that request's cancel event. With a `limiter`, each session
+    may send only so many requests per minute."""
 
-    def __init__(self, pipeline: Pipeline, stream_interval: float = 0.05) -> None:
+    def __init__(self, pipeline: Pipeline, stream_interval: float = 0.05, limiter: RateLimiter | None = None) -> None:
         self.pipeline = pipeline
         self.stream_interval = stream_interval  # at most one chat update per interval while streaming
+        self.limiter = limiter
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -233,6 +239,7 @@ class ChatService:
         request: gr.Request,
     ) -> Iterator[tuple]:
         """Streams (textbox, chatbot, turns, latency table, stage chart, history, history table)."""
+        self._admit(request)
         sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         user, full, routes = self._prepare(message, turns, sampling, route)
         turns = [*turns, user]
@@ -260,8 +267,11 @@ class ChatService:
         self, message: dict | None, turns: list[Turn], sampling: SamplingConfig, route: str
     ) -> tuple[Turn, Request, tuple[str, ...]]:
         """Everything that can be refused, checked before the conversation changes."""
+        runtime = self.pipeline.runtime
         try:
-            user = user_turn(message, self.pipeline.runtime.max_image_pixels)
+            files = message.get("files") if isinstance(message, dict) else None
+            runtime.check_image_count(sum(len(t.images) for t in turns) + len(files or ()))
+            user = user_turn(message, runtime.max_image_pixels)
             request = to_request([*turns, user], sampling)
             return user, request, self.pipeline.plan(request, route)
         except HybridError as exc:
@@ -296,10 +306,18 @@ class ChatService:
         return None, [], []
 
     def generate(
-        self, prompt: str, image: str | None, route: str, max_new_tokens: float, temperature: float, seed: float
+        self,
+        prompt: str,
+        image: str | None,
+        route: str,
+        max_new_tokens: float,
+        temperature: float,
+        seed: float,
+        request: gr.Request,
     ) -> tuple[str, list[dict[str, Any]]]:
         """One prompt (and at most one image) answered in full: the answer of the first route, and
         one CLI-shaped result per route (`route`, `text`, `token_ids`, `finish_reason`, `timings`)."""
+        self._admit(request)
         sampling = _sampling(max_new_tokens, temperature, 1.0, 0, 1.0, seed)
         _, request, routes = self._prepare({"text": prompt, "files": [image] if image else []}, [], sampling, route)
         results = []
@@ -312,6 +330,14 @@ class ChatService:
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
         return results[0]["text"], results
+
+    def _admit(self, request: gr.Request | None) -> None:
+        if self.limiter is None:
+            return
+        try:
+            self.limiter.check(_session(request))
+        except HybridError as exc:
+            raise gr.Error(str(exc)) from exc
 
     def _begin(self, session: str) -> threading.Event:
         cancel = threading.Event()
@@ -361,9 +387,11 @@ def header(pipeline: Pipeline, description: str) -> str:
     )
 
 
-def build_demo(pipeline: Pipeline, description: str, stream_interval: float = 0.05) -> gr.Blocks:
+def build_demo(
+    pipeline: Pipeline, description: str, stream_interval: float = 0.05, limiter: RateLimiter | None = None
+) -> gr.Blocks:
     """The page, wired to `pipeline`; launch it with `launch_demo`."""
-    service = ChatService(pipeline, stream_interval)
+    service = ChatService(pipeline, stream_interval, limiter)
     with gr.Blocks(title="Qwen3-VL hybrid inference", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
         gr.Markdown(header(pipeline, description), elem_id="header")
         turns, history = gr.State([]), gr.State([])
@@ -463,10 +491,11 @@ def _api_only(service: ChatService) -> None:
     )  # fmt: skip
 
 
-def launch_demo(demo: gr.Blocks, **kwargs: Any) -> Any:
-    """Queue (bounded) and launch; `kwargs` go to `Blocks.launch` (server_name, server_port, ...)."""
+def launch_demo(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, **kwargs: Any) -> Any:
+    """Queue (bounded) and launch; `kwargs` go to `Blocks.launch` (server_name, server_port, ...).
+    Gradio serves uploads and the example pictures, nothing else of this machine."""
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
-    return demo.queue(max_size=QUEUE_SIZE).launch(
+    return demo.queue(max_size=queue_size).launch(
         max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)], theme=theme, css=CSS, **kwargs
     )
 
@@ -481,12 +510,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-name", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="make a public Gradio link (use --auth with it)")
-    parser.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login before showing the page")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", default=os.environ.get(AUTH_ENV),
+                        help=f"ask for this login before showing the page (default: ${AUTH_ENV}, if set)")
+    parser.add_argument("--rate-limit", type=int, default=RATE_LIMIT, metavar="N",
+                        help="requests per minute and browser session (0: no limit)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    if args.auth is not None and ":" not in args.auth:
-        parser.error("--auth takes USER:PASSWORD")
+    if args.auth is not None and not _valid_auth(args.auth):
+        parser.error(f"--auth (or ${AUTH_ENV}) takes USER:PASSWORD, both non-empty")
+    if args.rate_limit < 0:
+        parser.error("--rate-limit must be >= 0")
     return args
+
+
+def _valid_auth(text: str) -> bool:
+    user, _, password = text.partition(":")
+    return bool(user and password)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,8 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     except HybridError as exc:
         log.error("%s", exc)
         return 2
-    demo = build_demo(pipeline, describe_model(pipeline.manifest))
+    limiter = RateLimiter(args.rate_limit, 60.0) if args.rate_limit else None
+    demo = build_demo(pipeline, describe_model(pipeline.manifest), limiter=limiter)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if args.share and auth is None:
+        log.warning("--share without --auth: anyone with the link can use this machine's CPU")
     launch_demo(demo, server_name=args.server_name, server_port=args.port, share=args.share, auth=auth)
     return 0
 

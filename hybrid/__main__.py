@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from hybrid.config import RuntimeConfig
 from hybrid.errors import HybridError
 from hybrid.router import ROUTE_CHOICES
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
 
     from hybrid.bench import add_bench_arguments
@@ -55,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet = args.command == "generate"  # its stderr is for the one-line error only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -80,7 +83,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hybrid.config import RuntimeConfig, SamplingConfig
+    from hybrid.config import SamplingConfig
     from hybrid.images import open_image
     from hybrid.pipeline import Pipeline
     from hybrid.types import Message, Request
@@ -94,7 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    runtime = RuntimeConfig(threads=args.threads)
+    runtime = RuntimeConfig(threads=args.threads, max_images=args.max_images)
+    runtime.check_image_count(len(args.image))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
     messages = (Message("system", args.system),) if args.system else ()
     request = Request(messages + (Message("user", args.prompt, images),), sampling)
@@ -105,7 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps(result, ensure_ascii=False), flush=True)
         else:
             print(file=sys.stdout, flush=True)
-            logging.getLogger("hybrid").info("%s: %s", route, json.dumps(result["timings"]))
+            logging.getLogger("hybrid").debug("%s: %s", route, json.dumps(result["timings"]))
     return 0
 
 

@@ -66,6 +66,11 @@ class RuntimeConfig:
         _check_int("max_images", self.max_images, low=0)
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
 
+    def check_image_count(self, count: int) -> None:
+        """Refuse a conversation with more images than `max_images` (before any is opened)."""
+        if count > self.max_images:
+            raise UserError(f"{count} images in the conversation, the limit is {self.max_images}")
+
 
 @dataclass(frozen=True)
 class PartInfo:

@@ -14,7 +14,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open a file path or raw bytes as an upright RGB image, refusing anything that is not one."""
-    name = "image" if isinstance(source, bytes) else str(source)
+    name = "image" if isinstance(source, bytes) else Path(source).name  # never the server's folders
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except OSError as exc:

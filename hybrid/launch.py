@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybrid.config import MANIFEST_NAME, Manifest, RuntimeConfig
-from hybrid.errors import BundleError, UserError
+from hybrid.errors import BundleError
 
 if TYPE_CHECKING:
     from hybrid.pipeline import Pipeline
@@ -73,8 +73,6 @@ def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: s
 
     source = normalize_source(model)
     bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(source, precision)
-    if bundle.is_dir() and not (bundle / MANIFEST_NAME).is_file() and any(bundle.iterdir()):
-        raise UserError(f"{bundle} is a folder but not a bundle: exporting would replace it; pick another --bundle")
     reason = stale_reason(bundle, source, precision)
     if reason is None:
         log.info("reusing the bundle %s", bundle)

@@ -76,8 +76,7 @@ class Pipeline:
             raise UserError(
                 f"max_new_tokens is {request.sampling.max_new_tokens}, the limit is {self.runtime.max_new_tokens_limit}"
             )
-        if len(request.images) > self.runtime.max_images:
-            raise UserError(f"{len(request.images)} images in the conversation, the limit is {self.runtime.max_images}")
+        self.runtime.check_image_count(len(request.images))
 
     def plan(self, request: Request, route: str) -> tuple[str, ...]:
         """The concrete routes that serve `route` ("auto" picks one, "compare" lists all that can)."""

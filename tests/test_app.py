@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 
 import gradio as gr
 import pytest
 
 from app import EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ChatService, Turn, build_demo, to_request
+from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
+from hybrid.limits import RateLimiter
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -123,7 +126,8 @@ def test_bad_input_raises_gr_error_and_the_next_request_works(service):
 
 
 def test_generate_endpoint_returns_the_answer_and_per_route_results(service):
-    text, results = service.generate("What shape is this?", str(EXAMPLES_DIR / EXAMPLES[0][0]), "compare", 12, 0.0, 0)
+    image = str(EXAMPLES_DIR / EXAMPLES[0][0])
+    text, results = service.generate("What shape is this?", image, "compare", 12, 0.0, 0, session())
     assert [r["route"] for r in results] == ["pytorch", "hybrid"]
     assert text == results[0]["text"] == results[1]["text"]
     assert results[1]["timings"]["vision_ms"] > 0 and results[1]["token_ids"]
@@ -197,3 +201,23 @@ def test_the_header_says_plainly_what_the_model_is(pipeline):
     assert "random weights" in tiny and "python -m hybrid.demo train" in tiny
     other = describe_model(replace(manifest, source="Qwen/Qwen3-VL-2B-Instruct"))
     assert other.startswith("**Qwen3-VL-2B-Instruct**") and "fp32" in other
+
+
+def test_each_session_is_rate_limited_on_its_own(pipeline):
+    limited = ChatService(pipeline("base"), stream_interval=0.0, limiter=RateLimiter(2, 60.0))
+    for _ in range(2):
+        run_chat(limited, {"text": "Hello!", "files": []}, name="busy")
+    with pytest.raises(gr.Error, match="too many requests"):
+        run_chat(limited, {"text": "Hello!", "files": []}, name="busy")
+    with pytest.raises(gr.Error, match="too many requests"):
+        limited.generate("Hello!", None, "auto", 4, 0.0, 0, session("busy"))
+    assert last(run_chat(limited, {"text": "Hello!", "files": []}, name="calm"), "latency")["route"].tolist() == ["genai"]
+
+
+def test_the_app_refuses_to_start_on_a_broken_bundle_and_names_the_file(bundle, tmp_path, caplog):
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle("base"), broken)
+    (broken / "decoder" / "model.onnx.data").write_bytes(b"garbage")
+    with caplog.at_level(logging.ERROR, logger="app"):
+        assert app_main(["--bundle", str(broken)]) == 2
+    assert "model.onnx.data" in caplog.text

@@ -53,8 +53,10 @@ def resolve_checkpoint(source: str) -> Path:
 def export_bundle(source: str, out: str | Path, precision: str = "fp32", genai: bool = True) -> Path:
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    checkpoint = resolve_checkpoint(source)
     out = Path(out).resolve()
+    if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not a bundle: exporting would replace it; choose another folder")
+    checkpoint = resolve_checkpoint(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)
