@@ -74,12 +74,14 @@ class DecoderForExport(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         key = torch.cat([past_key, k], dim=2)  # (B, kv, T, d)
         value = torch.cat([past_value, v], dim=2)
+        # query head h reads kv head h // groups: group the queries instead of repeating the cache,
+        # which would copy every layer's whole past on every step
         groups = self.num_heads // self.num_kv_heads
-        k_all = key.repeat_interleave(groups, dim=1)
-        v_all = value.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim**-0.5) + mask
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(batch, seq, -1)
+        q = q.reshape(batch, self.num_kv_heads, groups, seq, self.head_dim)  # (B, kv, G, S, d)
+        scores = torch.matmul(q, key.unsqueeze(2).transpose(3, 4)) * (self.head_dim**-0.5) + mask.unsqueeze(2)
+        probs = torch.softmax(scores, dim=-1)  # (B, kv, G, S, T)
+        out = torch.matmul(probs, value.unsqueeze(2))  # (B, kv, G, S, d)
+        out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         return attn.o_proj(out), key, value
 
     @staticmethod
