@@ -44,6 +44,9 @@ class PyTorchRoute:
 
     def _load(self):
         from transformers import Qwen3VLForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # stderr is for the log and one-line errors
 
         if not (self.checkpoint / "config.json").is_file():
             raise BundleError(
