@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,16 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values `(1, kv_heads, length, head_dim)`, as the last forward returned them."""
+    """One request's keys and values: a buffer `(1, kv_heads, capacity, head_dim)` per layer and
+    kind, bound once as both past and present, so the decoder writes each step's keys in place."""
 
-    arrays: list[np.ndarray]
+    buffers: list[np.ndarray]
+    binding: ort.IOBinding
     length: int = 0
-    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.buffers[0].shape[2])
 
 
 class OnnxDecoder:
@@ -57,11 +62,20 @@ class OnnxDecoder:
         self.num_kv_heads, self.head_dim = int(past[1]), int(past[3])
         ds = inputs["deepstack_embeds"].shape
         self.num_deepstack, self.hidden_size = int(ds[0]), int(ds[3])
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def new_cache(self) -> KVCache:
-        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=np.float32)
-        return KVCache(arrays=[empty] * (2 * self.num_layers))
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for up to `capacity` tokens (prompt and generated)."""
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
+        buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first: `get_outputs()` lists outputs in binding order
+        for i, buffer in enumerate(buffers):
+            layer, kind = divmod(i, 2)
+            name = ("key", "value")[kind]
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the buffer's memory
+            binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", value)
+            binding.bind_ortvalue_output(f"present.{layer}.{name}", value)
+        return KVCache(buffers=buffers, binding=binding)
 
     def forward(
         self,
@@ -72,16 +86,13 @@ class OnnxDecoder:
     ) -> np.ndarray:
         """Run S new tokens after the cached ones; returns the last position's logits `(V,)`."""
         seq = inputs_embeds.shape[1]
-        feeds = {
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": np.ones((1, cache.length + seq), dtype=np.int64),
-            "position_ids": position_ids,
-            "deepstack_embeds": deepstack_embeds,
-        }
-        for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = cache.arrays[2 * i]
-            feeds[f"past_key_values.{i}.value"] = cache.arrays[2 * i + 1]
-        logits, *presents = self.session.run(self.output_names, feeds)
-        cache.arrays = presents
+        if cache.length + seq > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} tokens, {cache.length + seq} asked")
+        binding = cache.binding
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, cache.length + seq), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(deepstack_embeds, dtype=np.float32))
+        self.session.run_with_iobinding(binding)
         cache.length += seq
-        return logits[0, -1]
+        return binding.get_outputs()[0].numpy()[0, -1].copy()  # the next run reuses that memory

@@ -42,7 +42,7 @@ def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
     injected = route.inject(inputs, features)
     grid = None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
     positions, delta = get_rope_index(inputs.mm_token_type_ids, grid, route.vision.spatial_merge_size)
-    cache = route.decoder.new_cache()
+    cache = route.decoder.new_cache(inputs.num_tokens + len(generated))
     rows = [route.decoder.forward(cache, injected.inputs_embeds, positions, injected.deepstack_embeds)]
     zeros = np.zeros((route.decoder.num_deepstack, 1, 1, route.decoder.hidden_size), dtype=np.float32)
     for token in generated[:-1]:

@@ -1,9 +1,13 @@
 """Export of the Qwen3-VL text decoder to ONNX, with embeddings in and DeepStack features as an input.
 
 The graph runs the HF text layers' own weights in an explicit loop: RMS-normed q/k, interleaved
-M-RoPE from 3-D `position_ids`, grouped-query attention over `past ++ new` keys, and after layer
-`i < D` the DeepStack map `i` is added (it is zero outside image rows, so adding it everywhere is
-the same as the masked add in transformers). Only the last position's logits are computed.
+M-RoPE from 3-D `position_ids`, onnxruntime's fused `GroupQueryAttention`, and after layer `i < D`
+the DeepStack map `i` is added (it is zero outside image rows, so adding it everywhere is the same
+as the masked add in transformers). Only the last position's logits are computed.
+
+The KV cache is a fixed-size buffer per layer, `past_key_values.*` `[B, kv_heads, capacity, d]`:
+bound as both past and present, `GroupQueryAttention` writes the new keys in place, so no step
+copies the cache. `attention_mask` `[B, past + S]` says how much of the buffer is filled.
 """
 
 from __future__ import annotations
@@ -19,6 +23,24 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 OPSET = 18
+CONTRIB = "com.microsoft"
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's `com.microsoft.GroupQueryAttention` (causal, no rotary: q and k come rotated).
+
+    Only its ONNX form matters: the eager forward exists for tracing and returns the right shapes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
+        return torch.zeros_like(q), past_key.clone(), past_value.clone()
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
+        return g.op(
+            f"{CONTRIB}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total_length,
+            num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3,
+        )  # fmt: skip
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -48,13 +70,15 @@ class DecoderForExport(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
         hidden = inputs_embeds  # (B, S, H)
         cos, sin = self.rotary_emb(hidden, position_ids)  # (B, S, head_dim)
-        mask = self._causal_mask(attention_mask, hidden.shape[1], hidden.dtype)  # (B, 1, S, T)
+        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)  # (B,): last filled slot
+        total_length = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # scalar: past + S
         presents = []
         for i, layer in enumerate(self.layers):
             residual = hidden
             attn, key, value = self._attention(
-                layer.self_attn, layer.input_layernorm(hidden), cos, sin, mask, past[2 * i], past[2 * i + 1]
-            )
+                layer.self_attn, layer.input_layernorm(hidden), cos, sin, seqlens_k, total_length,
+                past[2 * i], past[2 * i + 1],
+            )  # fmt: skip
             hidden = residual + attn
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if i < deepstack_embeds.shape[0]:
@@ -63,7 +87,7 @@ class DecoderForExport(nn.Module):
         logits = self.lm_head(self.norm(hidden[:, -1:, :]))  # (B, 1, V)
         return (logits, *presents)
 
-    def _attention(self, attn, x, cos, sin, mask, past_key, past_value):
+    def _attention(self, attn, x, cos, sin, seqlens_k, total_length, past_key, past_value):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
         batch, seq, _ = x.shape
@@ -72,25 +96,14 @@ class DecoderForExport(nn.Module):
         k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)  # (B, kv, S, d)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        key = torch.cat([past_key, k], dim=2)  # (B, kv, T, d)
-        value = torch.cat([past_value, v], dim=2)
-        # query head h reads kv head h // groups: group the queries instead of repeating the cache,
-        # which would copy every layer's whole past on every step
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(batch, self.num_kv_heads, groups, seq, self.head_dim)  # (B, kv, G, S, d)
-        scores = torch.matmul(q, key.unsqueeze(2).transpose(3, 4)) * (self.head_dim**-0.5) + mask.unsqueeze(2)
-        probs = torch.softmax(scores, dim=-1)  # (B, kv, G, S, T)
-        out = torch.matmul(probs, value.unsqueeze(2))  # (B, kv, G, S, d)
-        out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        q = q.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, nh * d)
+        k = k.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, kv * d)
+        v = v.transpose(1, 2).reshape(batch, seq, -1)
+        out, key, value = _GroupQueryAttention.apply(
+            q, k, v, past_key, past_value, seqlens_k, total_length, self.num_heads, self.num_kv_heads,
+            self.head_dim**-0.5,
+        )  # fmt: skip
         return attn.o_proj(out), key, value
-
-    @staticmethod
-    def _causal_mask(attention_mask, seq: int, dtype) -> torch.Tensor:
-        total = attention_mask.shape[1]
-        key_pos = torch.arange(total, device=attention_mask.device)
-        query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
 def export_decoder(model, out_path: Path) -> None:
@@ -99,13 +112,13 @@ def export_decoder(model, out_path: Path) -> None:
     num_layers = cfg.num_hidden_layers
     num_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
     module = DecoderForExport(model).eval()
-    batch, seq, past = 1, 3, 2
+    batch, seq, past, capacity = 1, 3, 2, 8
     example = (
         torch.randn(batch, seq, cfg.hidden_size),
         torch.ones(batch, past + seq, dtype=torch.int64),
         torch.arange(past, past + seq).view(1, 1, -1).expand(3, batch, -1).contiguous(),
         torch.zeros(num_deepstack, batch, seq, cfg.hidden_size),
-        *[torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim) for _ in range(2 * num_layers)],
+        *[torch.zeros(batch, cfg.num_key_value_heads, capacity, cfg.head_dim) for _ in range(2 * num_layers)],
     )
     input_names, output_names = decoder_io_names(num_layers)
     dynamic_axes = {
@@ -115,10 +128,8 @@ def export_decoder(model, out_path: Path) -> None:
         "deepstack_embeds": {1: "batch", 2: "sequence"},
         "logits": {0: "batch"},
     }
-    for name in input_names[4:]:
-        dynamic_axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in output_names[1:]:
-        dynamic_axes[name] = {0: "batch", 2: "total_sequence"}
+    for name in input_names[4:] + output_names[1:]:  # the KV buffers, bound as past and present
+        dynamic_axes[name] = {0: "batch", 2: "capacity"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
         # over 2 GB the exporter writes one file per tensor: trace into a scratch folder, then
@@ -132,6 +143,7 @@ def export_decoder(model, out_path: Path) -> None:
             output_names=output_names,
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
+            custom_opsets={CONTRIB: 1},
             dynamo=False,
         )
         save_with_external_data(onnx.load(str(traced)), out_path)

@@ -42,7 +42,7 @@ class HybridRoute:
         positions, rope_delta = get_rope_index(
             inputs.mm_token_type_ids, _grid(inputs), self.vision.spatial_merge_size
         )
-        cache = self.decoder.new_cache()
+        cache = self.decoder.new_cache(inputs.num_tokens + request.sampling.max_new_tokens)
         logits = _timed(
             watch, "prefill", self.decoder.forward, cache, injected.inputs_embeds, positions, injected.deepstack_embeds
         )
