@@ -1,0 +1,43 @@
+"""The ONNX decoder writes each step's keys and values into the request's own buffers, in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from hybrid.decoder import OnnxDecoder
+from hybrid.export.bundle import DECODER_FILE
+from hybrid.rope import decode_position
+
+
+def filled(buffer: np.ndarray) -> list[bool]:
+    """Which positions of a `(1, kv_heads, capacity, d)` buffer hold something."""
+    return [bool(np.abs(buffer[0, :, t]).sum() > 0) for t in range(buffer.shape[2])]
+
+
+def test_steps_write_into_the_cache_buffers_in_place(bundle):
+    decoder = OnnxDecoder(bundle("base") / DECODER_FILE)
+    cache = decoder.new_cache(capacity=8)
+    buffers = list(cache.buffers)
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((1, 3, decoder.hidden_size), dtype=np.float32)
+    positions = np.broadcast_to(np.arange(3)[None, None], (3, 1, 3)).copy()
+    decoder.forward(cache, prompt, positions, np.zeros((decoder.num_deepstack, 1, 3, decoder.hidden_size), np.float32))
+    assert all(filled(b) == [True] * 3 + [False] * 5 for b in cache.buffers)
+    step = np.zeros((decoder.num_deepstack, 1, 1, decoder.hidden_size), np.float32)
+    decoder.forward(cache, prompt[:, :1], decode_position(cache.length, 0), step)
+    assert all(filled(b) == [True] * 4 + [False] * 4 for b in cache.buffers)
+    assert all(a is b for a, b in zip(buffers, cache.buffers, strict=True))
+    five = rng.standard_normal((1, 5, decoder.hidden_size), dtype=np.float32)
+    with pytest.raises(ValueError, match="holds 8 tokens, 9 asked"):
+        decoder.forward(cache, five, positions, np.zeros_like(step).repeat(5, axis=2))
+
+
+def test_the_cache_only_feeds_fused_attention(bundle):
+    """No Concat, Tile or Transpose ever reads the past: nothing copies the cache per step."""
+    graph = onnx.load(str(bundle("base") / DECODER_FILE), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    readers = {node.op_type for node in graph.node for name in node.input if name in past}
+    assert readers == {"GroupQueryAttention"}
+    assert sum(node.op_type == "GroupQueryAttention" for node in graph.node) == len(past) // 2
