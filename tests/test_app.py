@@ -221,3 +221,18 @@ def test_the_app_refuses_to_start_on_a_broken_bundle_and_names_the_file(bundle, 
     with caplog.at_level(logging.ERROR, logger="app"):
         assert app_main(["--bundle", str(broken)]) == 2
     assert "model.onnx.data" in caplog.text
+
+
+def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):
+    """What a visitor can send: prompts, uploads and sampling values, nothing that names a file
+    or folder of the server (uploads are checked by Gradio, see test_client)."""
+    loaded = pipeline("base")
+    info = build_demo(loaded, describe_model(loaded.manifest)).get_api_info()
+    assert not info.get("unnamed_endpoints")
+    allowed = {"prompt", "message", "image", "route", "max_new_tokens", "temperature", "top_p", "top_k",
+               "repetition_penalty", "seed"}  # fmt: skip
+    for name, endpoint in info["named_endpoints"].items():
+        params = {p["parameter_name"]: p["component"] for p in endpoint["parameters"]}
+        assert set(params) <= allowed, (name, params)
+        files = {k for k, v in params.items() if v in ("File", "Multimodaltextbox")}
+        assert files <= {"image", "message"}, (name, params)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import threading
+import weakref
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,6 +46,40 @@ def test_cancel_mid_stream_ends_early_and_the_next_request_works(pipeline, route
     assert chunks[-1].finish_reason == "cancelled"
     assert sum(len(c.token_ids) for c in chunks) < 10
     assert run(pipe, ask("Hello!", max_new_tokens=5), route)["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("route", ["hybrid", "genai"])
+def test_cancel_frees_the_requests_cache_and_generator(pipeline, route, monkeypatch):
+    """Once a cancelled stream is closed, its KV cache (hybrid) or Generator (GenAI) is gone."""
+    pipe = pipeline("base")
+    made: list[weakref.ref] = []
+    if route == "hybrid":
+        decoder = pipe.routes["hybrid"].decoder
+        new_cache = decoder.new_cache
+        monkeypatch.setattr(decoder, "new_cache", lambda n: _tracked(made, new_cache(n)))
+    else:
+        genai = pipe.routes["genai"]
+
+        class Tracked(genai.og.Generator):
+            def __init__(self, *args) -> None:
+                super().__init__(*args)
+                made.append(weakref.ref(self))
+
+        monkeypatch.setattr(genai, "og", SimpleNamespace(Generator=Tracked, GeneratorParams=genai.og.GeneratorParams))
+    cancel = threading.Event()
+    stream = pipe.stream(ask("Tell me everything.", max_new_tokens=200, min_new_tokens=200), route, cancel)
+    for i, chunk in enumerate(stream):
+        if i == 2:
+            cancel.set()
+    assert chunk.finish_reason == "cancelled"
+    stream.close()
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None
+
+
+def _tracked(made: list, obj):
+    made.append(weakref.ref(obj))
+    return obj
 
 
 def test_memory_does_not_grow_over_many_requests(pipeline):
