@@ -55,7 +55,7 @@ class Pipeline:
         if "hybrid" in only:
             routes["hybrid"] = HybridRoute(
                 processor,
-                VisionTower(bundle / VISION_DIR, runtime.threads),
+                VisionTower(bundle / VISION_DIR, runtime.threads, int8=manifest.precision == "int4"),
                 EmbeddingTable(bundle / EMBED_FILE),
                 OnnxDecoder(bundle / DECODER_FILE, runtime.threads),
             )

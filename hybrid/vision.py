@@ -1,6 +1,8 @@
 """The Qwen3-VL vision tower alone, in PyTorch: pixels in, merged image features and DeepStack maps out.
 
-Only the `model.visual.*` weights are loaded; the language model never enters memory here.
+Only the `model.visual.*` weights are loaded; the language model never enters memory here. With
+`int8`, every linear layer runs with INT8 weights and dynamically quantized activations (the INT4
+bundles use it: about 2.7x faster on the 2B tower); fp32 stays exact.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class FeatureCache:
 
 
 class VisionTower:
-    def __init__(self, folder: str | Path, threads: int) -> None:
+    def __init__(self, folder: str | Path, threads: int, int8: bool = False) -> None:
         from safetensors.torch import load_file
         from transformers import Qwen3VLVisionConfig
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
@@ -69,8 +71,10 @@ class VisionTower:
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
         config._attn_implementation = "sdpa"
-        self.model = Qwen3VLVisionModel(config).eval()
-        self.model.load_state_dict(state, strict=True)
+        model = Qwen3VLVisionModel(config).eval()
+        model.load_state_dict(state, strict=True)
+        del state
+        self.model = _int8_linears(model) if int8 else model
         self.spatial_merge_size = config.spatial_merge_size
         self.threads = threads
         self.cache = FeatureCache()
@@ -95,6 +99,16 @@ class VisionTower:
         else:
             deepstack_np = deepstack.float().numpy()
         return VisionFeatures(image_embeds=image_embeds, deepstack_embeds=deepstack_np)
+
+
+def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """The tower with each `nn.Linear` replaced by its dynamically quantized INT8 version."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # deprecated in favour of torchao, still in the pinned torch 2.14.1: revisit when torch moves
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def save_vision_tower(model, folder: Path) -> None:

@@ -1,0 +1,31 @@
+"""The vision tower alone: fp32 as in the checkpoint, INT8 linear layers in INT4 bundles."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hybrid.types import Message
+from tests.conftest import draw_scene
+
+
+def tower_features(pipe, image):
+    route = pipe.routes["hybrid"]
+    inputs = route.processor.prepare((Message("user", "What is this?", (image,)),))
+    return route.vision, route.vision._run(inputs.pixel_values, inputs.image_grid_thw)
+
+
+def quantized_linears(model: torch.nn.Module) -> int:
+    return sum(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in model.modules())
+
+
+def test_int4_bundles_run_the_tower_with_int8_linears_close_to_fp32(pipeline):
+    image = draw_scene((160, 96), (30, 120, 200))
+    fp32_tower, fp32 = tower_features(pipeline("wide", "fp32"), image)
+    int8_tower, int8 = tower_features(pipeline("wide", "int4"), image)
+    assert quantized_linears(fp32_tower.model) == 0
+    plain = sum(isinstance(m, torch.nn.Linear) for m in fp32_tower.model.modules())
+    assert quantized_linears(int8_tower.model) == plain > 0
+    for a, b in ((fp32.image_embeds, int8.image_embeds), (fp32.deepstack_embeds, int8.deepstack_embeds)):
+        cosine = float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+        assert 0.99 < cosine < 1.0, cosine
