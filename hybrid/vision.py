@@ -7,6 +7,7 @@ bundles use it: about 2.7x faster on the 2B tower); fp32 stays exact.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from collections import OrderedDict
@@ -60,19 +61,18 @@ class FeatureCache:
 
 class VisionTower:
     def __init__(self, folder: str | Path, threads: int, int8: bool = False) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
         from transformers import Qwen3VLVisionConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
         folder = Path(folder)
         try:
             config = Qwen3VLVisionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-            state = load_file(str(folder / WEIGHTS_NAME))
+            # read, not memory-mapped: once quantized, the fp32 linear weights are really freed
+            state = load((folder / WEIGHTS_NAME).read_bytes())
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
         config._attn_implementation = "sdpa"
-        model = Qwen3VLVisionModel(config).eval()
-        model.load_state_dict(state, strict=True)
+        model = _from_state(config, state)
         del state
         self.model = _int8_linears(model) if int8 else model
         self.spatial_merge_size = config.spatial_merge_size
@@ -101,6 +101,20 @@ class VisionTower:
         return VisionFeatures(image_embeds=image_embeds, deepstack_embeds=deepstack_np)
 
 
+def _from_state(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The tower built around the loaded tensors (no random init to overwrite, no second copy)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel, Qwen3VLVisionRotaryEmbedding
+
+    with torch.device("meta"):
+        model = Qwen3VLVisionModel(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary_pos_emb = Qwen3VLVisionRotaryEmbedding(config)  # computed buffers, not in the checkpoint
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        raise BundleError(f"the vision tower has tensors the checkpoint does not set: {', '.join(unset[:5])}")
+    return model.eval()
+
+
 def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
     """The tower with each `nn.Linear` replaced by its dynamically quantized INT8 version."""
     import warnings
@@ -108,7 +122,9 @@ def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         # deprecated in favour of torchao, still in the pinned torch 2.14.1: revisit when torch moves
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    gc.collect()  # the replaced fp32 linears sit in reference cycles: free their weights now
+    return model
 
 
 def save_vision_tower(model, folder: Path) -> None:
