@@ -66,6 +66,9 @@ class DecoderForExport(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        # one matmul for q, k and v, one for gate and up: fewer, larger INT4 kernels per step
+        self.qkv = nn.ModuleList(_fused(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in self.layers))
+        self.gate_up = nn.ModuleList(_fused(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
         hidden = inputs_embeds  # (B, S, H)
@@ -76,25 +79,31 @@ class DecoderForExport(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             attn, key, value = self._attention(
-                layer.self_attn, layer.input_layernorm(hidden), cos, sin, seqlens_k, total_length,
+                i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, seqlens_k, total_length,
                 past[2 * i], past[2 * i + 1],
             )  # fmt: skip
             hidden = residual + attn
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._mlp(i, layer.mlp, layer.post_attention_layernorm(hidden))
             if i < deepstack_embeds.shape[0]:
                 hidden = hidden + deepstack_embeds[i]
             presents += [key, value]
         logits = self.lm_head(self.norm(hidden[:, -1:, :]))  # (B, 1, V)
         return (logits, *presents)
 
-    def _attention(self, attn, x, cos, sin, seqlens_k, total_length, past_key, past_value):
+    def _mlp(self, i, mlp, x):
+        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _attention(self, i, attn, x, cos, sin, seqlens_k, total_length, past_key, past_value):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
         batch, seq, _ = x.shape
         shape = (batch, seq, -1, self.head_dim)
-        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)  # (B, nh, S, d)
-        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)  # (B, kv, S, d)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv[i](x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = attn.q_norm(q.reshape(shape)).transpose(1, 2)  # (B, nh, S, d)
+        k = attn.k_norm(k.reshape(shape)).transpose(1, 2)  # (B, kv, S, d)
+        v = v.reshape(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         q = q.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, nh * d)
         k = k.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, kv * d)
@@ -104,6 +113,19 @@ class DecoderForExport(nn.Module):
             self.head_dim**-0.5,
         )  # fmt: skip
         return attn.o_proj(out), key, value
+
+
+def _fused(*linears: nn.Linear) -> nn.Linear:
+    """One `nn.Linear` whose outputs are those of `linears`, side by side."""
+    has_bias = [lin.bias is not None for lin in linears]
+    width = sum(lin.out_features for lin in linears)
+    fused = nn.Linear(linears[0].in_features, width, bias=all(has_bias), device="meta")  # weights set below
+    fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+    if any(has_bias):
+        if not all(has_bias):
+            raise ValueError("cannot fuse linear layers where only some have a bias")
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    return fused
 
 
 def export_decoder(model, out_path: Path) -> None:
