@@ -122,6 +122,7 @@ def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         # deprecated in favour of torchao, still in the pinned torch 2.14.1: revisit when torch moves
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     gc.collect()  # the replaced fp32 linears sit in reference cycles: free their weights now
     return model
