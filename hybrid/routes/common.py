@@ -7,12 +7,22 @@ A route feeds each new token id to `Emitter.push`; the emitter decides when gene
 from __future__ import annotations
 
 import threading
+import time
 
 from hybrid.config import SamplingConfig
 from hybrid.metrics import Stopwatch
-from hybrid.processor import Processor
+from hybrid.processor import PreparedInputs, Processor
 from hybrid.streaming import TextStream
-from hybrid.types import Chunk, FinishReason
+from hybrid.types import Chunk, FinishReason, Request
+
+
+def prepare(processor: Processor, request: Request, watch: Stopwatch) -> PreparedInputs:
+    """The request's prompt ids (and pixels), timed as the preprocess stage."""
+    start = time.perf_counter()
+    inputs = processor.prepare(request.messages)
+    watch.add("preprocess", time.perf_counter() - start)
+    watch.prompt_tokens = inputs.num_tokens
+    return inputs
 
 
 class Emitter:

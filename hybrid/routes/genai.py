@@ -17,7 +17,7 @@ from hybrid.decoder import physical_cores
 from hybrid.errors import BundleError, RouteError
 from hybrid.metrics import Stopwatch
 from hybrid.processor import Processor
-from hybrid.routes.common import Emitter
+from hybrid.routes.common import Emitter, prepare
 from hybrid.types import Chunk, Request
 
 
@@ -46,10 +46,7 @@ class GenAIRoute:
         if request.has_images:
             raise RouteError("the GenAI route serves text only: this conversation has an image")
         watch = Stopwatch()
-        start = time.perf_counter()
-        inputs = self.processor.prepare(request.messages)
-        watch.add("preprocess", time.perf_counter() - start)
-        watch.prompt_tokens = inputs.num_tokens
+        inputs = prepare(self.processor, request, watch)
         emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
         generator = self.og.Generator(self.model, self._params(request, inputs.num_tokens))
         try:

@@ -16,7 +16,7 @@ from hybrid.injection import EmbeddingTable, InjectedInputs, inject
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import decode_position, get_rope_index
-from hybrid.routes.common import Emitter
+from hybrid.routes.common import Emitter, prepare
 from hybrid.sampling import sample, suppress
 from hybrid.types import Chunk, Request
 from hybrid.vision import VisionFeatures, VisionTower
@@ -35,8 +35,7 @@ class HybridRoute:
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
-        inputs = _timed(watch, "preprocess", self.processor.prepare, request.messages)
-        watch.prompt_tokens = inputs.num_tokens
+        inputs = prepare(self.processor, request, watch)
         features = _timed(watch, "vision", self.encode, inputs)
         injected = self.inject(inputs, features)
         positions, rope_delta = get_rope_index(

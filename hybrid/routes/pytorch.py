@@ -18,7 +18,7 @@ import torch
 from hybrid.errors import BundleError
 from hybrid.metrics import Stopwatch
 from hybrid.processor import Processor
-from hybrid.routes.common import Emitter
+from hybrid.routes.common import Emitter, prepare
 from hybrid.types import Chunk, Request
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ class PyTorchRoute:
         if self.threads:
             torch.set_num_threads(self.threads)
         watch = Stopwatch()
-        start = time.perf_counter()
-        inputs = self.processor.prepare(request.messages)
-        watch.add("preprocess", time.perf_counter() - start)
-        watch.prompt_tokens = inputs.num_tokens
+        inputs = prepare(self.processor, request, watch)
         emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
         tokens: queue.Queue = queue.Queue()
         stop_flag = threading.Event()
