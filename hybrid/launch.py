@@ -139,7 +139,6 @@ def _model_size(manifest: Manifest) -> str:
     return f"{count} parameters, {info.get('num_hidden_layers', '?')} layers, {manifest.precision}"
 
 
-
 def load_pipeline(model: str | None, bundle: str | None, precision: str, runtime: RuntimeConfig) -> Pipeline:
     """The app's pipeline: an existing `bundle` alone is served as is; otherwise the bundle of
     `model` (default: `default_model()`) is exported or reused first."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 
@@ -49,3 +51,10 @@ def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
         embeds = route.embeddings(np.array([[token]], dtype=np.int64))
         rows.append(route.decoder.forward(cache, embeds, decode_position(cache.length, delta), zeros))
     return np.stack(rows)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

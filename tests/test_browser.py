@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from app import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
 from hybrid.launch import describe_model
 from hybrid.pipeline import Pipeline
+from tests.helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -27,12 +27,6 @@ TIMEOUT_MS = 120_000  # generous: the machine may be busy; every wait is on a co
 
 
 expect.set_options(timeout=TIMEOUT_MS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

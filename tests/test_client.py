@@ -3,7 +3,6 @@ HTTP: answers, many users at once, and what a public link must never give away."
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
@@ -15,15 +14,10 @@ from gradio_client.exceptions import AppError
 from app import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, RATE_LIMIT, build_demo, launch_demo, parse_args
 from hybrid.launch import describe_model
 from hybrid.limits import RateLimiter
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUEUE = 8  # smaller than the app's default, so that 16 requests at once overflow it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,17 @@ from hybrid.streaming import TextStream
 from hybrid.types import Chunk, FinishReason, Request
 
 
+def timed(watch: Stopwatch, stage: str, fn, *args):
+    """`fn(*args)`, its wall time added to `stage`."""
+    start = time.perf_counter()
+    result = fn(*args)
+    watch.add(stage, time.perf_counter() - start)
+    return result
+
+
 def prepare(processor: Processor, request: Request, watch: Stopwatch) -> PreparedInputs:
     """The request's prompt ids (and pixels), timed as the preprocess stage."""
-    start = time.perf_counter()
-    inputs = processor.prepare(request.messages)
-    watch.add("preprocess", time.perf_counter() - start)
+    inputs = timed(watch, "preprocess", processor.prepare, request.messages)
     watch.prompt_tokens = inputs.num_tokens
     return inputs
 

@@ -6,7 +6,6 @@ Never loads the PyTorch language model: only the vision tower, the embedding tab
 from __future__ import annotations
 
 import threading
-import time
 from typing import Iterator
 
 import numpy as np
@@ -16,7 +15,7 @@ from hybrid.injection import EmbeddingTable, InjectedInputs, inject
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import decode_position, get_rope_index
-from hybrid.routes.common import Emitter, prepare
+from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, suppress
 from hybrid.types import Chunk, Request
 from hybrid.vision import VisionFeatures, VisionTower
@@ -36,13 +35,13 @@ class HybridRoute:
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
         inputs = prepare(self.processor, request, watch)
-        features = _timed(watch, "vision", self.encode, inputs)
+        features = timed(watch, "vision", self.encode, inputs)
         injected = self.inject(inputs, features)
         positions, rope_delta = get_rope_index(
             inputs.mm_token_type_ids, _grid(inputs), self.vision.spatial_merge_size
         )
         cache = self.decoder.new_cache(inputs.num_tokens + request.sampling.max_new_tokens)
-        logits = _timed(
+        logits = timed(
             watch, "prefill", self.decoder.forward, cache, injected.inputs_embeds, positions, injected.deepstack_embeds
         )
         emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
@@ -83,9 +82,3 @@ class HybridRoute:
 def _grid(inputs: PreparedInputs) -> np.ndarray | None:
     return None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
 
-
-def _timed(watch: Stopwatch, stage: str, fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    watch.add(stage, time.perf_counter() - start)
-    return result
