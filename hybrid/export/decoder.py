@@ -37,10 +37,15 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
-        return g.op(
+        out, key, value = g.op(
             f"{CONTRIB}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total_length,
             num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3,
         )  # fmt: skip
+        # the exporter cannot infer a contrib op's outputs (and warns per layer): they are shaped
+        # like the query and the buffers
+        for output, like in ((out, q), (key, past_key), (value, past_value)):
+            output.setType(like.type())
+        return out, key, value
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
