@@ -61,10 +61,14 @@ def test_a_bad_request_is_reported_and_the_app_keeps_serving(client):
 
 def test_sixteen_users_at_once_are_answered_or_told_the_queue_is_full(url):
     outcomes: list[str] = []
+    ready = threading.Barrier(16)  # every user connected first, then all ask at the same moment
 
     def user() -> None:
         try:
-            _, results = Client(url, verbose=False).predict("Hello!", None, "auto", 32, 0.0, 0, api_name="/generate")
+            client = Client(url, verbose=False)
+            ready.wait(timeout=120)
+            # the PyTorch reference: the slowest route, so the first answers do not empty the queue
+            _, results = client.predict("Hello!", None, "pytorch", 32, 0.0, 0, api_name="/generate")
             outcomes.append(results[0]["finish_reason"])
         except Exception as exc:  # noqa: BLE001 (every outcome is recorded and checked below)
             outcomes.append(f"{type(exc).__name__}: {exc}")
