@@ -127,12 +127,3 @@ def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
     gc.collect()  # the replaced fp32 linears sit in reference cycles: free their weights now
     return model
 
-
-def save_vision_tower(model, folder: Path) -> None:
-    """Write the visual tower of a loaded `Qwen3VLForConditionalGeneration` on its own."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.model.visual.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME))
-    (folder / CONFIG_NAME).write_text(model.config.vision_config.to_json_string())

@@ -16,10 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from hybrid.config import BUNDLE_FORMAT, MANIFEST_NAME, Manifest, PartInfo
 from hybrid.errors import BundleError, UserError
+from hybrid.export.tensors import write_npy, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,8 @@ EMBED_FILE = "embed_tokens.npy"
 DECODER_DIR = "decoder"
 DECODER_FILE = "decoder/model.onnx"
 GENAI_DIR = "genai"
+TEXT_PREFIX = "model.language_model."
+BAR_WIDTH = 24
 
 
 def resolve_checkpoint(source: str) -> Path:
@@ -81,50 +82,67 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", genai: 
 
 
 def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> dict:
-    import torch
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    """Every part of the bundle, each tensor read from the checkpoint as it is written."""
+    from transformers import AutoConfig, AutoProcessor
 
-    from hybrid.export.decoder import export_decoder
-    from hybrid.vision import save_vision_tower
+    from hybrid.export import decoder
+    from hybrid.export.tensors import CheckpointTensors
 
-    steps = 5 if genai else 4
-    with _step(1, steps, "loading the checkpoint"):
-        model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    steps = 4 if genai else 3
+    with _step(1, steps, "reading the checkpoint's config, processor and tensor index"):
+        config = AutoConfig.from_pretrained(str(checkpoint))
         processor = AutoProcessor.from_pretrained(str(checkpoint))
+        tensors = CheckpointTensors(checkpoint)
     with _step(2, steps, "saving the processor, the vision tower and the embedding table"):
         processor.save_pretrained(str(work / PROCESSOR_DIR))
-        model.generation_config.save_pretrained(str(work / PROCESSOR_DIR))
-        save_vision_tower(model, work / VISION_DIR)
-        embed = model.model.language_model.embed_tokens.weight.detach().float().numpy()
-        np.save(work / EMBED_FILE, embed)
-    with _step(3, steps, "exporting the ONNX text decoder"):
-        export_decoder(model, work / DECODER_FILE)
-    with _step(4, steps, f"quantizing the decoder ({precision})"):
-        if precision == "int4":
-            from hybrid.export.quantize import quantize_int4
-
-            quantize_int4(work / DECODER_FILE)
+        _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
+        _write_vision_tower(tensors, config, work / VISION_DIR)
+        embed = TEXT_PREFIX + "embed_tokens.weight"
+        write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
+    with _step(3, steps, f"writing the ONNX text decoder ({precision})"):
+        decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress())
     if genai:
-        with _step(5, steps, f"building the GenAI text model ({precision})"):
+        with _step(4, steps, f"building the GenAI text model ({precision})"):
             from hybrid.export.genai import build_genai
 
             build_genai(checkpoint, work / GENAI_DIR, precision, processor)
-    return _model_info(model)
+    return _model_info(config, tensors)
 
 
-def _model_info(model) -> dict:
-    cfg = model.config
-    text = cfg.text_config
+def _generation_config(checkpoint: Path, config):
+    """The checkpoint's generation config, or the one transformers derives from its config when it has none."""
+    from transformers import GenerationConfig
+
+    if (checkpoint / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(checkpoint))
+    return GenerationConfig.from_model_config(config)
+
+
+def _write_vision_tower(tensors, config, folder: Path) -> None:
+    """The `model.visual.*` tensors alone, in float32, with the vision config: what `VisionTower` loads."""
+    from hybrid.vision import CHECKPOINT_PREFIX, CONFIG_NAME, WEIGHTS_NAME
+
+    names = sorted(name for name in tensors.entries if name.startswith(CHECKPOINT_PREFIX))
+    if not names:
+        raise BundleError(f"the checkpoint has no {CHECKPOINT_PREFIX}* tensors: not a Qwen3-VL checkpoint?")
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = [(name[len(CHECKPOINT_PREFIX) :], tensors.shape(name)) for name in names]
+    write_safetensors(folder / WEIGHTS_NAME, listed, lambda name: tensors.read(CHECKPOINT_PREFIX + name))
+    (folder / CONFIG_NAME).write_text(config.vision_config.to_json_string())
+
+
+def _model_info(config, tensors) -> dict:
+    text = config.text_config
     return {
-        "model_type": cfg.model_type,
+        "model_type": config.model_type,
         "num_hidden_layers": text.num_hidden_layers,
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
         "max_position_embeddings": text.max_position_embeddings,
-        "deepstack_layers": len(cfg.vision_config.deepstack_visual_indexes),
-        "image_token_id": cfg.image_token_id,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "deepstack_layers": len(config.vision_config.deepstack_visual_indexes),
+        "image_token_id": config.image_token_id,
+        "parameters": tensors.numel(),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
     }
 
 
@@ -184,6 +202,18 @@ def _replace(work: Path, out: Path) -> None:
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class _LayerProgress:
+    """Logs one line per decoder layer written: a bar, the count and the time since the first."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = BAR_WIDTH * done // total
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        log.info("      [%s] layer %*d/%d  %.1f s", bar, len(str(total)), done, total, time.perf_counter() - self.start)
 
 
 class _step:

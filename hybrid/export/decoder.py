@@ -1,51 +1,43 @@
-"""Export of the Qwen3-VL text decoder to ONNX, with embeddings in and DeepStack features as an input.
+"""The Qwen3-VL text decoder as an ONNX graph, written node by node and weight by weight.
 
-The graph runs the HF text layers' own weights in an explicit loop: RMS-normed q/k, interleaved
-M-RoPE from 3-D `position_ids`, onnxruntime's fused `GroupQueryAttention`, and after layer `i < D`
-the DeepStack map `i` is added (it is zero outside image rows, so adding it everywhere is the same
-as the masked add in transformers). Only the last position's logits are computed.
+The graph runs the checkpoint's text layers in an explicit loop: RMS-normed q/k, interleaved M-RoPE
+from 3-D `position_ids`, onnxruntime's fused `GroupQueryAttention`, and after layer `i < D` the
+DeepStack map `i` is added (it is zero outside image rows, so adding it everywhere is the same as
+the masked add in transformers). Only the last position's logits are computed.
 
 The KV cache is a fixed-size buffer per layer, `past_key_values.*` `[B, kv_heads, capacity, d]`:
 bound as both past and present, `GroupQueryAttention` writes the new keys in place, so no step
 copies the cache. `attention_mask` `[B, past + S]` says how much of the buffer is filled.
+
+Nothing is traced: each weight is read from the checkpoint, fused (q/k/v, gate/up), transposed or
+quantized to INT4 (`MatMulNBits`, block 32, accuracy level 4) and appended to one external-data file
+before the next is read, so the export never holds more than one layer's weights.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-import torch
-from torch import nn
+from onnx import TensorProto, helper, numpy_helper
+
+from hybrid.errors import BundleError
+from hybrid.export.tensors import CheckpointTensors
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
+IR_VERSION = 10
 CONTRIB = "com.microsoft"
-
-
-class _GroupQueryAttention(torch.autograd.Function):
-    """onnxruntime's `com.microsoft.GroupQueryAttention` (causal, no rotary: q and k come rotated).
-
-    Only its ONNX form matters: the eager forward exists for tracing and returns the right shapes."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
-        return torch.zeros_like(q), past_key.clone(), past_value.clone()
-
-    @staticmethod
-    def symbolic(g, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
-        out, key, value = g.op(
-            f"{CONTRIB}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total_length,
-            num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3,
-        )  # fmt: skip
-        # the exporter cannot infer a contrib op's outputs (and warns per layer): they are shaped
-        # like the query and the buffers
-        for output, like in ((out, q), (key, past_key), (value, past_value)):
-            output.setType(like.type())
-        return out, key, value
+TEXT = "model.language_model."
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 activations: the fastest CPU kernels
+ALIGN = 4096  # external tensors start on a page: onnxruntime can map them as they are
+ROW_BLOCK = 4096  # output rows transposed or quantized at a time
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -57,132 +49,270 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-class DecoderForExport(nn.Module):
-    """`(inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past)` -> `(logits, *present)`."""
+@dataclass(frozen=True)
+class DecoderShapes:
+    """What the graph needs from a `Qwen3VLConfig`."""
 
-    def __init__(self, model) -> None:
-        super().__init__()
-        text = model.model.language_model
-        self.layers = text.layers
-        self.norm = text.norm
-        self.rotary_emb = text.rotary_emb
-        self.lm_head = model.lm_head
-        cfg = text.config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        # one matmul for q, k and v, one for gate and up: fewer, larger INT4 kernels per step
-        self.qkv = nn.ModuleList(_fused(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in self.layers))
-        self.gate_up = nn.ModuleList(_fused(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    num_deepstack: int
+    tie_word_embeddings: bool
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
-        hidden = inputs_embeds  # (B, S, H)
-        cos, sin = self.rotary_emb(hidden, position_ids)  # (B, S, head_dim)
-        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)  # (B,): last filled slot
-        total_length = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # scalar: past + S
-        presents = []
-        for i, layer in enumerate(self.layers):
-            residual = hidden
-            attn, key, value = self._attention(
-                i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, seqlens_k, total_length,
-                past[2 * i], past[2 * i + 1],
-            )  # fmt: skip
-            hidden = residual + attn
-            hidden = hidden + self._mlp(i, layer.mlp, layer.post_attention_layernorm(hidden))
-            if i < deepstack_embeds.shape[0]:
-                hidden = hidden + deepstack_embeds[i]
-            presents += [key, value]
-        logits = self.lm_head(self.norm(hidden[:, -1:, :]))  # (B, 1, V)
-        return (logits, *presents)
-
-    def _mlp(self, i, mlp, x):
-        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
-
-    def _attention(self, i, attn, x, cos, sin, seqlens_k, total_length, past_key, past_value):
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
-
-        batch, seq, _ = x.shape
-        shape = (batch, seq, -1, self.head_dim)
-        kv_width = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv[i](x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        q = attn.q_norm(q.reshape(shape)).transpose(1, 2)  # (B, nh, S, d)
-        k = attn.k_norm(k.reshape(shape)).transpose(1, 2)  # (B, kv, S, d)
-        v = v.reshape(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        q = q.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, nh * d)
-        k = k.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, kv * d)
-        v = v.transpose(1, 2).reshape(batch, seq, -1)
-        out, key, value = _GroupQueryAttention.apply(
-            q, k, v, past_key, past_value, seqlens_k, total_length, self.num_heads, self.num_kv_heads,
-            self.head_dim**-0.5,
-        )  # fmt: skip
-        return attn.o_proj(out), key, value
-
-
-def _fused(*linears: nn.Linear) -> nn.Linear:
-    """One `nn.Linear` whose outputs are those of `linears`, side by side."""
-    has_bias = [lin.bias is not None for lin in linears]
-    width = sum(lin.out_features for lin in linears)
-    fused = nn.Linear(linears[0].in_features, width, bias=all(has_bias), device="meta")  # weights set below
-    fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
-    if any(has_bias):
-        if not all(has_bias):
-            raise ValueError("cannot fuse linear layers where only some have a bias")
-        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
-    return fused
-
-
-def export_decoder(model, out_path: Path) -> None:
-    """Trace `DecoderForExport` with a non-empty past and dynamic batch/sequence/past axes."""
-    cfg = model.config.text_config
-    num_layers = cfg.num_hidden_layers
-    num_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
-    module = DecoderForExport(model).eval()
-    batch, seq, past, capacity = 1, 3, 2, 8
-    example = (
-        torch.randn(batch, seq, cfg.hidden_size),
-        torch.ones(batch, past + seq, dtype=torch.int64),
-        torch.arange(past, past + seq).view(1, 1, -1).expand(3, batch, -1).contiguous(),
-        torch.zeros(num_deepstack, batch, seq, cfg.hidden_size),
-        *[torch.zeros(batch, cfg.num_key_value_heads, capacity, cfg.head_dim) for _ in range(2 * num_layers)],
-    )
-    input_names, output_names = decoder_io_names(num_layers)
-    dynamic_axes = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {1: "batch", 2: "sequence"},
-        "deepstack_embeds": {1: "batch", 2: "sequence"},
-        "logits": {0: "batch"},
-    }
-    for name in input_names[4:] + output_names[1:]:  # the KV buffers, bound as past and present
-        dynamic_axes[name] = {0: "batch", 2: "capacity"}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
-        # over 2 GB the exporter writes one file per tensor: trace into a scratch folder, then
-        # save one graph file and one weights file
-        traced = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            module,
-            example,
-            str(traced),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            custom_opsets={CONTRIB: 1},
-            dynamo=False,
+    @classmethod
+    def from_config(cls, config) -> DecoderShapes:
+        text = config.text_config
+        rope = text.rope_parameters
+        if rope.get("rope_type", "default") != "default" or not rope.get("mrope_interleaved", False):
+            raise BundleError(f"the decoder export supports interleaved M-RoPE of type 'default' only, got {rope}")
+        if getattr(text, "attention_bias", False):
+            raise BundleError("the decoder export does not support attention biases (attention_bias=true)")
+        return cls(
+            hidden_size=text.hidden_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=text.head_dim,
+            vocab_size=text.vocab_size,
+            rms_norm_eps=text.rms_norm_eps,
+            rope_theta=rope["rope_theta"],
+            mrope_section=tuple(rope["mrope_section"]),
+            num_deepstack=len(config.vision_config.deepstack_visual_indexes),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False) or text.tie_word_embeddings),
         )
-        save_with_external_data(onnx.load(str(traced)), out_path)
+
+    def rope_axes(self) -> np.ndarray:
+        """Which position axis (t=0, h=1, w=2) drives each rotary frequency: transformers' interleaving."""
+        axes = np.zeros(self.head_dim // 2, dtype=np.int64)
+        for axis in (1, 2):
+            axes[axis : self.mrope_section[axis] * 3 : 3] = axis
+        return axes
+
+    def inv_freq(self) -> np.ndarray:
+        exponents = np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)
+        return (1.0 / (np.float32(self.rope_theta) ** exponents)).astype(np.float32)
 
 
-def save_with_external_data(proto, path: Path) -> None:
-    """`path` holds the graph, `path.data` every weight: no 2 GB protobuf limit, one file to map."""
-    for stale in path.parent.glob(path.name + "*"):
+def export_decoder(
+    tensors: CheckpointTensors,
+    config,
+    out_path: Path,
+    precision: str,
+    on_layer: Callable[[int, int], None] = lambda done, total: None,
+) -> None:
+    """Write `out_path` (the graph) and `out_path.data` (every weight); `on_layer(done, total)` after each layer."""
+    shapes = DecoderShapes.from_config(config)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_path.parent.glob(out_path.name + "*"):
         stale.unlink()
-    onnx.save_model(
-        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=path.name + ".data", size_threshold=1024,
-    )  # fmt: skip
-    for written in path.parent.glob(path.name + "*"):
+    data_path = out_path.with_name(out_path.name + ".data")
+    with open(data_path, "wb") as data_file:
+        writer = _Writer(_ExternalData(data_file, data_path.name), tensors, shapes, precision == "int4")
+        graph = writer.build(on_layer)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)], ir_version=IR_VERSION
+    )
+    out_path.write_bytes(model.SerializeToString())
+    for written in (out_path, data_path):
         written.chmod(0o644)
+
+
+class _ExternalData:
+    """One weights file beside the graph: each tensor is appended page-aligned and referenced by offset."""
+
+    def __init__(self, file, location: str) -> None:
+        self.file = file
+        self.location = location
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        return self.add_blocks(name, array.dtype, array.shape, iter([array]))
+
+    def add_blocks(self, name: str, dtype, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> TensorProto:
+        """A tensor of `shape` whose row-major bytes are the concatenation of `blocks`."""
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for block in blocks:
+            self.file.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+        length = self.file.tell() - offset
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if length != expected:
+            raise BundleError(f"wrote {length} bytes for {name}, its shape {shape} needs {expected}")
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
+            tensor.external_data.add(key=key, value=str(value))
+        return tensor
+
+
+class _Writer:
+    """Builds the graph and writes the weights it references, layer by layer."""
+
+    def __init__(self, data: _ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: bool) -> None:
+        self.data, self.tensors, self.shapes, self.int4 = data, tensors, shapes, int4
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.names: dict[str, int] = {}
+
+    def build(self, on_layer: Callable[[int, int], None]) -> onnx.GraphProto:
+        s = self.shapes
+        hidden = "inputs_embeds"
+        seqlens_k, total_length = self._lengths()
+        cos, sin = self._rotary()
+        presents = []
+        for i in range(s.num_layers):
+            hidden, key, value = self._layer(i, hidden, cos, sin, seqlens_k, total_length)
+            presents += [key, value]
+            on_layer(i + 1, s.num_layers)
+        last = self.op("Slice", hidden, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
+        normed = self._norm(TEXT + "norm.weight", last)
+        head = TEXT + "embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
+        self._linear("lm_head", normed, self.tensors.read(head), output="logits")
+        return self._graph(presents)
+
+    def _graph(self, presents: list[str]) -> onnx.GraphProto:
+        s = self.shapes
+        float_ = TensorProto.FLOAT
+        kv = ["batch", s.num_kv_heads, "capacity", s.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("inputs_embeds", float_, ["batch", "sequence", s.hidden_size]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, "batch", "sequence"]),
+            helper.make_tensor_value_info("deepstack_embeds", float_, [s.num_deepstack, "batch", "sequence", s.hidden_size]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", float_, ["batch", 1, s.vocab_size])]
+        input_names, output_names = decoder_io_names(s.num_layers)
+        inputs += [helper.make_tensor_value_info(name, float_, kv) for name in input_names[4:]]
+        for name, produced in zip(output_names[1:], presents, strict=True):
+            self.nodes.append(helper.make_node("Identity", [produced], [name], name=f"/{name}/Identity"))
+            outputs.append(helper.make_tensor_value_info(name, float_, kv))
+        return helper.make_graph(self.nodes, "qwen3_vl_text_decoder", inputs, outputs, self.initializers)
+
+    # --- graph pieces -------------------------------------------------------------------------
+
+    def _lengths(self) -> tuple[str, str]:
+        """`seqlens_k` `(B,)` int32: index of the last filled slot; `total_length` scalar int32: past + S."""
+        filled = self.op("ReduceSum", "attention_mask", self.const([1]), keepdims=0)
+        seqlens_k = self.op("Cast", self.op("Sub", filled, self.const(1)), to=TensorProto.INT32)
+        total = self.op("Gather", self.op("Shape", "attention_mask"), self.const(1), axis=0)
+        return seqlens_k, self.op("Cast", total, to=TensorProto.INT32)
+
+    def _rotary(self) -> tuple[str, str]:
+        """cos, sin `(B, S, 1, d/2)` of the interleaved M-RoPE angles, shared by every layer."""
+        s = self.shapes
+        positions = self.op("Transpose", self.op("Cast", "position_ids", to=TensorProto.FLOAT), perm=[1, 2, 0])
+        chosen = self.op("Gather", positions, self.const(s.rope_axes()), axis=2)  # (B, S, d/2)
+        angles = self.op("Unsqueeze", self.op("Mul", chosen, self.const(s.inv_freq())), self.const([2]))
+        return self.op("Cos", angles), self.op("Sin", angles)
+
+    def _layer(self, i: int, hidden: str, cos: str, sin: str, seqlens_k: str, total_length: str) -> tuple[str, str, str]:
+        s = self.shapes
+        prefix = f"{TEXT}layers.{i}."
+        x = self._norm(prefix + "input_layernorm.weight", hidden)
+        qkv = self._linear(f"layers.{i}.qkv", x, self._fused(prefix + "self_attn.", "q_proj", "k_proj", "v_proj"))
+        kv_width = s.num_kv_heads * s.head_dim
+        q, k, v = self.op("Split", qkv, self.const([s.num_heads * s.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
+        q = self._rotate(self._head_norm(prefix + "self_attn.q_norm.weight", q), cos, sin)
+        k = self._rotate(self._head_norm(prefix + "self_attn.k_norm.weight", k), cos, sin)
+        attn, key, value = self.op(
+            "GroupQueryAttention", q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k,
+            total_length, domain=CONTRIB, outputs=3, num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
+            scale=float(s.head_dim**-0.5),
+        )  # fmt: skip
+        o_proj = self.tensors.read(prefix + "self_attn.o_proj.weight")
+        hidden = self.op("Add", hidden, self._linear(f"layers.{i}.o_proj", attn, o_proj))
+        x = self._norm(prefix + "post_attention_layernorm.weight", hidden)
+        gate_up = self._linear(f"layers.{i}.gate_up", x, self._fused(prefix + "mlp.", "gate_proj", "up_proj"))
+        gate, up = self.op("Split", gate_up, axis=-1, outputs=2, num_outputs=2)
+        act = self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)  # silu(gate) * up
+        down = self.tensors.read(prefix + "mlp.down_proj.weight")
+        hidden = self.op("Add", hidden, self._linear(f"layers.{i}.down_proj", act, down))
+        if i < s.num_deepstack:
+            hidden = self.op("Add", hidden, self.op("Gather", "deepstack_embeds", self.const(i), axis=0))
+        return hidden, key, value
+
+    def _norm(self, weight_name: str, x: str) -> str:
+        """RMSNorm over the last axis (onnxruntime's `SimplifiedLayerNormalization`)."""
+        weight = self.initializer(weight_name, self.tensors.read(weight_name))
+        return self.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=float(self.shapes.rms_norm_eps))
+
+    def _head_norm(self, weight_name: str, x: str) -> str:
+        """`(B, S, heads * d)` -> `(B, S, heads, d)`, RMS-normed per head."""
+        per_head = self.op("Reshape", x, self.const([0, 0, -1, self.shapes.head_dim]))
+        return self._norm(weight_name, per_head)
+
+    def _rotate(self, x: str, cos: str, sin: str) -> str:
+        """Rotary embedding of `(B, S, heads, d)` (rotate-half form), back to `(B, S, heads * d)`."""
+        x1, x2 = self.op("Split", x, axis=-1, outputs=2, num_outputs=2)
+        first = self.op("Sub", self.op("Mul", x1, cos), self.op("Mul", x2, sin))
+        second = self.op("Add", self.op("Mul", x2, cos), self.op("Mul", x1, sin))
+        rotated = self.op("Concat", first, second, axis=-1)
+        return self.op("Reshape", rotated, self.const([0, 0, -1]))
+
+    def _fused(self, prefix: str, *names: str) -> np.ndarray:
+        """The weights `(N_a + N_b + ..., K)` of several linear layers, one matmul for all."""
+        return np.concatenate([self.tensors.read(prefix + name + ".weight") for name in names])
+
+    def _linear(self, name: str, x: str, weight: np.ndarray, output: str | None = None) -> str:
+        """`x @ weight.T` for an `nn.Linear` weight `(N, K)`: fp32 `MatMul` or INT4 `MatMulNBits`."""
+        n, k = weight.shape
+        if not self.int4:
+            blocks = (weight[:, first : first + ROW_BLOCK].T for first in range(0, k, ROW_BLOCK))
+            self.initializers.append(self.data.add_blocks(name + ".weight", np.float32, (k, n), blocks))
+            return self.op("MatMul", x, name + ".weight", output=output)
+        packed, scales = quantize_int4(weight)
+        self.initializers += [self.data.add(name + ".weight_Q4", packed), self.data.add(name + ".weight_scales", scales)]
+        return self.op(
+            "MatMulNBits", x, name + ".weight_Q4", name + ".weight_scales", domain=CONTRIB, output=output,
+            K=k, N=n, bits=4, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
+        )  # fmt: skip
+
+    # --- nodes and initializers ---------------------------------------------------------------
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output: str | None = None, **attrs):
+        """Append one node; returns its output name (or names, when `outputs > 1`)."""
+        index = self.names[op_type] = self.names.get(op_type, -1) + 1
+        name = f"/{op_type}_{index}"
+        if output is not None:
+            names = [output]
+        else:
+            names = [f"{name}_output_{j}" for j in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value) -> str:
+        """A small constant (int64 unless `value` is an array), kept inside the graph file."""
+        array = value if isinstance(value, np.ndarray) else np.array(value, dtype=np.int64)
+        name = f"/const_{len(self.initializers)}"
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.data.add(name, array))
+        return name
+
+
+def quantize_int4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 of an `nn.Linear` weight `(N, K)` in `MatMulNBits`' layout, by onnxruntime's own
+    kernel (what its `MatMulNBitsQuantizer` runs): packed `(N, K/32, 16)` uint8 and scales `(N, K/32)`."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k = weight.shape
+    blocks = -(-k // BLOCK_SIZE)
+    packed = np.zeros((n, blocks, BLOCK_SIZE // 2), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    for first in range(0, n, ROW_BLOCK):
+        rows = slice(first, min(first + ROW_BLOCK, n))
+        width = rows.stop - rows.start
+        columns = np.ascontiguousarray(weight[rows].T)  # (K, width): MatMul's B
+        zero_points = np.zeros((width, -(-blocks // 2)), dtype=np.uint8)  # unused when symmetric
+        part_packed = np.zeros((width, blocks, BLOCK_SIZE // 2), dtype=np.uint8)
+        part_scales = np.zeros((width, blocks), dtype=np.float32)
+        quantize_matmul_4bits(part_packed, columns, part_scales, zero_points, BLOCK_SIZE, width, k, True)
+        packed[rows], scales[rows] = part_packed, part_scales
+    return packed, scales
