@@ -17,6 +17,14 @@ from hybrid.errors import BundleError, UserError
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = 1
 
+# Image tokens per picture at each detail level (one token covers (patch * merge)^2 pixels, 32x32 on
+# Qwen3-VL). The checkpoint's own limit (16,384 tokens on the real ones) would let a phone photo
+# become ~11,700 tokens, minutes of vision and prefill on a 2-core CPU; 1024 tokens (about one
+# megapixel, e.g. 1184x864) keeps small print readable and the first token within seconds.
+IMAGE_DETAIL = {"low": 256, "medium": 1024, "high": 4096}
+DEFAULT_IMAGE_DETAIL = "medium"
+DEFAULT_MAX_IMAGE_TOKENS = IMAGE_DETAIL[DEFAULT_IMAGE_DETAIL]
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -58,13 +66,15 @@ class RuntimeConfig:
     threads: int = 0  # 0: one per physical core
     max_new_tokens_limit: int = 1024
     max_images: int = 4
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = 50_000_000  # refused before decoding (decompression bombs)
+    conversation_cache_mb: int = 1024  # KV caches kept for follow-ups, all conversations together; 0: none
 
     def __post_init__(self) -> None:
         _check_int("threads", self.threads, low=0)
         _check_int("max_new_tokens_limit", self.max_new_tokens_limit, low=1)
         _check_int("max_images", self.max_images, low=0)
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
+        _check_int("conversation_cache_mb", self.conversation_cache_mb, low=0)
 
     def check_image_count(self, count: int) -> None:
         """Refuse a conversation with more images than `max_images` (before any is opened)."""
@@ -113,6 +123,11 @@ class Manifest:
                 f"{path} has bundle format {manifest.format}, this version reads {BUNDLE_FORMAT}; export it again"
             )
         return manifest
+
+
+def check_max_image_tokens(value: Any) -> int:
+    """An image token budget per picture, as a user may give it."""
+    return _check_int("max_image_tokens", value, low=1)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:

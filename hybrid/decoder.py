@@ -1,6 +1,7 @@
 """The ONNX text decoder in onnxruntime: a KV cache per request, `forward` for prefill and each step.
 
-The session is created once; a `KVCache` is created per request and dropped with it.
+The session is created once; a `KVCache` is created per request, and either dropped with it or
+kept for the conversation's next request (see `hybrid.conversation`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class KVCache:
     def capacity(self) -> int:
         return int(self.buffers[0].shape[2])
 
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens: the decoder reads only `attention_mask`'s length of the
+        buffer and writes new tokens after it, so what lies beyond is simply overwritten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
 
 class OnnxDecoder:
     def __init__(self, path: str | Path, threads: int = 0) -> None:
@@ -76,6 +88,16 @@ class OnnxDecoder:
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{name}", value)
         return KVCache(buffers=buffers, binding=binding)
+
+    def resized(self, cache: KVCache, capacity: int) -> KVCache:
+        """A new cache of `capacity` tokens holding a copy of `cache`'s tokens."""
+        if cache.length > capacity:
+            raise ValueError(f"{cache.length} cached tokens do not fit in {capacity}")
+        resized = self.new_cache(capacity)
+        for source, target in zip(cache.buffers, resized.buffers):
+            target[:, :, : cache.length] = source[:, :, : cache.length]
+        resized.length = cache.length
+        return resized
 
     def forward(
         self,

@@ -32,16 +32,21 @@ class Timings:
     decode_tok_s: float
     total_ms: float
     peak_rss_mb: float
+    reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's kept cache
+    image_tokens: tuple[int, ...] = ()  # per picture, in prompt order
 
     def to_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {
+            k: round(v, 3) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+        }
 
 
 class Stopwatch:
     """Marks the stages of one request; `timings()` turns them into `Timings`.
 
     Decode speed counts the tokens after the first one over the time after the first token, so
-    that prefill never inflates it.
+    that prefill never inflates it; prefill speed counts only the tokens prefilled, not reused ones.
     """
 
     def __init__(self) -> None:
@@ -51,6 +56,8 @@ class Stopwatch:
         self.last_token_at: float | None = None
         self.tokens = 0
         self.prompt_tokens = 0
+        self.reused_tokens = 0
+        self.image_tokens: tuple[int, ...] = ()
         self.peak_rss = rss_mb()
 
     def add(self, stage: str, seconds: float) -> None:
@@ -74,15 +81,18 @@ class Stopwatch:
         decode_s = (self.last_token_at or first) - first
         decode_tokens = max(self.tokens - 1, 0)
         prefill_s = self.stages.get("prefill", 0.0)
+        prefilled = self.prompt_tokens - self.reused_tokens
         return Timings(
             preprocess_ms=1e3 * self.stages.get("preprocess", 0.0),
             vision_ms=1e3 * self.stages.get("vision", 0.0),
             prefill_ms=1e3 * prefill_s,
             ttft_ms=1e3 * (first - self.start),
             prompt_tokens=self.prompt_tokens,
-            prefill_tok_s=self.prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+            prefill_tok_s=prefilled / prefill_s if prefill_s > 0 else 0.0,
             decode_tokens=self.tokens,
             decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
             total_ms=1e3 * (end - self.start),
             peak_rss_mb=self.peak_rss,
+            reused_tokens=self.reused_tokens,
+            image_tokens=self.image_tokens,
         )

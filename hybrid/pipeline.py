@@ -1,5 +1,6 @@
 """A loaded bundle: the processor, the vision tower, the embedding table, the ONNX decoder, the
-GenAI model and the (lazily loaded) PyTorch reference, each loaded once and shared by requests.
+GenAI model and the (lazily loaded) PyTorch reference, each loaded once and shared by requests,
+and the KV caches kept for follow-ups (one budget over all conversations and routes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hybrid.config import Manifest, RuntimeConfig
+from hybrid.conversation import ConversationStore
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
 from hybrid.export.bundle import DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR, verify_bundle
 from hybrid.types import Chunk, Request
@@ -24,6 +26,7 @@ class Pipeline:
     bundle: Path
     manifest: Manifest
     runtime: RuntimeConfig
+    conversations: ConversationStore
     routes: dict = field(default_factory=dict)
     load_seconds: float = 0.0
 
@@ -51,6 +54,7 @@ class Pipeline:
             verify_bundle(bundle, manifest)
         max_context = int(manifest.model.get("max_position_embeddings", 32768))
         processor = Processor(bundle / PROCESSOR_DIR, max_context=max_context)
+        conversations = ConversationStore(runtime.conversation_cache_mb)
         routes: dict = {}
         if "hybrid" in only:
             routes["hybrid"] = HybridRoute(
@@ -58,14 +62,15 @@ class Pipeline:
                 VisionTower(bundle / VISION_DIR, runtime.threads, int8=manifest.precision == "int4"),
                 EmbeddingTable(bundle / EMBED_FILE),
                 OnnxDecoder(bundle / DECODER_FILE, runtime.threads),
+                conversations,
             )
         if "pytorch" in only:
             routes["pytorch"] = PyTorchRoute(manifest.checkpoint, processor, runtime.threads)
         if "genai" in only and (bundle / GENAI_DIR).is_dir():
             from hybrid.routes.genai import GenAIRoute
 
-            routes["genai"] = GenAIRoute(bundle / GENAI_DIR, processor, runtime.threads)
-        pipeline = cls(bundle=bundle, manifest=manifest, runtime=runtime, routes=routes)
+            routes["genai"] = GenAIRoute(bundle / GENAI_DIR, processor, conversations, runtime.threads)
+        pipeline = cls(bundle=bundle, manifest=manifest, runtime=runtime, routes=routes, conversations=conversations)
         pipeline.load_seconds = time.perf_counter() - start
         log.info("loaded %s in %.1f s (routes: %s)", bundle, pipeline.load_seconds, ", ".join(routes))
         return pipeline
@@ -84,6 +89,11 @@ class Pipeline:
 
         self.check(request)
         return choose_routes(request, route, tuple(self.routes))
+
+    def forget(self, conversation_id: str) -> None:
+        """Drop the KV caches kept for that conversation (Clear, or the end of its session)."""
+        dropped = self.conversations.forget(conversation_id)
+        log.debug("dropped %d kept caches of conversation %s", dropped, conversation_id)
 
     def stream(self, request: Request, route: str, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first).

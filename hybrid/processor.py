@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS
 from hybrid.errors import BundleError, UserError
 from hybrid.images import to_rgb
 from hybrid.types import Message
@@ -36,10 +37,43 @@ class PreparedInputs:
     mm_token_type_ids: np.ndarray  # (1, S) int64: 0 text, 1 image
     pixel_values: torch.Tensor | None  # (patches, C * T * P * P)
     image_grid_thw: torch.Tensor | None  # (images, 3)
+    image_tokens: tuple[int, ...] = ()  # <|image_pad|> tokens of each image, in prompt order
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def image_spans(self) -> list[tuple[int, int]]:
+        """`[start, end)` of each image's `<|image_pad|>` run in the prompt, in prompt order."""
+        is_image = np.concatenate([[0], self.mm_token_type_ids[0], [0]])
+        edges = np.flatnonzero(np.diff(is_image))
+        return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+    def image_pixels(self, index: int) -> torch.Tensor:
+        """The `pixel_values` rows of image `index` `(patches_i, C * T * P * P)`."""
+        sizes = self.image_grid_thw.prod(-1).tolist()
+        start = sum(sizes[:index])
+        return self.pixel_values[start : start + sizes[index]]
+
+    def tail(self, start: int) -> "PreparedInputs":
+        """The prompt from token `start` on, with only the images inside it; `start` must not cut
+        an image."""
+        spans = self.image_spans()
+        if any(s < start < e for s, e in spans):
+            raise ValueError(f"token {start} is inside an image")
+        first = sum(1 for _, e in spans if e <= start)
+        pixel_values = image_grid_thw = None
+        if first < len(spans):
+            offset = int(self.image_grid_thw[:first].prod(-1).sum())
+            pixel_values, image_grid_thw = self.pixel_values[offset:], self.image_grid_thw[first:]
+        return replace(
+            self,
+            input_ids=self.input_ids[:, start:],
+            mm_token_type_ids=self.mm_token_type_ids[:, start:],
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            image_tokens=self.image_tokens[first:],
+        )
 
 
 class Processor:
@@ -62,14 +96,16 @@ class Processor:
         conversation = [_to_hf_message(m) for m in messages]
         return self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
-    def prepare(self, messages: tuple[Message, ...]) -> PreparedInputs:
+    def prepare(self, messages: tuple[Message, ...], max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> PreparedInputs:
         """Tokenize the conversation. Message texts are always plain text: a `<|im_end|>` or
-        `<|image_pad|>` typed by a user becomes ordinary characters, never a control token."""
+        `<|image_pad|>` typed by a user becomes ordinary characters, never a control token.
+        Each image is scaled (aspect kept) to at most `max_image_tokens` image tokens, and never
+        beyond the checkpoint's own limit."""
         images = [to_rgb(img) for m in messages for img in m.images]
         pixel_values = image_grid_thw = None
         pads: list[int] = []
         if images:
-            batch = self.hf.image_processor(images=images, return_tensors="pt")
+            batch = self.hf.image_processor(images=images, return_tensors="pt", size=self.image_size(max_image_tokens))
             pixel_values, image_grid_thw = batch["pixel_values"], batch["image_grid_thw"]
             pads = (image_grid_thw.prod(-1) // self.hf.image_processor.merge_size**2).tolist()
         ids = self._tokenize(messages, pads)
@@ -84,7 +120,17 @@ class Processor:
             mm_token_type_ids=(ids == self.image_token_id).astype(np.int64),
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
+            image_tokens=tuple(pads),
         )
+
+    def image_size(self, max_image_tokens: int) -> dict[str, int]:
+        """The image processor's `size` (pixel counts) for a budget of `max_image_tokens` per image:
+        one token covers `(patch * merge)^2` pixels; the checkpoint's limits still apply."""
+        processor = self.hf.image_processor
+        own = processor.size
+        token_pixels = (processor.patch_size * processor.merge_size) ** 2
+        longest = min(int(own["longest_edge"]), max_image_tokens * token_pixels)
+        return {"shortest_edge": min(int(own["shortest_edge"]), longest), "longest_edge": longest}
 
     def _tokenize(self, messages: tuple[Message, ...], pads: list[int]) -> np.ndarray:
         """The template is rendered around sentinels; template pieces are tokenized with special

@@ -7,7 +7,7 @@ from typing import Literal
 
 from PIL import Image
 
-from hybrid.config import SamplingConfig
+from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, SamplingConfig, check_max_image_tokens
 from hybrid.errors import UserError
 from hybrid.metrics import Timings
 
@@ -32,14 +32,23 @@ class Message:
 
 @dataclass(frozen=True)
 class Request:
-    """A conversation ending with a user turn, and how to sample the answer."""
+    """A conversation ending with a user turn, and how to sample the answer.
+
+    `conversation_id` names the conversation across requests: a route may keep its KV cache under
+    it and prefill only what follows the longest common prefix next time (None: nothing is kept).
+    `max_image_tokens` caps the image tokens of each picture (larger pictures are scaled down)."""
 
     messages: tuple[Message, ...]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    conversation_id: str | None = None
+    max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
 
     def __post_init__(self) -> None:
         if not self.messages or self.messages[-1].role != "user":
             raise UserError("a request must end with a user message")
+        check_max_image_tokens(self.max_image_tokens)
+        if self.conversation_id is not None and not (isinstance(self.conversation_id, str) and self.conversation_id):
+            raise UserError("conversation_id must be a non-empty string or None")
         last = self.messages[-1]
         if not last.text.strip() and not last.images:
             raise UserError("the prompt is empty: type a question or add an image")

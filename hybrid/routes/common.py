@@ -25,9 +25,10 @@ def timed(watch: Stopwatch, stage: str, fn, *args):
 
 
 def prepare(processor: Processor, request: Request, watch: Stopwatch) -> PreparedInputs:
-    """The request's prompt ids (and pixels), timed as the preprocess stage."""
-    inputs = timed(watch, "preprocess", processor.prepare, request.messages)
+    """The request's prompt ids (and pixels, within its image budget), timed as the preprocess stage."""
+    inputs = timed(watch, "preprocess", processor.prepare, request.messages, request.max_image_tokens)
     watch.prompt_tokens = inputs.num_tokens
+    watch.image_tokens = inputs.image_tokens
     return inputs
 
 

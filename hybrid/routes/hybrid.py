@@ -1,6 +1,9 @@
 """The hybrid route: PyTorch vision tower -> injection -> our ONNX decoder and generation loop.
 
 Never loads the PyTorch language model: only the vision tower, the embedding table and the decoder.
+With a `conversation_id`, the request's KV cache is kept after the answer, and the conversation's
+next request prefills only the tokens after the longest common prefix (its M-RoPE positions and
+DeepStack rows are those of the whole new prompt, so the result equals a fresh prefill's).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hybrid.conversation import ConversationStore, ImageRun, Kept, image_runs, reusable_prefix
 from hybrid.decoder import KVCache, OnnxDecoder
 from hybrid.injection import EmbeddingTable, InjectedInputs, inject
 from hybrid.metrics import Stopwatch
@@ -25,28 +29,62 @@ class HybridRoute:
     name = "hybrid"
 
     def __init__(
-        self, processor: Processor, vision: VisionTower, embeddings: EmbeddingTable, decoder: OnnxDecoder
+        self,
+        processor: Processor,
+        vision: VisionTower,
+        embeddings: EmbeddingTable,
+        decoder: OnnxDecoder,
+        conversations: ConversationStore,
     ) -> None:
         self.processor = processor
         self.vision = vision
         self.embeddings = embeddings
         self.decoder = decoder
+        self.conversations = conversations
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
         inputs = prepare(self.processor, request, watch)
-        features = timed(watch, "vision", self.encode, inputs)
-        injected = self.inject(inputs, features)
+        images = image_runs(inputs) if request.conversation_id else ()
+        kept = self.conversations.take(self.name, request.conversation_id)
+        reused = reusable_prefix(kept, inputs.input_ids[0], images)
+        cache = self.cache_for(kept, reused, inputs.num_tokens + request.sampling.max_new_tokens)
+        watch.reused_tokens = reused
+        new = inputs.tail(reused)  # the tokens to prefill, with only the images among them
+        features = timed(watch, "vision", self.encode, new)
+        injected = self.inject(new, features)
         positions, rope_delta = get_rope_index(
             inputs.mm_token_type_ids, _grid(inputs), self.vision.spatial_merge_size
-        )
-        cache = self.decoder.new_cache(inputs.num_tokens + request.sampling.max_new_tokens)
+        )  # (3, 1, S): the whole prompt's, since they depend on every image before
         logits = timed(
-            watch, "prefill", self.decoder.forward, cache, injected.inputs_embeds, positions, injected.deepstack_embeds
-        )
+            watch, "prefill", self.decoder.forward,
+            cache, injected.inputs_embeds, positions[:, :, reused:], injected.deepstack_embeds,
+        )  # fmt: skip
         emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
-        yield from self.decode(emitter, cache, logits, inputs.input_ids[0], rope_delta)
+        token_ids = inputs.input_ids[0].tolist()  # what the cache holds, grown as tokens are fed
+        try:
+            yield from self.decode(emitter, cache, logits, token_ids, rope_delta)
+        finally:
+            self.keep(request.conversation_id, cache, token_ids, images)
         yield emitter.final()
+
+    def cache_for(self, kept: Kept | None, reused: int, capacity: int) -> KVCache:
+        """A cache for `capacity` tokens whose first `reused` are the kept conversation's."""
+        if kept is None or reused == 0:
+            return self.decoder.new_cache(capacity)
+        cache: KVCache = kept.state
+        cache.truncate(reused)
+        return cache if cache.capacity >= capacity else self.decoder.resized(cache, capacity)
+
+    def keep(self, conversation_id: str | None, cache: KVCache, token_ids: list[int], images: tuple[ImageRun, ...]) -> None:
+        """Keep the cache for the conversation's next request, trimmed to the tokens it holds."""
+        if conversation_id is None:
+            return
+        if cache.length != len(token_ids):
+            raise RuntimeError(f"the KV cache holds {cache.length} tokens, {len(token_ids)} were fed")
+        trimmed = self.decoder.resized(cache, cache.length)
+        kept = Kept(np.array(token_ids, dtype=np.int64), images, trimmed, trimmed.nbytes)
+        self.conversations.keep(self.name, conversation_id, kept)
 
     def encode(self, inputs: PreparedInputs) -> VisionFeatures | None:
         if inputs.pixel_values is None:
@@ -59,11 +97,12 @@ class HybridRoute:
         )
 
     def decode(
-        self, emitter: Emitter, cache: KVCache, logits: np.ndarray, prompt_ids: np.ndarray, rope_delta: int
+        self, emitter: Emitter, cache: KVCache, logits: np.ndarray, token_ids: list[int], rope_delta: int
     ) -> Iterator[Chunk]:
+        """Sample until the emitter is done; each token fed to the decoder is appended to `token_ids`."""
         sampling = emitter.sampling
         rng = np.random.default_rng(sampling.seed)
-        seen = set(prompt_ids.tolist())
+        seen = set(token_ids)
         no_deepstack = np.zeros((self.decoder.num_deepstack, 1, 1, self.decoder.hidden_size), dtype=np.float32)
         eos = self.processor.eos_token_ids
         while True:
@@ -76,9 +115,9 @@ class HybridRoute:
             seen.add(token)
             embeds = self.embeddings(np.array([[token]], dtype=np.int64))
             logits = self.decoder.forward(cache, embeds, decode_position(cache.length, rope_delta), no_deepstack)
+            token_ids.append(token)
             emitter.watch.sample_memory()
 
 
 def _grid(inputs: PreparedInputs) -> np.ndarray | None:
     return None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
-

@@ -1,0 +1,126 @@
+"""Kept KV caches of conversations, so that a follow-up prefills only what is new.
+
+After an answer a route keeps its cache (a `Kept`: the token ids whose keys and values it holds,
+the images among them, and the route's own state) under the request's `conversation_id`. The next
+request of that conversation takes it back and reuses the longest common prefix of token ids, cut
+before any image that is not the same picture. All kept caches together stay within a byte
+budget; the least recently used go first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hybrid.processor import PreparedInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """One image's `<|image_pad|>` run `[start, end)` in a prompt, and a digest of its pixels and grid."""
+
+    start: int
+    end: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A route's cache after a request: `state` holds the keys and values of `token_ids`."""
+
+    token_ids: np.ndarray  # (L,) int64
+    images: tuple[ImageRun, ...]
+    state: Any  # the route's own: a KVCache, a GenAI generator
+    nbytes: int
+
+
+def image_runs(inputs: PreparedInputs) -> tuple[ImageRun, ...]:
+    """Where each image of the prompt sits, and what it is (equal digests: equal pixels and grid)."""
+    runs = []
+    for i, (start, end) in enumerate(inputs.image_spans()):
+        digest = hashlib.sha256(inputs.image_pixels(i).numpy().tobytes())
+        digest.update(inputs.image_grid_thw[i].numpy().tobytes())
+        runs.append(ImageRun(start, end, digest.hexdigest()))
+    return tuple(runs)
+
+
+def reusable_prefix(kept: Kept | None, token_ids: np.ndarray, images: tuple[ImageRun, ...]) -> int:
+    """How many leading tokens of a new prompt `token_ids` `(S,)` the kept cache already holds.
+
+    The longest common prefix of token ids, leaving at least the last prompt token to prefill (its
+    logits give the first new token), and cut before the first image of the new prompt that is not
+    the same picture (same pixels and grid: image tokens all share one id, and the grid also sets
+    the M-RoPE positions of everything after it) at the same place in the kept one."""
+    if kept is None:
+        return 0
+    n = min(len(kept.token_ids), len(token_ids) - 1)
+    differ = np.flatnonzero(kept.token_ids[:n] != token_ids[:n])
+    prefix = int(differ[0]) if differ.size else n
+    before = {run.start: run for run in kept.images}
+    for run in images:
+        if run.start >= prefix:
+            break
+        if before.get(run.start) != run or run.end > prefix:
+            return run.start
+    return prefix
+
+
+class ConversationStore:
+    """Kept caches by (conversation, route), least recently used first, within `budget_mb`.
+
+    A request `take`s its conversation's cache (so no other request can use it meanwhile) and
+    `keep`s it back when done; `forget` drops a conversation (Clear, end of a session)."""
+
+    def __init__(self, budget_mb: int) -> None:
+        self.budget = budget_mb * 2**20
+        self._entries: OrderedDict[tuple[str, str], Kept] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(kept.nbytes for kept in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def take(self, route: str, conversation_id: str | None) -> Kept | None:
+        """Remove and return the route's kept cache of that conversation (None if there is none)."""
+        if conversation_id is None:
+            return None
+        with self._lock:
+            return self._entries.pop((conversation_id, route), None)
+
+    def keep(self, route: str, conversation_id: str, kept: Kept) -> None:
+        """Keep `kept` as the conversation's latest, evicting the least recently used until all fit;
+        a cache larger than the whole budget is not kept."""
+        if kept.nbytes > self.budget:
+            log.debug("not keeping a %.0f MB cache: the budget is %.0f MB", kept.nbytes / 2**20, self.budget / 2**20)
+            return
+        with self._lock:
+            self._entries.pop((conversation_id, route), None)
+            total = sum(k.nbytes for k in self._entries.values()) + kept.nbytes
+            while total > self.budget:
+                (evicted, _), old = self._entries.popitem(last=False)
+                total -= old.nbytes
+                log.debug("evicted the kept cache of conversation %s (%.0f MB)", evicted, old.nbytes / 2**20)
+            self._entries[(conversation_id, route)] = kept
+
+    def forget(self, conversation_id: str) -> int:
+        """Drop every route's kept cache of that conversation; returns how many there were."""
+        with self._lock:
+            keys = [key for key in self._entries if key[0] == conversation_id]
+            for key in keys:
+                del self._entries[key]
+        return len(keys)
