@@ -22,7 +22,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from hybrid.config import RuntimeConfig, SamplingConfig
+from hybrid.config import DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
 from hybrid.images import open_image
 from hybrid.launch import describe_model, load_pipeline
@@ -54,7 +54,7 @@ RATE_LIMIT = 20  # requests per minute and session
 AUTH_ENV = "HYBRID_AUTH"  # USER:PASSWORD, read when --auth is not given
 LATENCY_COLUMNS = (
     "route", "finish", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
-    "decode tok/s", "prompt tokens", "new tokens", "total ms", "peak RSS MB",
+    "decode tok/s", "prompt tokens", "reused tokens", "image tokens", "new tokens", "total ms", "peak RSS MB",
 )  # fmt: skip
 RUN_COLUMNS = ("#", "route", "prompt", "tokens", "tok/s", "total ms", "finish")
 PROMPT_CHARS = 40  # of each prompt, in the run history
@@ -118,16 +118,22 @@ class RouteRun:
         }
 
 
-def to_request(turns: list[Turn], sampling: SamplingConfig) -> Request:
-    """The whole conversation, earlier images included. After "Compare all" a question has one
-    answer per route: the first one stands for the conversation."""
+def to_request(
+    turns: list[Turn],
+    sampling: SamplingConfig,
+    conversation_id: str | None = None,
+    max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
+) -> Request:
+    """The whole conversation, earlier images included (the routes reuse what they kept of it
+    under `conversation_id`). After "Compare all" a question has one answer per route: the first
+    one stands for the conversation."""
     messages: list[Message] = []
     for turn in turns:
         if turn.role == "user":
             messages.append(Message("user", turn.text, turn.images))
         elif turn.text and messages and messages[-1].role == "user":
             messages.append(Message("assistant", turn.text))
-    return Request(tuple(messages), sampling)
+    return Request(tuple(messages), sampling, conversation_id, max_image_tokens)
 
 
 def user_turn(message: dict | str | None, max_pixels: int) -> Turn:
@@ -170,7 +176,8 @@ def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
         t = run.timings
         rows.append((
             run.route, run.finish_reason, round(t.preprocess_ms, 1), round(t.vision_ms, 1), round(t.prefill_ms, 1),
-            round(t.ttft_ms, 1), round(t.decode_tok_s, 1), t.prompt_tokens, t.decode_tokens, round(t.total_ms, 1),
+            round(t.ttft_ms, 1), round(t.decode_tok_s, 1), t.prompt_tokens, t.reused_tokens,
+            ", ".join(map(str, t.image_tokens)), t.decode_tokens, round(t.total_ms, 1),
             round(t.peak_rss_mb),
         ))  # fmt: skip
     return pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
@@ -237,11 +244,14 @@ class ChatService:
         seed: float,
         history: list[dict[str, Any]],
         request: gr.Request,
+        image_detail: str = DEFAULT_IMAGE_DETAIL,
     ) -> Iterator[tuple]:
-        """Streams (textbox, chatbot, turns, latency table, stage chart, history, history table)."""
+        """Streams (textbox, chatbot, turns, latency table, stage chart, history, history table).
+        The session is the conversation: the routes keep its KV caches until Clear or its end."""
         self._admit(request)
         sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        user, full, routes = self._prepare(message, turns, sampling, route)
+        conversation = _session(request) or None
+        user, full, routes = self._prepare(message, turns, sampling, route, conversation, _image_tokens(image_detail))
         turns = [*turns, user]
         cancel = self._begin(_session(request))
         runs: list[RouteRun] = []
@@ -264,7 +274,13 @@ class ChatService:
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history, history_rows(history)
 
     def _prepare(
-        self, message: dict | None, turns: list[Turn], sampling: SamplingConfig, route: str
+        self,
+        message: dict | None,
+        turns: list[Turn],
+        sampling: SamplingConfig,
+        route: str,
+        conversation_id: str | None = None,
+        max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
     ) -> tuple[Turn, Request, tuple[str, ...]]:
         """Everything that can be refused, checked before the conversation changes."""
         runtime = self.pipeline.runtime
@@ -272,7 +288,7 @@ class ChatService:
             files = message.get("files") if isinstance(message, dict) else None
             runtime.check_image_count(sum(len(t.images) for t in turns) + len(files or ()))
             user = user_turn(message, runtime.max_image_pixels)
-            request = to_request([*turns, user], sampling)
+            request = to_request([*turns, user], sampling, conversation_id, max_image_tokens)
             return user, request, self.pipeline.plan(request, route)
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
@@ -301,9 +317,17 @@ class ChatService:
         return to_chatbot(turns), turns
 
     def clear(self, request: gr.Request) -> tuple[None, list, list]:
-        """Stop anything running and start a new conversation (the run history stays)."""
+        """Stop anything running and start a new conversation (the run history stays); the KV
+        caches kept for the old one are dropped."""
         self.stop([], request)
+        self.end_session(request)
         return None, [], []
+
+    def end_session(self, request: gr.Request) -> None:
+        """Drop the KV caches kept for this session's conversation (Clear, or the tab closed)."""
+        session = _session(request)
+        if session:
+            self.pipeline.forget(session)
 
     def generate(
         self,
@@ -367,6 +391,13 @@ def _sampling(
         raise gr.Error(str(exc)) from exc
 
 
+def _image_tokens(detail: str) -> int:
+    """The image token budget of an "Image detail" choice."""
+    if detail not in IMAGE_DETAIL:
+        raise gr.Error(f"image detail must be one of {', '.join(IMAGE_DETAIL)}, got {detail!r}")
+    return IMAGE_DETAIL[detail]
+
+
 def _session(request: gr.Request | None) -> str:
     return (request.session_hash if request is not None else None) or ""
 
@@ -399,18 +430,19 @@ def build_demo(
             with gr.Column(scale=3):
                 chatbot, prompt, stop, clear = _chat_column()
             with gr.Column(scale=2, min_width=300):
-                controls = _controls(pipeline)
+                controls, detail = _controls(pipeline)
                 _examples(prompt)
         latency, stages, history_table = _latency_panel()
         _api_only(service)
 
         outputs = [prompt, chatbot, turns, latency, stages, history, history_table]
         chat_event = prompt.submit(
-            service.chat, [prompt, turns, *controls, history], outputs,
+            service.chat, [prompt, turns, *controls, history, detail], outputs,
             api_name="chat", concurrency_id=CPU, concurrency_limit=1, show_progress="minimal",
         )  # fmt: skip
         stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
         clear.click(service.clear, None, [prompt, chatbot, turns], cancels=[chat_event], queue=False, api_name="clear")
+        demo.unload(service.end_session)
     return demo
 
 
@@ -439,19 +471,26 @@ def _examples(prompt: gr.MultimodalTextbox) -> None:
     )
 
 
-def _controls(pipeline: Pipeline) -> list[gr.components.Component]:
+def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Radio]:
+    """The route and sampling controls (in the chat handler's order), and the image detail choice."""
     choices = [(label, name) for name, label in ROUTE_LABELS.items() if name in ("auto", "compare", *pipeline.routes)]
     limit = pipeline.runtime.max_new_tokens_limit
     route = gr.Radio(choices, value="auto", label="Route", elem_id="route",
                      info="Compare all runs every route that can serve the prompt, one after the other.")  # fmt: skip
     max_new_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens")
     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
+    detail = gr.Radio(
+        [(f"{level.capitalize()} ({tokens} tokens)", level) for level, tokens in IMAGE_DETAIL.items()],
+        value=DEFAULT_IMAGE_DETAIL, label="Image detail", elem_id="image-detail",
+        info="Image tokens per picture at most: larger pictures are scaled down. More detail sees small "
+        "things better, and takes longer before the first word.",
+    )  # fmt: skip
     with gr.Accordion("More sampling settings", open=False):
         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
         top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
         repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-    return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
+    return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed], detail
 
 
 def _latency_panel() -> tuple[gr.Dataframe, gr.BarPlot, gr.Dataframe]:

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from hybrid.config import RuntimeConfig
+from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, RuntimeConfig
 from hybrid.errors import HybridError
 from hybrid.router import ROUTE_CHOICES
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
+    gen.add_argument("--max-image-tokens", type=int, default=DEFAULT_MAX_IMAGE_TOKENS,
+                     help="image tokens per picture at most: larger pictures are scaled down")  # fmt: skip
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
 
     from hybrid.bench import add_bench_arguments
@@ -101,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     runtime.check_image_count(len(args.image))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
     messages = (Message("system", args.system),) if args.system else ()
-    request = Request(messages + (Message("user", args.prompt, images),), sampling)
+    request = Request(messages + (Message("user", args.prompt, images),), sampling, max_image_tokens=args.max_image_tokens)
     pipeline = Pipeline.load(args.bundle, runtime)
     for route in pipeline.plan(request, args.route):
         result = collect(pipeline.stream(request, route), echo=None if args.json else sys.stdout)

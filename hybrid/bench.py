@@ -31,6 +31,8 @@ ROUTES = {
     "hybrid_int4": ("int4", "hybrid"),
     "genai_int4": ("int4", "genai"),
 }
+REUSING = ("hybrid_fp32", "hybrid_int4", "genai_int4")  # routes that keep a conversation's KV cache
+DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
 FIELDS = ("vision_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
 
 
@@ -81,6 +83,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--follow-up", action="store_true",
+                        help="also time a second question on the same picture, with and without conversation reuse")
+    parser.add_argument("--detail", action="store_true",
+                        help=f"also time the vision tower on a {DETAIL_IMAGE[0]}x{DETAIL_IMAGE[1]} photo at each image detail level")  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -95,6 +101,12 @@ def run_bench(args: argparse.Namespace) -> int:
     bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r][0] for r in routes})
     report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     report.update(preset=args.preset, layers=spec.num_hidden_layers, image=args.image)
+    if args.follow_up:
+        follow_up = measure_follow_up(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
+        for key, row in follow_up.items():
+            report["routes"][key].update(row)
+    if args.detail:
+        report["vision_by_detail"] = measure_detail(bundles, routes, args.runs, args.threads)
     if args.json:
         print(json.dumps(report))
     else:
@@ -331,6 +343,125 @@ def format_report(report: dict) -> str:
             f"decode ceiling {report['ceiling_tok_s']:.1f} tok/s"
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
     lines.append("peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading")
     lines.append(report["note"])
     return "\n".join(lines)
+
+
+def measure_follow_up(
+    bundles: dict[str, Path], routes: list[str], width: int, height: int, prompt_tokens: int, new_tokens: int,
+    runs: int, threads: int,
+) -> dict:  # fmt: skip
+    """Per reusing route: time to first token of a first question, and of a second question in the
+    same conversation with the kept cache reused and prefilled from scratch (medians)."""
+    from dataclasses import replace
+
+    ctx = mp.get_context("spawn")
+    keys = [key for key in routes if key in REUSING]
+    workers = {key: _Worker(ctx, bundles[ROUTES[key][0]], ROUTES[key][1], threads) for key in keys}
+    try:
+        image_prompt_tokens = None  # GenAI's text question is as long as the image question
+        samples: dict[str, list[dict]] = {key: [] for key in keys}
+        for run in range(runs + 1):  # run 0 warms up and is left out
+            for key in keys:
+                first = _first_question(key, width, height, prompt_tokens, new_tokens, run, image_prompt_tokens)
+                first = replace(first, conversation_id=f"bench-{run}")
+                answer = workers[key].ask(first)
+                if key.startswith("hybrid"):
+                    image_prompt_tokens = answer["timings"]["prompt_tokens"]
+                second = _second_question(first, answer["text"])
+                reused = workers[key].ask(second)
+                fresh = workers[key].ask(replace(second, conversation_id=None))
+                if run:
+                    samples[key].append({"first": answer, "reused": reused, "fresh": fresh})
+        return {key: _follow_up_row(rows) for key, rows in samples.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _first_question(
+    key: str, width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int, image_prompt_tokens: int | None
+):  # fmt: skip
+    """A picture and a question (for GenAI a text prompt as long as the image prompt), greedy
+    without a minimum length: the only requests whose generator GenAI can continue."""
+    from dataclasses import replace
+
+    from hybrid.config import SamplingConfig
+
+    if key.startswith("genai"):
+        request = _text_request(image_prompt_tokens or prompt_tokens, new_tokens)
+    else:
+        request = _image_request(width, height, prompt_tokens, new_tokens, seed)
+    return replace(request, sampling=SamplingConfig(max_new_tokens=new_tokens))
+
+
+def _second_question(first, answer: str):
+    from dataclasses import replace
+
+    from hybrid.types import Message
+
+    question = Message("user", "And what else is in the picture? Describe it in detail.")
+    return replace(first, messages=(*first.messages, Message("assistant", answer), question))
+
+
+def _follow_up_row(rows: list[dict]) -> dict:
+    ttft = {name: statistics.median(r[name]["timings"]["ttft_ms"] for r in rows) for name in ("first", "reused", "fresh")}
+    return {
+        "first_turn_ttft_ms": ttft["first"],
+        "follow_up_ttft_ms": ttft["reused"],
+        "follow_up_ttft_ms_no_reuse": ttft["fresh"],
+        "follow_up_prompt_tokens": rows[0]["reused"]["timings"]["prompt_tokens"],
+        "follow_up_reused_tokens": statistics.median(r["reused"]["timings"]["reused_tokens"] for r in rows),
+        "follow_up_same_tokens": all(r["reused"]["token_ids"] == r["fresh"]["token_ids"] for r in rows),
+    }
+
+
+def measure_detail(bundles: dict[str, Path], routes: list[str], runs: int, threads: int) -> dict:
+    """Vision tower time (median) and image tokens of a phone photo at each image detail level, per
+    hybrid bundle precision; a new picture each run, so the feature cache never answers."""
+    from hybrid.config import IMAGE_DETAIL
+    from hybrid.export.bundle import PROCESSOR_DIR, VISION_DIR
+    from hybrid.processor import Processor
+    from hybrid.vision import VisionTower
+
+    results = {}
+    for key in [k for k in routes if ROUTES[k][1] == "hybrid"]:
+        bundle = bundles[ROUTES[key][0]]
+        processor = Processor(bundle / PROCESSOR_DIR, max_context=1 << 30)  # no prompt here, only pictures
+        tower = VisionTower(bundle / VISION_DIR, threads, int8=ROUTES[key][0] == "int4")
+        levels = {}
+        for i, (level, tokens) in enumerate(IMAGE_DETAIL.items()):
+            times, count = [], 0
+            for run in range(runs + 1):  # run 0 warms up and is left out
+                request = _image_request(*DETAIL_IMAGE, 1, 1, seed=1000 * (i + 1) + run)
+                inputs = processor.prepare(request.messages, tokens)
+                start = time.perf_counter()
+                tower.encode(inputs.pixel_values, inputs.image_grid_thw)
+                if run:
+                    times.append(1e3 * (time.perf_counter() - start))
+                count = inputs.image_tokens[0]
+            levels[level] = {"max_image_tokens": tokens, "image_tokens": count, "vision_ms": statistics.median(times)}
+            log.info("%s vision at %s detail: %d tokens, %.0f ms", key, level, count, levels[level]["vision_ms"])
+        results[key] = levels
+        del tower
+    return results
+
+
+def _follow_up_lines(routes: dict) -> list[str]:
+    return [
+        f"{key}: follow-up TTFT {row['follow_up_ttft_ms']:.0f} ms reused ({row['follow_up_reused_tokens']:.0f} of "
+        f"{row['follow_up_prompt_tokens']} tokens), {row['follow_up_ttft_ms_no_reuse']:.0f} ms from scratch; "
+        f"first turn {row['first_turn_ttft_ms']:.0f} ms; same tokens: {row['follow_up_same_tokens']}"
+        for key, row in routes.items()
+        if "follow_up_ttft_ms" in row
+    ]
+
+
+def _detail_lines(by_detail: dict) -> list[str]:
+    return [
+        f"{key} vision, {DETAIL_IMAGE[0]}x{DETAIL_IMAGE[1]} photo: "
+        + ", ".join(f"{level} {v['image_tokens']} tokens {v['vision_ms']:.0f} ms" for level, v in levels.items())
+        for key, levels in by_detail.items()
+    ]

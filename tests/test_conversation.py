@@ -1,0 +1,153 @@
+"""Conversation reuse: a follow-up that reuses the kept KV cache answers exactly like a fresh
+prefill (hybrid with images in either turn, GenAI for greedy text), the kept caches stay within
+their budget, and Clear or the end of a session drops them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import replace
+
+import gradio as gr
+import numpy as np
+import pytest
+
+from app import ChatService
+from hybrid.conversation import ConversationStore, ImageRun, Kept, reusable_prefix
+from hybrid.types import Message
+from tests.conftest import draw_scene
+from tests.helpers import ask, run
+
+RED = draw_scene((96, 96), (200, 30, 30))
+BLUE = draw_scene((128, 64), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))
+FIRST = "What is in this picture?"
+
+
+def conversation(pipe, route: str, second_images=(), cid: str = "c1", model_images=(RED,), **sampling):
+    """Turn 1 (kept under `cid`), then turn 2 as a (request, reused result) pair."""
+    first = replace(ask(FIRST, model_images, **sampling), conversation_id=cid)
+    answer = run(pipe, first, route)
+    history = (Message("user", FIRST, tuple(model_images)), Message("assistant", answer["text"]))
+    second = replace(ask("And where is it?", second_images, history=history, **sampling), conversation_id=cid)
+    return second, answer
+
+
+class LogitRecorder:
+    """Records the logits every decoder call of the hybrid route returns."""
+
+    def __init__(self, decoder, monkeypatch) -> None:
+        self.rows: list[np.ndarray] = []
+        forward = decoder.forward
+
+        def recording(*args):
+            logits = forward(*args)
+            self.rows.append(logits)
+            return logits
+
+        monkeypatch.setattr(decoder, "forward", recording)
+
+    def take(self) -> np.ndarray:
+        rows, self.rows = np.stack(self.rows), []
+        return rows
+
+
+@pytest.mark.parametrize("case", ["image in turn 1", "new image in turn 2"])
+def test_hybrid_follow_up_equals_a_fresh_prefill(pipeline, monkeypatch, case):
+    pipe = pipeline("base")
+    route = pipe.routes["hybrid"]
+    second, _ = conversation(pipe, "hybrid", (BLUE,) if case == "new image in turn 2" else (), cid=case)
+    first_image_end = route.processor.prepare(second.messages).image_spans()[0][1]
+    recorder = LogitRecorder(route.decoder, monkeypatch)
+    reused = run(pipe, second, "hybrid")
+    reused_logits = recorder.take()
+    fresh = run(pipe, replace(second, conversation_id=None), "hybrid")
+    fresh_logits = recorder.take()
+    assert reused["timings"]["reused_tokens"] >= first_image_end, "turn 1's picture should come from the cache"
+    assert fresh["timings"]["reused_tokens"] == 0
+    assert reused["timings"]["image_tokens"] == fresh["timings"]["image_tokens"]
+    assert reused["token_ids"] == fresh["token_ids"] and len(set(fresh["token_ids"])) > 5
+    np.testing.assert_allclose(reused_logits, fresh_logits, atol=1e-4, rtol=0)
+    assert reused["token_ids"] == run(pipe, second, "pytorch")["token_ids"]
+
+
+def test_a_different_picture_in_the_same_place_is_not_reused(pipeline):
+    """Image tokens share one id: only the pixels tell two pictures apart."""
+    pipe = pipeline("base")
+    second, _ = conversation(pipe, "hybrid", cid="swap")
+    swapped = replace(second, messages=(replace(second.messages[0], images=(draw_scene((96, 96), (30, 200, 30)),)), *second.messages[1:]))  # fmt: skip
+    image_start = pipe.routes["hybrid"].processor.prepare(swapped.messages).image_spans()[0][0]
+    result = run(pipe, swapped, "hybrid")
+    assert result["timings"]["reused_tokens"] == image_start
+    assert result["token_ids"] == run(pipe, replace(swapped, conversation_id=None), "hybrid")["token_ids"]
+
+
+def test_genai_follow_up_continues_its_generator(pipeline):
+    pipe = pipeline("base")
+    greedy = dict(min_new_tokens=0)  # a continued generator cannot change its minimum length
+    second, answer = conversation(pipe, "genai", cid="text", model_images=(), **greedy)
+    reused = run(pipe, second, "genai")
+    fresh = run(pipe, replace(second, conversation_id=None), "genai")
+    assert reused["timings"]["reused_tokens"] >= answer["timings"]["prompt_tokens"] - 1
+    assert reused["token_ids"] == fresh["token_ids"] and len(fresh["token_ids"]) > 3
+    sampled = replace(second, sampling=replace(second.sampling, temperature=0.7))
+    assert run(pipe, sampled, "genai")["timings"]["reused_tokens"] == 0, "a sampled request starts afresh"
+
+
+def test_kept_caches_stay_within_a_tiny_budget(pipeline, monkeypatch):
+    pipe = pipeline("base")
+    store = pipe.conversations
+    monkeypatch.setattr(store, "_entries", OrderedDict())  # none of the other tests' conversations
+    conversation(pipe, "hybrid", cid="a")
+    one = store.nbytes
+    assert ("a", "hybrid") in store and one > 0
+    monkeypatch.setattr(store, "budget", one * 3 // 2)  # room for one conversation, not two
+    second_of_a, _ = conversation(pipe, "hybrid", cid="a")
+    conversation(pipe, "hybrid", cid="b")
+    assert ("b", "hybrid") in store and ("a", "hybrid") not in store, "the least recently used goes"
+    assert store.nbytes <= store.budget
+    assert run(pipe, second_of_a, "hybrid")["timings"]["reused_tokens"] == 0
+    store.forget("a")
+    store.forget("b")
+    monkeypatch.setattr(store, "budget", one // 2)
+    conversation(pipe, "hybrid", cid="c")
+    assert len(store) == 0, "a cache larger than the whole budget is not kept"
+
+
+def test_store_evicts_least_recently_used_first():
+    store = ConversationStore(budget_mb=1)
+    entry = lambda mb: Kept(np.zeros(1, dtype=np.int64), (), None, int(mb * 2**20))  # noqa: E731
+    store.keep("hybrid", "a", entry(0.4))
+    store.keep("hybrid", "b", entry(0.4))
+    store.keep("hybrid", "a", store.take("hybrid", "a"))  # used again: now the most recent
+    store.keep("genai", "c", entry(0.4))
+    assert ("b", "hybrid") not in store and ("a", "hybrid") in store and ("c", "genai") in store
+    assert store.nbytes <= store.budget
+    assert store.forget("a") == 1 and len(store) == 1
+
+
+def test_reusable_prefix_stops_where_ids_or_pictures_differ():
+    kept = Kept(np.array([1, 2, 9, 9, 3, 4, 5]), (ImageRun(2, 4, "red"),), None, 0)
+    same = (ImageRun(2, 4, "red"),)
+    assert reusable_prefix(kept, np.array([1, 2, 9, 9, 3, 4, 5, 6, 7]), same) == 7
+    assert reusable_prefix(kept, np.array([1, 2, 9, 9, 3, 8, 5, 6]), same) == 5
+    assert reusable_prefix(kept, np.array([1, 2, 9, 9, 3, 4, 5, 6]), (ImageRun(2, 4, "blue"),)) == 2
+    assert reusable_prefix(kept, np.array([1, 2, 9, 9, 3]), same) == 4, "the last prompt token is prefilled"
+    assert reusable_prefix(None, np.array([1, 2]), ()) == 0
+
+
+def test_clear_and_the_end_of_a_session_drop_the_cache(pipeline):
+    pipe = pipeline("base")
+    service = ChatService(pipe, stream_interval=0.0)
+    request = gr.Request(session_hash="clearing")
+    greedy = (8.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+    message = {"text": FIRST, "files": []}
+    updates = list(service.chat(message, [], "hybrid", *greedy, [], request))
+    assert ("clearing", "hybrid") in pipe.conversations
+    turns = [u[2] for u in updates if isinstance(u[2], list)][-1]
+    follow = list(service.chat({"text": "And then?", "files": []}, turns, "hybrid", *greedy, [], request))
+    latency = [u[3] for u in follow if hasattr(u[3], "columns")][-1]
+    assert latency["reused tokens"].iloc[0] > 0, "the latency table shows the reused tokens"
+    service.clear(request)
+    assert ("clearing", "hybrid") not in pipe.conversations
+    list(service.chat(message, [], "hybrid", *greedy, [], request))
+    service.end_session(request)
+    assert ("clearing", "hybrid") not in pipe.conversations
