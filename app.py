@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from hybrid.boxes import Box, draw_boxes, parse_boxes
 from hybrid.config import DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
 from hybrid.images import open_image
@@ -36,9 +37,10 @@ log = logging.getLogger("app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 EXAMPLES = (
-    ("red_circle.png", "What shape is this?"),
-    ("blue_star.png", "Describe the picture."),
-    ("green_triangle.png", "What colour is the shape?"),
+    ("photo_shapes.jpg", "Locate every shape."),
+    ("two_shapes.jpg", "How many shapes are there?"),
+    ("orange_star.jpg", "What shape is this?"),
+    ("photo_shapes.jpg", "What colour is the star?"),
 )
 ROUTE_LABELS = {
     "auto": "Auto",
@@ -47,6 +49,9 @@ ROUTE_LABELS = {
     "pytorch": "PyTorch reference",
     "compare": "Compare all",
 }
+# each route's colour when its boxes are drawn on the picture (Compare all draws them together)
+ROUTE_COLOURS = {"hybrid": (79, 70, 229), "genai": (22, 163, 74), "pytorch": (234, 88, 12)}
+FIGURE_SIDE = 768  # longest side of a picture with boxes, as shown in the chat
 CPU = "cpu"  # the concurrency group of every event that generates: one generation at a time
 QUEUE_SIZE = 16  # requests waiting for the CPU; more are refused with Gradio's "queue is full"
 MAX_FILE_SIZE = "20mb"  # per uploaded file
@@ -78,6 +83,7 @@ class Turn:
     route: str = ""
     status: str = ""  # the mark under an answer
     done: bool = True
+    figure: Image.Image | None = None  # the picture with the boxes the answers above gave, not sent to the model
 
 
 @dataclass
@@ -131,7 +137,7 @@ def to_request(
     for turn in turns:
         if turn.role == "user":
             messages.append(Message("user", turn.text, turn.images))
-        elif turn.text and messages and messages[-1].role == "user":
+        elif turn.figure is None and turn.text and messages and messages[-1].role == "user":
             messages.append(Message("assistant", turn.text))
     return Request(tuple(messages), sampling, conversation_id, max_image_tokens)
 
@@ -164,10 +170,39 @@ def to_chatbot(turns: list[Turn]) -> list[dict[str, Any]]:
         if turn.role == "user":
             content: list[Any] = [{"path": p} for p in turn.paths] + ([turn.text] if turn.text else [])
             bubbles.append({"role": "user", "content": content})
+        elif turn.figure is not None:
+            picture = gr.Image(turn.figure, show_label=False, buttons=["download", "fullscreen"])
+            bubbles.append({"role": "assistant", "content": picture})
+            bubbles.append({"role": "assistant", "content": turn.text})
         else:
             mark = f'<span class="route-mark">{turn.status}</span>'
             bubbles.append({"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark})
     return bubbles
+
+
+def box_figure(runs: list[RouteRun], turns: list[Turn]) -> Turn | None:
+    """The conversation's latest picture with every route's boxes (Qwen3-VL `bbox_2d` / `point_2d`)
+    drawn in the route's colour, and a legend; None when no answer holds a box or there is no picture."""
+    pictures = [image for turn in turns if turn.role == "user" for image in turn.images]
+    found = [(run.route, parse_boxes(run.text)) for run in runs]
+    found = [(route, boxes) for route, boxes in found if boxes]
+    if not pictures or not found:
+        return None
+    picture = pictures[-1].copy()
+    picture.thumbnail((FIGURE_SIDE, FIGURE_SIDE))
+    figure = draw_boxes(picture, [(boxes, ROUTE_COLOURS[route]) for route, boxes in found])
+    legend = " · ".join(f"{_swatch(route)} {ROUTE_LABELS[route]}: {_box_summary(boxes)}" for route, boxes in found)
+    return Turn("assistant", f"Where the model looked: {legend}", figure=figure)
+
+
+def _swatch(route: str) -> str:
+    r, g, b = ROUTE_COLOURS[route]
+    return f'<span style="color: rgb({r}, {g}, {b})">■</span>'
+
+
+def _box_summary(boxes: list[Box]) -> str:
+    labels = ", ".join(box.label or "unlabelled" for box in boxes)
+    return f"{len(boxes)} {'box' if len(boxes) == 1 else 'boxes'} ({labels})"
 
 
 def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
@@ -270,6 +305,10 @@ class ChatService:
             raise gr.Error(str(exc)) from exc
         finally:
             self._end(_session(request), cancel)
+        figure = box_figure(runs, turns)
+        if figure is not None:
+            turns = [*turns, figure]
+            yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
         history = [*history, *history_entries(len(history), user, runs)]
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history, history_rows(history)
 

@@ -9,12 +9,19 @@ from dataclasses import replace
 import gradio as gr
 import pytest
 
-from app import EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ChatService, Turn, build_demo, to_request
+import numpy as np
+from PIL import Image
+
+from app import (
+    EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ROUTE_COLOURS, ChatService, RouteRun, Turn, box_figure, build_demo,
+    to_chatbot, to_request,
+)
 from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
 from hybrid.limits import RateLimiter
+from hybrid.pipeline import Pipeline
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -131,6 +138,41 @@ def test_generate_endpoint_returns_the_answer_and_per_route_results(service):
     assert [r["route"] for r in results] == ["pytorch", "hybrid"]
     assert text == results[0]["text"] == results[1]["text"]
     assert results[1]["timings"]["vision_ms"] > 0 and results[1]["token_ids"]
+
+
+CAT = '[{"bbox_2d": [100, 100, 500, 900], "label": "cat"}]'
+
+
+def test_every_routes_boxes_are_drawn_on_the_latest_picture_in_its_colour():
+    old, picture = Image.new("RGB", (50, 50), "black"), Image.new("RGB", (400, 200), "white")
+    turns = [Turn("user", "Hi", images=(old,)), Turn("assistant", "Hello"), Turn("user", "Find the cat.", images=(picture,))]
+    runs = [RouteRun("pytorch", CAT), RouteRun("hybrid", CAT), RouteRun("genai", "No boxes here.")]
+    figure = box_figure(runs, turns)
+    drawn = np.asarray(figure.figure)
+    assert drawn.shape == (200, 400, 3)
+    assert tuple(drawn[100, 40]) == ROUTE_COLOURS["pytorch"]  # the left edge of the box, x = 100/1000 * 400
+    assert (drawn == ROUTE_COLOURS["hybrid"]).all(axis=-1).any()
+    assert not (drawn == ROUTE_COLOURS["genai"]).all(axis=-1).any()
+    assert "PyTorch reference: 1 box (cat)" in figure.text and "Hybrid ONNX" in figure.text and "GenAI" not in figure.text
+    answered = [*turns, Turn("assistant", CAT, route="pytorch"), figure]
+    messages = to_request([*answered, Turn("user", "And the dog?")], SamplingConfig()).messages
+    assert [m.text for m in messages[-2:]] == [CAT, "And the dog?"], "the picture with boxes is not part of the prompt"
+    bubbles = to_chatbot(answered)
+    assert isinstance(bubbles[-2]["content"], gr.Image) and "Where the model looked" in bubbles[-1]["content"]
+
+
+@pytest.mark.parametrize("answer", ["A cat in the top left.", '[{"bbox_2d": [1, 2, 3', '{"bbox_2d": "x", "label": 1}'])
+def test_answers_without_well_formed_boxes_stay_text(answer):
+    assert box_figure([RouteRun("hybrid", answer)], [Turn("user", "Find it.", images=(Image.new("RGB", (9, 9)),))]) is None
+    assert box_figure([RouteRun("hybrid", CAT)], [Turn("user", "Find it.")]) is None, "no picture to draw on"
+
+
+def test_the_demo_models_grounding_answer_is_drawn_under_it(demo_bundle):
+    service = ChatService(Pipeline.load(demo_bundle("fp32"), only=("hybrid",)), stream_interval=0.0)
+    name, question = EXAMPLES[0]
+    turns = last(run_chat(service, {"text": question, "files": [str(EXAMPLES_DIR / name)]}), "turns")
+    assert [t.role for t in turns] == ["user", "assistant", "assistant"]
+    assert turns[-1].figure is not None and "Hybrid ONNX: 3 boxes" in turns[-1].text, turns[-2].text
 
 
 def test_build_demo_names_the_endpoints_and_describes_the_model(pipeline):

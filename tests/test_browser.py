@@ -1,5 +1,6 @@
 """End to end in headless Chromium (Debian's, driven by Playwright): upload an example picture,
-ask about it, and wait for the streamed answer and the latency table.
+ask about it, and wait for the streamed answer and the latency table; then ask a grounding example
+on every route and see their boxes drawn on the picture.
 
 Set SAVE_SCREENSHOT=path to keep a copy of the final page there (e.g. assets/screenshot.png).
 """
@@ -67,7 +68,7 @@ def test_image_question_streams_an_answer_then_an_example_compares_routes(url, t
 
 
 def ask_about_example(page) -> None:
-    name, question = EXAMPLES[0]
+    name, question = EXAMPLES[2]
     page.locator("#prompt input[type=file]").set_input_files(str(EXAMPLES_DIR / name))
     expect(page.locator("#prompt img")).to_have_count(1)  # the thumbnail: the upload is done
     textbox = page.locator("#prompt textarea")
@@ -82,17 +83,17 @@ def wait_for_answer(page) -> None:
     expect(mark).to_contain_text("tok/s")  # the answer is finished and names its route
     expect(mark).to_contain_text("hybrid")
     expect(page.locator("#latency")).to_contain_text("hybrid")
-    expect(page.locator("#history")).to_contain_text("What shape is this?")
+    expect(page.locator("#history")).to_contain_text(EXAMPLES[2][1])
     expect(page.locator("#stages")).to_contain_text("decode")  # the chart's legend: it has drawn
 
 
 def compare_on_an_example(page) -> None:
-    """A new conversation from a clicked example, answered by every route that sees images
-    (PyTorch, then hybrid), one after the other."""
+    """A new conversation from a clicked grounding example, answered by every route that sees
+    images (PyTorch, then hybrid), one after the other, then both routes' boxes on the picture."""
     page.locator("#clear").click()
     expect(page.locator("#chatbot .route-mark")).to_have_count(0)
     page.locator("#route").get_by_label("Compare all").check()
-    name, question = EXAMPLES[2]
+    name, question = EXAMPLES[0]
     page.locator("#examples").get_by_text(question).click()
     expect(page.locator("#prompt img")).to_have_count(1)
     textbox = page.locator("#prompt textarea")
@@ -106,3 +107,7 @@ def compare_on_an_example(page) -> None:
     expect(page.locator("#latency [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 routes
     expect(page.locator("#latency")).to_contain_text("pytorch")
     expect(page.locator("#history [role=grid]")).to_have_attribute("aria-rowcount", "4")  # the runs stay
+    figure = page.locator("#chatbot").get_by_text("Where the model looked")
+    expect(figure).to_contain_text("PyTorch reference")
+    expect(figure).to_contain_text("Hybrid ONNX")
+    expect(page.locator("#chatbot img")).to_have_count(2)  # the question's picture and the one with boxes
