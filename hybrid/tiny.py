@@ -182,8 +182,13 @@ def build_config(spec: TinySpec, tokenizer):
     )
 
 
-def build_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0, model=None) -> Path:
-    """Write a complete Qwen3-VL checkpoint folder; `model` (already trained) replaces random weights."""
+def build_checkpoint(
+    out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0, model=None, dtype: str = "float32"
+) -> Path:
+    """Write a complete Qwen3-VL checkpoint folder; `model` (already trained) replaces random weights.
+
+    Random weights are made and saved in `dtype` (`bfloat16` halves the memory and the files of the
+    large presets, as real checkpoints do)."""
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
@@ -194,7 +199,7 @@ def build_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int
     if model is None:
         config = build_config(spec, tokenizer)
         torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).eval()
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype)).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

@@ -228,4 +228,14 @@ class _step:
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
-            log.info("%s: done in %.1f s", self.label, time.perf_counter() - self.start)
+            log.info("%s: done in %.1f s (%s)", self.label, time.perf_counter() - self.start, _peak_memory())
+
+
+def _peak_memory() -> str:
+    """Peak resident memory so far of this process and of the largest finished child (the GenAI builder)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    text = f"peak RSS {own:.2f} GiB"
+    return text + f", child process {children:.2f} GiB" if children else text

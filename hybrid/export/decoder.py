@@ -17,7 +17,7 @@ before the next is read, so the export never holds more than one layer's weights
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.errors import BundleError
-from hybrid.export.tensors import CheckpointTensors
+from hybrid.export.int4 import ACCURACY_LEVEL, BLOCK_SIZE, quantize_int4
+from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,7 @@ OPSET = 18
 IR_VERSION = 10
 CONTRIB = "com.microsoft"
 TEXT = "model.language_model."
-BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # int8 activations: the fastest CPU kernels
-ALIGN = 4096  # external tensors start on a page: onnxruntime can map them as they are
-ROW_BLOCK = 4096  # output rows transposed or quantized at a time
+BLOCK_BYTES = 8 * 2**20  # the most a transposed block of an fp32 weight holds
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -113,7 +111,7 @@ def export_decoder(
         stale.unlink()
     data_path = out_path.with_name(out_path.name + ".data")
     with open(data_path, "wb") as data_file:
-        writer = _Writer(_ExternalData(data_file, data_path.name), tensors, shapes, precision == "int4")
+        writer = _Writer(ExternalData(data_file, data_path.name), tensors, shapes, precision == "int4")
         graph = writer.build(on_layer)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)], ir_version=IR_VERSION
@@ -123,37 +121,10 @@ def export_decoder(
         written.chmod(0o644)
 
 
-class _ExternalData:
-    """One weights file beside the graph: each tensor is appended page-aligned and referenced by offset."""
-
-    def __init__(self, file, location: str) -> None:
-        self.file = file
-        self.location = location
-
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        return self.add_blocks(name, array.dtype, array.shape, iter([array]))
-
-    def add_blocks(self, name: str, dtype, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> TensorProto:
-        """A tensor of `shape` whose row-major bytes are the concatenation of `blocks`."""
-        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
-        offset = self.file.tell()
-        for block in blocks:
-            self.file.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-        length = self.file.tell() - offset
-        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if length != expected:
-            raise BundleError(f"wrote {length} bytes for {name}, its shape {shape} needs {expected}")
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
-            tensor.external_data.add(key=key, value=str(value))
-        return tensor
-
-
 class _Writer:
     """Builds the graph and writes the weights it references, layer by layer."""
 
-    def __init__(self, data: _ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: bool) -> None:
+    def __init__(self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: bool) -> None:
         self.data, self.tensors, self.shapes, self.int4 = data, tensors, shapes, int4
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -164,18 +135,16 @@ class _Writer:
         hidden = "inputs_embeds"
         seqlens_k, total_length = self._lengths()
         cos, sin = self._rotary()
-        presents = []
         for i in range(s.num_layers):
-            hidden, key, value = self._layer(i, hidden, cos, sin, seqlens_k, total_length)
-            presents += [key, value]
+            hidden = self._layer(i, hidden, cos, sin, seqlens_k, total_length)
             on_layer(i + 1, s.num_layers)
         last = self.op("Slice", hidden, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
         normed = self._norm(TEXT + "norm.weight", last)
         head = TEXT + "embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         self._linear("lm_head", normed, self.tensors.read(head), output="logits")
-        return self._graph(presents)
+        return self._graph()
 
-    def _graph(self, presents: list[str]) -> onnx.GraphProto:
+    def _graph(self) -> onnx.GraphProto:
         s = self.shapes
         float_ = TensorProto.FLOAT
         kv = ["batch", s.num_kv_heads, "capacity", s.head_dim]
@@ -188,9 +157,7 @@ class _Writer:
         outputs = [helper.make_tensor_value_info("logits", float_, ["batch", 1, s.vocab_size])]
         input_names, output_names = decoder_io_names(s.num_layers)
         inputs += [helper.make_tensor_value_info(name, float_, kv) for name in input_names[4:]]
-        for name, produced in zip(output_names[1:], presents, strict=True):
-            self.nodes.append(helper.make_node("Identity", [produced], [name], name=f"/{name}/Identity"))
-            outputs.append(helper.make_tensor_value_info(name, float_, kv))
+        outputs += [helper.make_tensor_value_info(name, float_, kv) for name in output_names[1:]]
         return helper.make_graph(self.nodes, "qwen3_vl_text_decoder", inputs, outputs, self.initializers)
 
     # --- graph pieces -------------------------------------------------------------------------
@@ -210,7 +177,7 @@ class _Writer:
         angles = self.op("Unsqueeze", self.op("Mul", chosen, self.const(s.inv_freq())), self.const([2]))
         return self.op("Cos", angles), self.op("Sin", angles)
 
-    def _layer(self, i: int, hidden: str, cos: str, sin: str, seqlens_k: str, total_length: str) -> tuple[str, str, str]:
+    def _layer(self, i: int, hidden: str, cos: str, sin: str, seqlens_k: str, total_length: str) -> str:
         s = self.shapes
         prefix = f"{TEXT}layers.{i}."
         x = self._norm(prefix + "input_layernorm.weight", hidden)
@@ -219,10 +186,12 @@ class _Writer:
         q, k, v = self.op("Split", qkv, self.const([s.num_heads * s.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
         q = self._rotate(self._head_norm(prefix + "self_attn.q_norm.weight", q), cos, sin)
         k = self._rotate(self._head_norm(prefix + "self_attn.k_norm.weight", k), cos, sin)
+        # the new keys and values are written straight into the graph's present outputs, so a buffer
+        # bound as both past and present is updated in place
         attn, key, value = self.op(
             "GroupQueryAttention", q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k,
-            total_length, domain=CONTRIB, outputs=3, num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
-            scale=float(s.head_dim**-0.5),
+            total_length, domain=CONTRIB, outputs=3, output=[None, f"present.{i}.key", f"present.{i}.value"],
+            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, scale=float(s.head_dim**-0.5),
         )  # fmt: skip
         o_proj = self.tensors.read(prefix + "self_attn.o_proj.weight")
         hidden = self.op("Add", hidden, self._linear(f"layers.{i}.o_proj", attn, o_proj))
@@ -234,7 +203,7 @@ class _Writer:
         hidden = self.op("Add", hidden, self._linear(f"layers.{i}.down_proj", act, down))
         if i < s.num_deepstack:
             hidden = self.op("Add", hidden, self.op("Gather", "deepstack_embeds", self.const(i), axis=0))
-        return hidden, key, value
+        return hidden
 
     def _norm(self, weight_name: str, x: str) -> str:
         """RMSNorm over the last axis (onnxruntime's `SimplifiedLayerNormalization`)."""
@@ -262,7 +231,8 @@ class _Writer:
         """`x @ weight.T` for an `nn.Linear` weight `(N, K)`: fp32 `MatMul` or INT4 `MatMulNBits`."""
         n, k = weight.shape
         if not self.int4:
-            blocks = (weight[:, first : first + ROW_BLOCK].T for first in range(0, k, ROW_BLOCK))
+            step = max(1, BLOCK_BYTES // (4 * n))  # rows of the transpose per block
+            blocks = (weight[:, first : first + step].T for first in range(0, k, step))
             self.initializers.append(self.data.add_blocks(name + ".weight", np.float32, (k, n), blocks))
             return self.op("MatMul", x, name + ".weight", output=output)
         packed, scales = quantize_int4(weight)
@@ -274,14 +244,15 @@ class _Writer:
 
     # --- nodes and initializers ---------------------------------------------------------------
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output: str | None = None, **attrs):
-        """Append one node; returns its output name (or names, when `outputs > 1`)."""
+    def op(
+        self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output: str | list | None = None, **attrs
+    ):
+        """Append one node; returns its output name (or names, when `outputs > 1`). `output` names the
+        outputs that are graph outputs (a list with `None` for the others)."""
         index = self.names[op_type] = self.names.get(op_type, -1) + 1
         name = f"/{op_type}_{index}"
-        if output is not None:
-            names = [output]
-        else:
-            names = [f"{name}_output_{j}" for j in range(outputs)]
+        chosen = output if isinstance(output, list) else [output] * outputs
+        names = [given or f"{name}_output_{j}" for j, given in enumerate(chosen)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
@@ -295,24 +266,3 @@ class _Writer:
     def initializer(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.data.add(name, array))
         return name
-
-
-def quantize_int4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT4 of an `nn.Linear` weight `(N, K)` in `MatMulNBits`' layout, by onnxruntime's own
-    kernel (what its `MatMulNBitsQuantizer` runs): packed `(N, K/32, 16)` uint8 and scales `(N, K/32)`."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
-    n, k = weight.shape
-    blocks = -(-k // BLOCK_SIZE)
-    packed = np.zeros((n, blocks, BLOCK_SIZE // 2), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    for first in range(0, n, ROW_BLOCK):
-        rows = slice(first, min(first + ROW_BLOCK, n))
-        width = rows.stop - rows.start
-        columns = np.ascontiguousarray(weight[rows].T)  # (K, width): MatMul's B
-        zero_points = np.zeros((width, -(-blocks // 2)), dtype=np.uint8)  # unused when symmetric
-        part_packed = np.zeros((width, blocks, BLOCK_SIZE // 2), dtype=np.uint8)
-        part_scales = np.zeros((width, blocks), dtype=np.float32)
-        quantize_matmul_4bits(part_packed, columns, part_scales, zero_points, BLOCK_SIZE, width, k, True)
-        packed[rows], scales[rows] = part_packed, part_scales
-    return packed, scales

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from onnx import TensorProto, helper
+
 from hybrid.errors import BundleError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+ALIGN = 4096  # external ONNX tensors start on a page: onnxruntime can map them as they are
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 widened by hand below
 
 
@@ -101,7 +104,9 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
 
 def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":  # bfloat16 is the top half of a float32: widening is exact
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        wide = raw.view(np.uint16).astype(np.uint32)
+        wide <<= 16  # in place: one float32 copy at a time
+        return wide.view(np.float32)
     return raw.view(_NUMPY_DTYPES[dtype]).astype(np.float32, copy=dtype != "F32")
 
 
@@ -121,12 +126,39 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, tuple[int, ...]]]
             array = np.ascontiguousarray(read(name), dtype=np.float32)
             if array.shape != tuple(shape):
                 raise BundleError(f"{name} has shape {array.shape}, its header says {tuple(shape)}")
-            f.write(array.tobytes())
+            f.write(array.data)
 
 
-def write_npy(path: Path, shape: tuple[int, int], read_rows: Callable[[slice], np.ndarray], block: int = 8192) -> None:
+def write_npy(path: Path, shape: tuple[int, int], read_rows: Callable[[slice], np.ndarray], block: int = 4096) -> None:
     """A float32 `.npy` of `shape` written `block` rows at a time from `read_rows(slice)`."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
         for first in range(0, shape[0], block):
-            f.write(np.ascontiguousarray(read_rows(slice(first, first + block)), dtype=np.float32).tobytes())
+            f.write(np.ascontiguousarray(read_rows(slice(first, first + block)), dtype=np.float32).data)
+
+
+class ExternalData:
+    """One weights file beside the graph: each tensor is appended page-aligned and referenced by offset."""
+
+    def __init__(self, file, location: str) -> None:
+        self.file = file
+        self.location = location
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        return self.add_blocks(name, array.dtype, array.shape, iter([array]))
+
+    def add_blocks(self, name: str, dtype, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> TensorProto:
+        """A tensor of `shape` whose row-major bytes are the concatenation of `blocks`."""
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for block in blocks:
+            self.file.write(np.ascontiguousarray(block, dtype=dtype).data)
+        length = self.file.tell() - offset
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if length != expected:
+            raise BundleError(f"wrote {length} bytes for {name}, its shape {shape} needs {expected}")
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
+            tensor.external_data.add(key=key, value=str(value))
+        return tensor
