@@ -31,7 +31,6 @@ ROUTES = {
     "hybrid_int4": ("int4", "hybrid"),
     "genai_int4": ("int4", "genai"),
 }
-CHECKPOINT_DTYPE = "bfloat16"  # as the real checkpoints are stored
 REUSING = ("hybrid_fp32", "hybrid_int4", "genai_int4")  # routes that keep a conversation's KV cache
 DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
 FIELDS = ("vision_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
@@ -107,7 +106,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for key, row in follow_up.items():
             report["routes"][key].update(row)
     if args.detail:
-        report["vision_by_detail"] = measure_detail(bundles, routes, args.runs, args.threads)
+        report["vision_by_detail"] = measure_detail(bundles, routes, args.threads)
     if args.json:
         print(json.dumps(report))
     else:
@@ -134,7 +133,7 @@ def _prepare_bundles(cache: Path, preset: str, spec, precisions: set[str]) -> di
     checkpoint = cache / f"checkpoint-{name}"
     if not (checkpoint / "config.json").is_file():
         log.info("building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint)
-        build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
+        build_checkpoint(checkpoint, spec, seed=0)
     bundles = {}
     for precision in sorted(precisions):
         out = cache / f"bundle-{name}-{precision}"
@@ -376,7 +375,10 @@ def measure_follow_up(
                 fresh = workers[key].ask(replace(second, conversation_id=None))
                 if run:
                     samples[key].append({"first": answer, "reused": reused, "fresh": fresh})
-        return {key: _follow_up_row(rows) for key, rows in samples.items()}
+        rows = {key: _follow_up_row(rows) for key, rows in samples.items()}
+        for key, row in rows.items():
+            log.info("%s follow-up: %s", key, row)
+        return rows
     finally:
         for worker in workers.values():
             worker.close()
@@ -419,9 +421,10 @@ def _follow_up_row(rows: list[dict]) -> dict:
     }
 
 
-def measure_detail(bundles: dict[str, Path], routes: list[str], runs: int, threads: int) -> dict:
-    """Vision tower time (median) and image tokens of a phone photo at each image detail level, per
-    hybrid bundle precision; a new picture each run, so the feature cache never answers."""
+def measure_detail(bundles: dict[str, Path], routes: list[str], threads: int) -> dict:
+    """Vision tower time and image tokens of a phone photo at each image detail level, per hybrid
+    bundle precision: one run per level after one warm-up (the high level takes minutes on a
+    2-core CPU), each on a new picture, so the feature cache never answers."""
     from hybrid.config import IMAGE_DETAIL
     from hybrid.export.bundle import PROCESSOR_DIR, VISION_DIR
     from hybrid.processor import Processor
@@ -433,18 +436,18 @@ def measure_detail(bundles: dict[str, Path], routes: list[str], runs: int, threa
         processor = Processor(bundle / PROCESSOR_DIR, max_context=1 << 30)  # no prompt here, only pictures
         tower = VisionTower(bundle / VISION_DIR, threads, int8=ROUTES[key][0] == "int4")
         levels = {}
-        for i, (level, tokens) in enumerate(IMAGE_DETAIL.items()):
-            times, count = [], 0
-            for run in range(runs + 1):  # run 0 warms up and is left out
-                request = _image_request(*DETAIL_IMAGE, 1, 1, seed=1000 * (i + 1) + run)
-                inputs = processor.prepare(request.messages, tokens)
-                start = time.perf_counter()
-                tower.encode(inputs.pixel_values, inputs.image_grid_thw)
-                if run:
-                    times.append(1e3 * (time.perf_counter() - start))
-                count = inputs.image_tokens[0]
-            levels[level] = {"max_image_tokens": tokens, "image_tokens": count, "vision_ms": statistics.median(times)}
-            log.info("%s vision at %s detail: %d tokens, %.0f ms", key, level, count, levels[level]["vision_ms"])
+        for seed, (level, tokens) in enumerate([("warm-up", min(IMAGE_DETAIL.values())), *IMAGE_DETAIL.items()]):
+            request = _image_request(*DETAIL_IMAGE, 1, 1, seed=1000 + seed)
+            inputs = processor.prepare(request.messages, tokens)
+            start = time.perf_counter()
+            tower.encode(inputs.pixel_values, inputs.image_grid_thw)
+            levels[level] = {
+                "max_image_tokens": tokens,
+                "image_tokens": inputs.image_tokens[0],
+                "vision_ms": 1e3 * (time.perf_counter() - start),
+            }
+            log.info("%s vision at %s detail: %s", key, level, levels[level])
+        del levels["warm-up"]
         results[key] = levels
         del tower
     return results

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from hybrid.bench import ROUTES, preset_spec
+from hybrid.bench import REUSING, ROUTES, preset_spec
+from hybrid.config import IMAGE_DETAIL
 
 ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
 
@@ -23,7 +24,7 @@ def test_presets_have_the_real_shapes():
 def test_tiny_bench_report(tmp_path):
     command = [
         sys.executable, "-m", "hybrid", "bench", "--preset", "tiny", "--image", "64x64", "--new-tokens", "6",
-        "--runs", "1", "--prompt-tokens", "8", "--cache", str(tmp_path), "--json",
+        "--runs", "1", "--prompt-tokens", "8", "--cache", str(tmp_path), "--json", "--follow-up", "--detail",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -42,3 +43,12 @@ def test_tiny_bench_report(tmp_path):
     assert abs(report["ceiling_tok_s"] - ceiling) < 1e-6 * ceiling
     hybrid = report["routes"]["hybrid_int4"]
     assert abs(hybrid["ceiling_share"] - hybrid["decode_tok_s"] / ceiling) < 1e-9
+    for key in REUSING:
+        row = report["routes"][key]
+        assert row["follow_up_ttft_ms"] > 0 and row["follow_up_ttft_ms_no_reuse"] > 0 and row["first_turn_ttft_ms"] > 0
+        assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"] and row["follow_up_same_tokens"]
+    assert "follow_up_ttft_ms" not in report["routes"]["pytorch_fp32"]
+    for key in ("hybrid_fp32", "hybrid_int4"):
+        levels = report["vision_by_detail"][key]
+        assert list(levels) == list(IMAGE_DETAIL) and all(v["vision_ms"] > 0 for v in levels.values())
+        assert all(0 < v["image_tokens"] <= v["max_image_tokens"] for v in levels.values())
