@@ -103,7 +103,9 @@ def _generate(args: argparse.Namespace) -> int:
     runtime.check_image_count(len(args.image))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
     messages = (Message("system", args.system),) if args.system else ()
-    request = Request(messages + (Message("user", args.prompt, images),), sampling, max_image_tokens=args.max_image_tokens)
+    request = Request(
+        messages + (Message("user", args.prompt, images),), sampling, max_image_tokens=args.max_image_tokens
+    )
     pipeline = Pipeline.load(args.bundle, runtime)
     for route in pipeline.plan(request, args.route):
         result = collect(pipeline.stream(request, route), echo=None if args.json else sys.stdout)

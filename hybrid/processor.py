@@ -96,7 +96,9 @@ class Processor:
         conversation = [_to_hf_message(m) for m in messages]
         return self.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
-    def prepare(self, messages: tuple[Message, ...], max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> PreparedInputs:
+    def prepare(
+        self, messages: tuple[Message, ...], max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
+    ) -> PreparedInputs:
         """Tokenize the conversation. Message texts are always plain text: a `<|im_end|>` or
         `<|image_pad|>` typed by a user becomes ordinary characters, never a control token.
         Each image is scaled (aspect kept) to at most `max_image_tokens` image tokens, and never

@@ -73,7 +73,8 @@ def test_a_different_picture_in_the_same_place_is_not_reused(pipeline):
     """Image tokens share one id: only the pixels tell two pictures apart."""
     pipe = pipeline("base")
     second, _ = conversation(pipe, "hybrid", cid="swap")
-    swapped = replace(second, messages=(replace(second.messages[0], images=(draw_scene((96, 96), (30, 200, 30)),)), *second.messages[1:]))  # fmt: skip
+    green = replace(second.messages[0], images=(draw_scene((96, 96), (30, 200, 30)),))
+    swapped = replace(second, messages=(green, *second.messages[1:]))
     image_start = pipe.routes["hybrid"].processor.prepare(swapped.messages).image_spans()[0][0]
     result = run(pipe, swapped, "hybrid")
     assert result["timings"]["reused_tokens"] == image_start

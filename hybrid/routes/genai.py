@@ -68,7 +68,8 @@ class GenAIRoute:
         self.vocab_size = model["vocab_size"]
         self.context_length = int(model["context_length"])
         decoder = model["decoder"]
-        self.kv_bytes_per_token = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * KV_BYTES
+        per_layer = decoder["num_key_value_heads"] * decoder["head_size"] * KV_BYTES
+        self.kv_bytes_per_token = 2 * decoder["num_hidden_layers"] * per_layer  # keys and values
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         if request.has_images:

@@ -76,7 +76,9 @@ class HybridRoute:
         cache.truncate(reused)
         return cache if cache.capacity >= capacity else self.decoder.resized(cache, capacity)
 
-    def keep(self, conversation_id: str | None, cache: KVCache, token_ids: list[int], images: tuple[ImageRun, ...]) -> None:
+    def keep(
+        self, conversation_id: str | None, cache: KVCache, token_ids: list[int], images: tuple[ImageRun, ...]
+    ) -> None:
         """Keep the cache for the conversation's next request, trimmed to the tokens it holds."""
         if conversation_id is None:
             return
