@@ -585,6 +585,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "an existing bundle given without --model is served as is")  # fmt: skip
     parser.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    parser.add_argument("--conversation-cache-mb", type=int, default=RuntimeConfig.conversation_cache_mb, metavar="MB",
+                        help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)")  # fmt: skip
     parser.add_argument("--server-name", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="make a public Gradio link (use --auth with it)")
@@ -616,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        pipeline = load_pipeline(args.model, args.bundle, args.precision, RuntimeConfig(threads=args.threads))
+        runtime = RuntimeConfig(threads=args.threads, conversation_cache_mb=args.conversation_cache_mb)
+        pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime)
     except HybridError as exc:
         log.error("%s", exc)
         return 2
