@@ -1,10 +1,11 @@
 """Measures how well a demo model answers: accuracy per question kind on fresh scenes from a seed.
 
 The route is a parameter: `evaluate` takes any `Answerer`, a callable `(image or None, question) ->
-reply text`, so every inference route is graded on the same exchanges by the same grader.
-`pipeline_answerer` asks one route of a loaded bundle, exactly as the app does;
-`zero_image_features` is the ablation that blanks the vision tower's output, to show the answers
-really come from the picture.
+reply text`, so every inference route is graded on the same exchanges by the same grader. Besides
+accuracy per kind it tallies accuracy per background kind and per number of shapes, and for the
+grounding questions the share of boxes with IoU >= 0.5 and their mean IoU (matched by label).
+`pipeline_answerer` asks one route of a loaded bundle, exactly as the app does; the ablations
+blank the vision features (`zero_image_features`) or only the DeepStack maps (`zero_deepstack`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Answerer = Callable[[Image.Image | None, str], str]
 ROUTES = ("pytorch", "hybrid", "genai")
+MAX_NEW_TOKENS = 160  # three boxes in Qwen3-VL's JSON take about 100 tokens
+HIT_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -58,63 +61,107 @@ class Sample:
     correct: bool
 
 
-@dataclass(frozen=True)
+def _tally(scores: dict[str, KindScore], key: str, correct: bool, exact: bool) -> None:
+    scores[key] = scores.get(key, KindScore()).add(correct, exact)
+
+
+@dataclass
 class EvalReport:
-    scores: dict[str, KindScore]
+    """Scores per question kind, per background kind and per number of shapes (image questions),
+    and the IoU of every box a grounding question asked for."""
+
+    scores: dict[str, KindScore] = field(default_factory=dict)
+    by_background: dict[str, KindScore] = field(default_factory=dict)
+    by_shapes: dict[str, KindScore] = field(default_factory=dict)
+    ious: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)  # the first few exchanges and every failure
     seconds: float = 0.0
 
+    @property
+    def asked(self) -> dict[str, KindScore]:
+        """The kinds that had at least one question, in `scenes.KINDS` order."""
+        return {k: self.scores[k] for k in scenes.KINDS if self.scores.get(k, KindScore()).total}
+
+    @property
+    def box_hit_rate(self) -> float:
+        """Share of asked-for boxes found with the right label and IoU >= 0.5."""
+        return sum(v >= HIT_IOU for v in self.ious) / len(self.ious) if self.ious else 0.0
+
+    @property
+    def mean_iou(self) -> float:
+        return float(np.mean(self.ious)) if self.ious else 0.0
+
+    def record(self, exchange: scenes.Exchange, reply: str, keep: bool) -> None:
+        correct = scenes.grade(exchange, reply)
+        exact = reply.strip() == exchange.answer
+        _tally(self.scores, exchange.kind, correct, exact)
+        if exchange.scene is not None:
+            _tally(self.by_background, exchange.scene.background.kind, correct, exact)
+            _tally(self.by_shapes, str(len(exchange.scene.items)), correct, exact)
+        if exchange.kind in scenes.GROUNDING_KINDS:
+            self.ious += scenes.box_ious(exchange, reply)
+        if keep or not correct:
+            self.samples.append(Sample(exchange.kind, exchange.question, exchange.answer, reply, correct))
+
     def to_json(self) -> dict:
+        def accuracies(scores: dict[str, KindScore]) -> dict[str, float]:
+            return {k: round(s.accuracy, 4) for k, s in sorted(scores.items()) if s.total}
+
         return {
             "accuracy": {k: round(s.accuracy, 4) for k, s in self.asked.items()},
             "counts": {k: {"total": s.total, "correct": s.correct, "exact": s.exact} for k, s in self.asked.items()},
+            "boxes": {"n": len(self.ious), "hit_rate": round(self.box_hit_rate, 4), "mean_iou": round(self.mean_iou, 4)},
+            "by_background": accuracies(self.by_background),
+            "by_shapes": accuracies(self.by_shapes),
             "seconds": round(self.seconds, 1),
             "examples": [vars(s) for s in self.samples[:12]],
             "failures": [vars(s) for s in self.samples if not s.correct][:20],
         }
 
-    @property
-    def asked(self) -> dict[str, KindScore]:
-        """The kinds that had at least one question."""
-        return {k: s for k, s in self.scores.items() if s.total}
-
     def table(self) -> str:
-        rows = [f"{'kind':<10} {'accuracy':>8} {'exact':>6} {'n':>5}"]
-        rows += [f"{k:<10} {s.accuracy:>8.3f} {s.exact / s.total:>6.3f} {s.total:>5}" for k, s in self.asked.items()]
+        rows = [f"{'kind':<12} {'accuracy':>8} {'exact':>6} {'n':>5}"]
+        rows += [f"{k:<12} {s.accuracy:>8.3f} {s.exact / s.total:>6.3f} {s.total:>5}" for k, s in self.asked.items()]
+        if self.ious:
+            rows.append(f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}")
+        for title, scores in (("background", self.by_background), ("shapes", self.by_shapes)):
+            if scores:
+                rows.append(f"by {title}: " + ", ".join(f"{k} {s.accuracy:.3f}" for k, s in sorted(scores.items())))
         return "\n".join(rows)
 
 
-def eval_exchanges(n: int, seed: int) -> list[scenes.Exchange]:
-    """One question of each image kind about each of `n` scenes, then every text exchange once.
-
-    Text exchanges: each fixed one, and each of the 100 digit sums in a phrasing drawn from `seed`.
-    """
+def eval_exchanges(n: int, seed: int, style: str = scenes.TRAIN, text: bool = True) -> list[scenes.Exchange]:
+    """Every kind a scene can answer, asked once about each of `n` scenes (one, two and three shapes
+    in turn), then (`text`) every text exchange once: each fixed one, and each of the 100 digit sums
+    in a phrasing drawn from `seed`."""
     rng = np.random.default_rng(seed)
     exchanges = []
-    for _ in range(n):
-        scene = scenes.random_scene(rng)
-        exchanges += [scenes.image_exchange(kind, scene, rng) for kind in scenes.IMAGE_KINDS]
-    exchanges += [scenes.Exchange("text", q, a) for q, a in scenes.FIXED_EXCHANGES.items()]
-    phrasings = rng.integers(0, len(scenes.SUM_QUESTIONS), 100)
-    exchanges += [scenes.sum_exchange(a, b, int(phrasings[10 * a + b])) for a in range(10) for b in range(10)]
+    for i in range(n):
+        scene = scenes.random_scene(rng, style, shapes=1 + i % scenes.MAX_SHAPES)
+        exchanges += [scenes.ask(kind, scene, rng) for kind in scenes.IMAGE_KINDS if scenes.askable(kind, scene)]
+    if text:
+        exchanges += [scenes.Exchange("text", q, a) for q, a in scenes.FIXED_EXCHANGES.items()]
+        phrasings = rng.integers(0, len(scenes.SUM_QUESTIONS), 100)
+        exchanges += [scenes.sum_exchange(a, b, int(phrasings[10 * a + b])) for a in range(10) for b in range(10)]
     return exchanges
 
 
 def evaluate(answer: Answerer, exchanges: list[scenes.Exchange], keep: int = 8) -> EvalReport:
-    """Ask every exchange (with its scene's picture, if any), grade the replies, tally per kind."""
-    scores = {kind: KindScore() for kind in scenes.KINDS}
-    samples: list[Sample] = []
+    """Ask every exchange (with its scene's picture, if any), grade the replies, tally them."""
+    report = EvalReport()
     start = time.perf_counter()
+    pictures: dict[int, Image.Image] = {}  # a scene's questions are consecutive: render it once
     for i, exchange in enumerate(exchanges):
-        image = exchange.scene.render() if exchange.scene is not None else None
-        reply = answer(image, exchange.question)
-        correct = scenes.grade(exchange, reply)
-        scores[exchange.kind] = scores[exchange.kind].add(correct, reply.strip() == exchange.answer)
-        if i < keep or not correct:
-            samples.append(Sample(exchange.kind, exchange.question, exchange.answer, reply, correct))
+        image = None
+        if exchange.scene is not None:
+            key = id(exchange.scene)
+            if key not in pictures:
+                pictures = {key: exchange.scene.render()}
+            image = pictures[key]
+        report.record(exchange, answer(image, exchange.question), keep=i < keep)
         if (i + 1) % 200 == 0:
             log.info("asked %d/%d", i + 1, len(exchanges))
-    return EvalReport(scores, samples, time.perf_counter() - start)
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def load_pipeline(model_dir: str | Path, route: str, precision: str = "fp32", threads: int = 0) -> Pipeline:
@@ -126,7 +173,7 @@ def load_pipeline(model_dir: str | Path, route: str, precision: str = "fp32", th
     return Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
 
 
-def pipeline_answerer(pipeline: Pipeline, route: str, max_new_tokens: int = 24) -> Answerer:
+def pipeline_answerer(pipeline: Pipeline, route: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Answerer:
     """Greedy answer of `route` to one (picture, question) turn, through the same `Request` and
     stream as the app and the CLI."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
@@ -142,31 +189,40 @@ def pipeline_answerer(pipeline: Pipeline, route: str, max_new_tokens: int = 24) 
 def zero_image_features(pipeline: Pipeline, route: str) -> None:
     """Ablation: the vision tower of `route` returns zeros (merged features and every DeepStack
     map). The image pads and their positions stay, so only the picture's content is removed."""
+    _blank(pipeline, route, features=True)
+
+
+def zero_deepstack(pipeline: Pipeline, route: str) -> None:
+    """Ablation: the DeepStack maps are zeros, the tower's merged features are kept: does the model
+    use what DeepStack adds?"""
+    _blank(pipeline, route, features=False)
+
+
+def _blank(pipeline: Pipeline, route: str, features: bool) -> None:
     if route == "hybrid":
-        _blank_tower(pipeline.routes["hybrid"].vision)
+        tower = pipeline.routes["hybrid"].vision
+        encode = tower.encode
+
+        def blank(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+            real = encode(pixel_values, image_grid_thw)
+            embeds = np.zeros_like(real.image_embeds) if features else real.image_embeds
+            return VisionFeatures(embeds, np.zeros_like(real.deepstack_embeds))
+
+        tower.encode = blank
     elif route == "pytorch":
-        pipeline.routes["pytorch"].model.model.visual.register_forward_hook(_blank_output)
+        def blank_output(module, args, output):
+            if features:
+                output.pooler_output = torch.zeros_like(output.pooler_output)
+            output.deepstack_features = [torch.zeros_like(f) for f in output.deepstack_features]
+            return output
+
+        pipeline.routes["pytorch"].model.model.visual.register_forward_hook(blank_output)
     else:
         raise UserError(f"the {route} route has no image input to blank")
 
 
-def _blank_tower(tower) -> None:
-    encode = tower.encode
-
-    def blank(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
-        real = encode(pixel_values, image_grid_thw)
-        return VisionFeatures(np.zeros_like(real.image_embeds), np.zeros_like(real.deepstack_embeds))
-
-    tower.encode = blank
-
-
-def _blank_output(module, args, output):
-    output.pooler_output = torch.zeros_like(output.pooler_output)
-    output.deepstack_features = [torch.zeros_like(f) for f in output.deepstack_features]
-    return output
-
-
-def route_exchanges(route: str, n: int, seed: int) -> list[scenes.Exchange]:
+def route_exchanges(route: str, n: int, seed: int, style: str = scenes.TRAIN) -> list[scenes.Exchange]:
     """`eval_exchanges`, less the picture questions on the text-only GenAI route."""
-    exchanges = eval_exchanges(n, seed)
-    return [e for e in exchanges if e.scene is None] if route == "genai" else exchanges
+    if route == "genai":
+        return eval_exchanges(0, seed, style)
+    return eval_exchanges(n, seed, style, text=style == scenes.TRAIN)

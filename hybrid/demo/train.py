@@ -3,6 +3,11 @@
 `train(out_dir, TrainConfig(...))` builds the model of `demo_spec()`, teaches it the language of
 `hybrid.demo.scenes` with a teacher-forced loss on the answer tokens only, and writes a normal
 checkpoint folder (weights, tokenizer, processor) with `hybrid.tiny.build_checkpoint`.
+
+Each step draws a few pictures and asks several questions about each: the vision tower runs once
+per picture and its features are handed to every row that shows it (`mm_encoder_outputs`), which
+is where most of the CPU time would otherwise go. A training-only dense probe reads shape, colour
+and box from every image token, so the tower learns to see before the decoder learns to talk.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from hybrid.demo import scenes
 from hybrid.demo.chat import END, chat_prompt
@@ -25,6 +32,12 @@ from hybrid.tiny import TinySpec, build_checkpoint, build_config, build_processo
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training.json"
+IMAGE_PAD = "<|image_pad|>"
+# How often each kind is asked about a picture (a kind a picture cannot answer is skipped).
+KIND_WEIGHTS = {
+    "shape": 1.5, "colour": 1.5, "position": 1.5, "count": 1.0, "colour_of": 1.0, "position_of": 1.2,
+    "describe": 1.2, "find": 1.6, "locate_all": 1.2,
+}  # fmt: skip
 
 
 class InvalidConfig(ValueError):
@@ -35,42 +48,40 @@ class InvalidConfig(ValueError):
 class TrainConfig:
     """Optimisation and data-mixture settings; `threads` is torch's intra-op thread count."""
 
-    steps: int = 2500
-    batch_size: int = 32
+    steps: int = 3200
+    pictures: int = 24  # distinct pictures per step
+    questions: int = 2  # questions asked about each picture per step
+    text_rows: int = 3  # text-only exchanges per step, no picture
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    text_fraction: float = 0.25  # share of examples that are text exchanges
-    kind_weights: tuple[float, ...] = (0.3, 0.15, 0.25, 0.3)  # image kinds, in `scenes.IMAGE_KINDS` order
-    fixed_text_fraction: float = 0.15  # share of text exchanges that are not sums
-    text_with_image: float = 0.3  # share of text exchanges asked beside an unrelated picture
-    probe_weight: float = 0.5  # weight of the training-only vision read-out loss (0: off)
+    text_with_image: float = 0.1  # share of a picture's questions that are unrelated text exchanges
+    fixed_text_fraction: float = 0.2  # share of text exchanges that are not sums
+    probe_weight: float = 0.5  # weight of the training-only dense vision probe (0: off)
     seed: int = 0
     threads: int = 2
-    log_every: int = 50
+    log_every: int = 25
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.threads < 1:
-            raise InvalidConfig("--steps, --batch-size and --threads must be positive")
-        if len(self.kind_weights) != len(scenes.IMAGE_KINDS) or min(self.kind_weights) < 0:
-            raise InvalidConfig(f"kind_weights needs {len(scenes.IMAGE_KINDS)} non-negative weights")
-        for name in ("text_fraction", "fixed_text_fraction", "text_with_image", "min_lr_ratio"):
+        if min(self.steps, self.pictures, self.questions, self.threads) < 1 or self.text_rows < 0:
+            raise InvalidConfig("--steps, --pictures, --questions and --threads must be positive")
+        for name in ("text_with_image", "fixed_text_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidConfig(f"{name} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: an exchange and the scene pictured with it (None: no picture)."""
+    """One training row: an exchange and the index of the picture it shows (None: no picture)."""
 
     exchange: scenes.Exchange
-    scene: scenes.Scene | None
+    picture: int | None
 
 
 def demo_spec() -> TinySpec:
-    """The demo model's shapes: a 96x96 picture is 6x6 patches, i.e. 9 image tokens."""
+    """The demo model's shapes. A picture is scaled to at most 256x256 pixels (64 image tokens)."""
     return TinySpec(
         hidden_size=128,
         num_hidden_layers=4,
@@ -83,21 +94,19 @@ def demo_spec() -> TinySpec:
         vision_hidden_size=128,
         vision_heads=4,
         vision_intermediate_size=512,
-        rope_theta=1000.0,  # the 3x3 image grid needs M-RoPE frequencies that turn within 3 positions
-        num_position_embeddings=36,
+        rope_theta=1000.0,  # the image grids are at most 16 positions wide: frequencies must turn within them
+        num_position_embeddings=256,
         deepstack_visual_indexes=(1, 2),
-        min_pixels=64 * 64,
-        max_pixels=scenes.IMAGE_SIZE * scenes.IMAGE_SIZE,
+        min_pixels=128 * 128,
+        max_pixels=256 * 256,
         initializer_range=0.02,
-        bpe_vocab_size=512,
+        bpe_vocab_size=640,
         corpus=scenes.corpus(),
     )
 
 
 def new_model(spec: TinySpec):
     """A randomly initialised `Qwen3VLForConditionalGeneration` and its processor (seed torch first)."""
-    from transformers import Qwen3VLForConditionalGeneration
-
     tokenizer = build_tokenizer(spec.corpus, spec.bpe_vocab_size)
     processor = build_processor(tokenizer, spec)
     model = Qwen3VLForConditionalGeneration(build_config(spec, tokenizer))
@@ -108,30 +117,50 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sample_example(rng: np.random.Generator, cfg: TrainConfig) -> Example:
-    """An image question of a kind drawn by `cfg.kind_weights`, or (`cfg.text_fraction`) a text exchange."""
-    if rng.random() >= cfg.text_fraction:
-        scene = scenes.random_scene(rng)
-        weights = np.asarray(cfg.kind_weights) / sum(cfg.kind_weights)
-        kind = str(rng.choice(scenes.IMAGE_KINDS, p=weights))
-        return Example(scenes.image_exchange(kind, scene, rng), scene)
+def text_exchange(rng: np.random.Generator, cfg: TrainConfig) -> scenes.Exchange:
     if rng.random() < cfg.fixed_text_fraction:
         question = str(rng.choice(list(scenes.FIXED_EXCHANGES)))
-        exchange = scenes.Exchange("text", question, scenes.FIXED_EXCHANGES[question])
-    else:
-        a, b, phrasing = rng.integers(0, 10), rng.integers(0, 10), rng.integers(0, len(scenes.SUM_QUESTIONS))
-        exchange = scenes.sum_exchange(int(a), int(b), int(phrasing))
-    scene = scenes.random_scene(rng) if rng.random() < cfg.text_with_image else None
-    return Example(exchange, scene)
+        return scenes.Exchange("text", question, scenes.FIXED_EXCHANGES[question])
+    a, b, phrasing = rng.integers(0, 10), rng.integers(0, 10), rng.integers(0, len(scenes.SUM_QUESTIONS))
+    return scenes.sum_exchange(int(a), int(b), int(phrasing))
 
 
-def collate(processor, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Tokenise prompt + answer + `END` (right-padded) and label only the answer tokens."""
-    texts = [chat_prompt(processor, e.exchange.question, e.scene is not None) + e.exchange.answer + END for e in examples]
-    images = [e.scene.render() for e in examples if e.scene is not None]
-    batch = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
-    batch = dict(batch)
-    batch["labels"] = answer_labels(processor.tokenizer, batch, [e.exchange.answer + END for e in examples])
+def picture_exchanges(scene: scenes.Scene, rng: np.random.Generator, cfg: TrainConfig) -> list[scenes.Exchange]:
+    """`cfg.questions` questions of distinct kinds about `scene` (now and then an unrelated text one)."""
+    kinds = [k for k in scenes.IMAGE_KINDS if scenes.askable(k, scene)]
+    weights = np.array([KIND_WEIGHTS[k] for k in kinds])
+    chosen = rng.choice(kinds, size=min(cfg.questions, len(kinds)), replace=False, p=weights / weights.sum())
+    return [text_exchange(rng, cfg) if rng.random() < cfg.text_with_image else scenes.ask(str(k), scene, rng) for k in chosen]
+
+
+def sample_step(rng: np.random.Generator, cfg: TrainConfig) -> tuple[list[scenes.Scene], list[Example]]:
+    """The pictures of one step and its rows: questions about each picture, then text-only rows."""
+    pictures = [scenes.random_scene(rng) for _ in range(cfg.pictures)]
+    rows = [Example(e, i) for i, scene in enumerate(pictures) for e in picture_exchanges(scene, rng, cfg)]
+    rows += [Example(text_exchange(rng, cfg), None) for _ in range(cfg.text_rows)]
+    return pictures, rows
+
+
+def row_text(processor, example: Example, image_tokens: list[int]) -> str:
+    """Prompt + answer + `END`, with the picture's pads already expanded to its token count."""
+    pictured = example.picture is not None
+    prompt = chat_prompt(processor, example.exchange.question, pictured)
+    if pictured:
+        prompt = prompt.replace(IMAGE_PAD, IMAGE_PAD * image_tokens[example.picture])
+    return prompt + example.exchange.answer + END
+
+
+def collate(processor, pictures: list[scenes.Scene], rows: list[Example]) -> dict[str, torch.Tensor]:
+    """Pixels of each distinct picture once; token ids, labels and grids per row (right-padded)."""
+    images = processor.image_processor(images=[p.render() for p in pictures], return_tensors="pt")
+    merge = processor.image_processor.merge_size
+    tokens = (images["image_grid_thw"].prod(-1) // merge**2).tolist()
+    texts = [row_text(processor, row, tokens) for row in rows]
+    batch = dict(processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt"))
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).int()
+    batch["labels"] = answer_labels(processor.tokenizer, batch, [r.exchange.answer + END for r in rows])
+    batch["pixel_values"], batch["picture_grid_thw"] = images["pixel_values"], images["image_grid_thw"]
     return batch
 
 
@@ -157,30 +186,49 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only linear read-out of shape, colour and place from the vision tower's merged tokens.
+    """Training-only dense read-out of the vision tower's merged tokens: for each token, the shape
+    and colour under it (or background) and the box of that shape.
 
-    Otherwise the vision tower learns only through the decoder's answers, which is slow on a CPU
-    budget; the probe gives it a direct signal. It is dropped after training and never saved.
+    Otherwise the tower learns only through the decoder's answers, which is slow on a CPU budget;
+    the probe gives every token a direct signal. It is dropped after training and never saved.
     """
 
-    def __init__(self, tokens_per_image: int, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.classes = (scenes.SHAPES, tuple(scenes.COLOURS), tuple(scenes.POSITIONS))
-        self.head = torch.nn.Linear(tokens_per_image * hidden_size, sum(len(c) for c in self.classes))
+        self.head = torch.nn.Linear(hidden_size, 1 + len(scenes.SHAPES) + 1 + len(scenes.COLOURS) + 4)
 
-    def loss(self, image_embeds: torch.Tensor, pictured: list[scenes.Scene]) -> torch.Tensor:
-        """Summed cross-entropy of the three read-outs; `image_embeds` `(N * tokens, H)`, N pictures."""
-        logits = self.head(image_embeds.reshape(len(pictured), -1))  # (N, classes)
-        total, offset = image_embeds.new_zeros(()), 0
-        for names, values in zip(self.classes, zip(*((s.shape, s.colour, s.position) for s in pictured))):
-            target = torch.tensor([names.index(v) for v in values])
-            total = total + torch.nn.functional.cross_entropy(logits[:, offset : offset + len(names)], target)
-            offset += len(names)
-        return total
+    def loss(self, image_embeds: torch.Tensor, pictures: list[scenes.Scene], grids: torch.Tensor, merge: int) -> torch.Tensor:
+        """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids."""
+        shapes, colours, boxes, covered = zip(*(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist())))
+        shapes, colours, boxes, covered = torch.cat(shapes), torch.cat(colours), torch.cat(boxes), torch.cat(covered)
+        out = self.head(image_embeds)  # (tokens, 5 + 7 + 4)
+        n_shape = 1 + len(scenes.SHAPES)
+        loss = torch.nn.functional.cross_entropy(out[:, :n_shape], shapes)
+        loss = loss + torch.nn.functional.cross_entropy(out[:, n_shape:-4], colours)
+        if covered.any():
+            loss = loss + 5 * torch.nn.functional.l1_loss(out[covered, -4:].sigmoid(), boxes[covered])
+        return loss
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed per example `(B,)`, and the answer tokens per example `(B,)`."""
+def probe_targets(scene: scenes.Scene, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """Per merged token (row-major, `rows` x `cols`): shape id, colour id (0: background), the box
+    `(x1, y1, x2, y2)` in [0, 1] of the shape under it, and whether one is."""
+    ys, xs = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
+    ys, xs = ys.ravel(), xs.ravel()
+    shape_ids, colour_ids = np.zeros(rows * cols, np.int64), np.zeros(rows * cols, np.int64)
+    boxes = np.zeros((rows * cols, 4), np.float32)
+    for item in scene.items:
+        r = 0.7 * item.radius(scene.width, scene.height)
+        near = np.hypot((xs - item.x) * scene.width, (ys - item.y) * scene.height) <= r
+        near[min(int(item.y * rows), rows - 1) * cols + min(int(item.x * cols), cols - 1)] = True
+        shape_ids[near] = 1 + scenes.SHAPES.index(item.shape)
+        colour_ids[near] = 1 + list(scenes.COLOURS).index(item.colour)
+        boxes[near] = np.array(scene.box_2d(item), np.float32) / scenes.SCALE
+    return torch.from_numpy(shape_ids), torch.from_numpy(colour_ids), torch.from_numpy(boxes), torch.from_numpy(shape_ids > 0)
+
+
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy summed per row `(B,)`, and the answer tokens per row `(B,)`."""
     targets = labels[:, 1:]  # (B, S-1): position t predicts token t+1
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return losses.sum(dim=1), (targets != -100).sum(dim=1)
@@ -191,37 +239,59 @@ class Trainer:
 
     def __init__(self, model, processor, cfg: TrainConfig) -> None:
         self.model, self.processor, self.cfg = model, processor, cfg
-        spec = model.config.vision_config
-        tokens = (scenes.IMAGE_SIZE // spec.patch_size // spec.spatial_merge_size) ** 2
-        self.probe = VisionProbe(tokens, spec.out_hidden_size)
+        self.probe = VisionProbe(model.config.vision_config.out_hidden_size)
         self.trainable = [*model.parameters(), *self.probe.parameters()]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
-        self.vision_output: list[torch.Tensor] = []
-        self.hook = model.model.visual.register_forward_hook(
-            lambda module, args, out: self.vision_output.append(out.pooler_output)
-        )
 
-    def close(self) -> None:
-        """Detach the probe's hook so the trained model is a plain `Qwen3VLForConditionalGeneration`."""
-        self.hook.remove()
-
-    def step(self, examples: list[Example]) -> torch.Tensor:
-        """One optimiser step on the answer tokens' mean loss (+ probe); returns per-example losses `(B,)`."""
-        batch = collate(self.processor, examples)
-        labels = batch.pop("labels")
-        self.vision_output.clear()
-        sums, counts = example_losses(self.model(**batch).logits, labels)
+    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[torch.Tensor, float]:
+        """One optimiser step on the answer tokens' mean loss (+ probe); returns per-row losses `(B,)`
+        and the probe's loss."""
+        batch = collate(self.processor, pictures, rows)
+        grids = batch.pop("picture_grid_thw")
+        vision = self.model.model.visual(batch.pop("pixel_values"), grid_thw=grids, return_dict=True)
+        sums, counts = self.answer_losses(batch, rows, vision, grids)
         loss = sums.sum() / counts.sum()
-        pictured = [e.scene for e in examples if e.scene is not None]
-        if pictured and self.cfg.probe_weight > 0:
-            loss = loss + self.cfg.probe_weight * self.probe.loss(self.vision_output[0], pictured)
+        probe = self.probe.loss(vision.pooler_output, pictures, grids, self.processor.image_processor.merge_size)
+        loss = loss + self.cfg.probe_weight * probe
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
         self.optimizer.step()
         self.schedule.step()
-        return (sums / counts).detach()
+        return (sums / counts).detach(), float(probe)
+
+    def answer_losses(self, batch, rows: list[Example], vision, grids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's per-row losses, short rows and long rows in two passes (less padding)."""
+        lengths = batch["attention_mask"].sum(dim=1)
+        order = torch.argsort(lengths)
+        sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
+        for part in (order[: len(rows) // 2], order[len(rows) // 2 :]):
+            part = part.sort().values  # keep the rows' order: the image features follow it
+            width = int(lengths[part].max())
+            sub = {k: v[part, :width] for k, v in batch.items()}
+            labels = sub.pop("labels")
+            shown = [rows[i].picture for i in part.tolist() if rows[i].picture is not None]
+            extra = {}
+            if shown:
+                per_picture = _per_picture(vision, grids, self.processor.image_processor.merge_size)
+                extra = {
+                    "image_grid_thw": grids[shown],
+                    "mm_encoder_outputs": {"image": BaseModelOutputWithDeepstackFeatures(
+                        pooler_output=tuple(per_picture[0][i] for i in shown),
+                        deepstack_features=[tuple(level[i] for i in shown) for level in per_picture[1]],
+                    )},
+                }  # fmt: skip
+            part_sums, part_counts = answer_losses(self.model(**sub, **extra).logits, labels)
+            sums = sums.index_put((part,), part_sums)
+            counts[part] = part_counts
+        return sums, counts
+
+
+def _per_picture(vision, grids: torch.Tensor, merge: int) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+    """The tower's merged tokens and DeepStack maps split per picture."""
+    sizes = (grids.prod(-1) // merge**2).tolist()
+    return torch.split(vision.pooler_output, sizes), [torch.split(f, sizes) for f in vision.deepstack_features]
 
 
 def fit(model, processor, cfg: TrainConfig) -> float:
@@ -229,17 +299,20 @@ def fit(model, processor, cfg: TrainConfig) -> float:
     rng = np.random.default_rng(cfg.seed)
     trainer = Trainer(model, processor, cfg)
     model.train()
-    start, window = time.perf_counter(), defaultdict(list)
+    start, window, probes = time.perf_counter(), defaultdict(list), []
     for step in range(1, cfg.steps + 1):
-        examples = [sample_example(rng, cfg) for _ in range(cfg.batch_size)]
-        for example, loss in zip(examples, trainer.step(examples).tolist()):
-            window[example.exchange.kind].append(loss)
+        pictures, rows = sample_step(rng, cfg)
+        losses, probe = trainer.step(pictures, rows)
+        probes.append(probe)
+        for row, loss in zip(rows, losses.tolist()):
+            window[row.exchange.kind].append(loss)
         if step % cfg.log_every == 0 or step == cfg.steps:
             per_kind = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
             lr = trainer.schedule.get_last_lr()[0]
-            log.info("step %d/%d loss %s lr %.2e elapsed %.0fs", step, cfg.steps, per_kind, lr, time.perf_counter() - start)
+            log.info("step %d/%d loss %s probe %.3f lr %.2e elapsed %.0fs", step, cfg.steps, per_kind,
+                     np.mean(probes), lr, time.perf_counter() - start)  # fmt: skip
             window.clear()
-    trainer.close()
+            probes.clear()
     model.eval()
     return time.perf_counter() - start
 
@@ -263,7 +336,5 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), spec: TinySpec 
 
 def check_saved_tokenizer(out: Path, tokenizer) -> None:
     """`build_checkpoint` rebuilds the tokenizer from the corpus: it must be the one we trained with."""
-    from transformers import AutoTokenizer
-
     if AutoTokenizer.from_pretrained(out).get_vocab() != tokenizer.get_vocab():
         raise RuntimeError(f"the tokenizer saved in {out} differs from the training one")
