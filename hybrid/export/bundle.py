@@ -29,7 +29,6 @@ EMBED_FILE = "embed_tokens.npy"
 DECODER_DIR = "decoder"
 DECODER_FILE = "decoder/model.onnx"
 GENAI_DIR = "genai"
-TEXT_PREFIX = "model.language_model."
 BAR_WIDTH = 24
 
 
@@ -97,7 +96,7 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> d
         processor.save_pretrained(str(work / PROCESSOR_DIR))
         _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
         _write_vision_tower(tensors, config, work / VISION_DIR)
-        embed = TEXT_PREFIX + "embed_tokens.weight"
+        embed = decoder.TEXT + "embed_tokens.weight"
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
     with _step(3, steps, f"writing the ONNX text decoder ({precision})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress())

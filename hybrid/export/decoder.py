@@ -26,14 +26,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.errors import BundleError
-from hybrid.export.int4 import ACCURACY_LEVEL, BLOCK_SIZE, quantize_int4
+from hybrid.export.int4 import ACCURACY_LEVEL, BLOCK_SIZE, CONTRIB, quantize_int4
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 IR_VERSION = 10
-CONTRIB = "com.microsoft"
 TEXT = "model.language_model."
 BLOCK_BYTES = 8 * 2**20  # the most a transposed block of an fp32 weight holds
 
