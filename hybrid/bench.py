@@ -31,6 +31,7 @@ ROUTES = {
     "hybrid_int4": ("int4", "hybrid"),
     "genai_int4": ("int4", "genai"),
 }
+CHECKPOINT_DTYPE = "bfloat16"  # as the real checkpoints are stored
 REUSING = ("hybrid_fp32", "hybrid_int4", "genai_int4")  # routes that keep a conversation's KV cache
 DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
 FIELDS = ("vision_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
@@ -135,7 +136,7 @@ def _prepare_bundles(cache: Path, preset: str, spec, precisions: set[str]) -> di
     checkpoint = cache / f"checkpoint-{name}"
     if not (checkpoint / "config.json").is_file():
         log.info("building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint)
-        build_checkpoint(checkpoint, spec, seed=0)
+        build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
     bundles = {}
     for precision in sorted(precisions):
         out = cache / f"bundle-{name}-{precision}"
