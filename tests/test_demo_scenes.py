@@ -170,7 +170,9 @@ def test_grounding_is_graded_by_label_and_overlap():
     assert scenes.grade(find, shifted), "a box a little off still overlaps enough"
     far = json.dumps([{"bbox_2d": [0, 0, 100, 100], "label": "blue star"}])
     assert not scenes.grade(find, far) and scenes.box_ious(find, far) == [0.0]
-    assert not scenes.grade(find, find.answer.replace("blue star", "red star"))
+    relabelled = find.answer.replace("blue star", "red star")
+    assert not scenes.grade(find, relabelled) and scenes.box_ious(find, relabelled) == [0.0]
+    assert scenes.box_ious(find, relabelled, by_label=False) == [1.0], "the place is right, whatever the label"
     assert not scenes.grade(find, "In the bottom right.")
     every = scenes.Exchange("locate_all", "Locate every shape.", scenes.grounding(PAIR, PAIR.ordered), PAIR)
     assert scenes.grade(every, every.answer)

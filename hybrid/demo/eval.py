@@ -74,6 +74,7 @@ class EvalReport:
     by_background: dict[str, KindScore] = field(default_factory=dict)
     by_shapes: dict[str, KindScore] = field(default_factory=dict)
     ious: list[float] = field(default_factory=list)
+    ious_any_label: list[float] = field(default_factory=list)  # localisation alone: the best box whatever its label
     samples: list[Sample] = field(default_factory=list)  # the first few exchanges and every failure
     seconds: float = 0.0
 
@@ -91,6 +92,12 @@ class EvalReport:
     def mean_iou(self) -> float:
         return float(np.mean(self.ious)) if self.ious else 0.0
 
+    @property
+    def any_label_hit_rate(self) -> float:
+        """Share of asked-for boxes some box of the reply overlaps with IoU >= 0.5, whatever its label."""
+        hits = self.ious_any_label
+        return sum(v >= HIT_IOU for v in hits) / len(hits) if hits else 0.0
+
     def record(self, exchange: scenes.Exchange, reply: str, keep: bool) -> None:
         correct = scenes.grade(exchange, reply)
         exact = reply.strip() == exchange.answer
@@ -100,6 +107,7 @@ class EvalReport:
             _tally(self.by_shapes, str(len(exchange.scene.items)), correct, exact)
         if exchange.kind in scenes.GROUNDING_KINDS:
             self.ious += scenes.box_ious(exchange, reply)
+            self.ious_any_label += scenes.box_ious(exchange, reply, by_label=False)
         if keep or not correct:
             self.samples.append(Sample(exchange.kind, exchange.question, exchange.answer, reply, correct))
 
@@ -110,7 +118,10 @@ class EvalReport:
         return {
             "accuracy": {k: round(s.accuracy, 4) for k, s in self.asked.items()},
             "counts": {k: {"total": s.total, "correct": s.correct, "exact": s.exact} for k, s in self.asked.items()},
-            "boxes": {"n": len(self.ious), "hit_rate": round(self.box_hit_rate, 4), "mean_iou": round(self.mean_iou, 4)},
+            "boxes": {
+                "n": len(self.ious), "hit_rate": round(self.box_hit_rate, 4), "mean_iou": round(self.mean_iou, 4),
+                "any_label_hit_rate": round(self.any_label_hit_rate, 4),
+            },  # fmt: skip
             "by_background": accuracies(self.by_background),
             "by_shapes": accuracies(self.by_shapes),
             "seconds": round(self.seconds, 1),
@@ -122,7 +133,8 @@ class EvalReport:
         rows = [f"{'kind':<12} {'accuracy':>8} {'exact':>6} {'n':>5}"]
         rows += [f"{k:<12} {s.accuracy:>8.3f} {s.exact / s.total:>6.3f} {s.total:>5}" for k, s in self.asked.items()]
         if self.ious:
-            rows.append(f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}")
+            rows.append(f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}, "
+                        f"IoU >= {HIT_IOU} whatever the label: {self.any_label_hit_rate:.3f}")
         for title, scores in (("background", self.by_background), ("shapes", self.by_shapes)):
             if scores:
                 rows.append(f"by {title}: " + ", ".join(f"{k} {s.accuracy:.3f}" for k, s in sorted(scores.items())))

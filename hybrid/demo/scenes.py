@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from hybrid.boxes import SCALE, iou, parse_boxes
 
@@ -238,14 +238,11 @@ def _draw_smooth(image: Image.Image, item: Item) -> None:
 
 
 def _draw_aliased(image: Image.Image, item: Item) -> None:
-    """The held-out path: PIL's own primitives at 1x, hard edges, a slightly blunter star."""
+    """The held-out path: PIL's own primitives at 1x, hard edges (the outline's box stays exact)."""
     draw = ImageDraw.Draw(image)
-    cx, cy, r = item.x * image.width, item.y * image.height, item.radius(*image.size)
     if item.shape == "circle":
+        cx, cy, r = item.x * image.width, item.y * image.height, item.radius(*image.size)
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=item.fill)
-    elif item.shape in ("square", "triangle"):
-        sides = 4 if item.shape == "square" else 3
-        draw.regular_polygon((cx, cy, r), sides, rotation=item.angle, fill=item.fill)
     else:
         draw.polygon(item.outline(*image.size), fill=item.fill)
 
@@ -468,14 +465,17 @@ def count_in(reply: str) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def box_ious(exchange: Exchange, reply: str) -> list[float]:
-    """For each box a grounding question expects: the IoU of the reply's box with the same label (0: none)."""
+def box_ious(exchange: Exchange, reply: str, by_label: bool = True) -> list[float]:
+    """For each box a grounding question expects: the IoU of the reply's box with the same label
+    (0: none), or (`by_label=False`) the best IoU of any box in the reply, whatever its label."""
     scene = exchange.scene
     expected = (exchange.target,) if exchange.kind == "find" else scene.ordered
+    boxes = [box for box in parse_boxes(reply) if box.bbox is not None]
+    if not by_label:
+        return [max((iou(tuple(scene.box_2d(item)), b.bbox) for b in boxes), default=0.0) for item in expected]
     given = {}
-    for box in parse_boxes(reply):
-        if box.bbox is not None:
-            given.setdefault(box.label.strip().lower(), box.bbox)
+    for box in boxes:
+        given.setdefault(box.label.strip().lower(), box.bbox)
     return [iou(tuple(scene.box_2d(item)), given[item.label]) if item.label in given else 0.0 for item in expected]
 
 
