@@ -39,8 +39,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 EXAMPLES = (
     ("photo_shapes.jpg", "Locate every shape."),
     ("two_shapes.jpg", "How many shapes are there?"),
-    ("orange_star.jpg", "What shape is this?"),
-    ("photo_shapes.jpg", "What colour is the star?"),
+    ("orange_star.jpg", "Where is the shape?"),
+    ("orange_star.jpg", "What colour is the shape?"),
 )
 ROUTE_LABELS = {
     "auto": "Auto",

@@ -118,10 +118,11 @@ def describe_model(manifest: Manifest) -> str:
     if source == DEMO_MODEL:
         return (
             f"**Demo model** (`assets/demo-model`, {size}): a tiny Qwen3-VL trained from scratch on this "
-            "machine on synthetic pictures of one coloured shape (circle, square, triangle or star) on a "
-            "plain background. It names the shape, its colour and where it is, and adds small numbers; "
-            "it knows nothing else, and it learned one question per picture: clear the conversation "
-            f"before asking about the next one. For a real model start {REAL_MODEL_HINT}."
+            "machine on photo-like synthetic pictures of one to three coloured shapes. It tells colours, "
+            "places and how many shapes there are, and boxes them (\"Locate every shape.\"), but it has not "
+            "learnt to tell circles, squares, triangles and stars apart: its shape names are guesses. It "
+            "knows nothing else but greetings and small sums, and it learned one question per picture: "
+            f"clear the conversation before asking about the next one. For a real model start {REAL_MODEL_HINT}."
         )
     if source == TINY_MODEL:
         return (
