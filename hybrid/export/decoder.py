@@ -1,9 +1,14 @@
 """The Qwen3-VL text decoder as an ONNX graph, written node by node and weight by weight.
 
-The graph runs the checkpoint's text layers in an explicit loop: RMS-normed q/k, interleaved M-RoPE
-from 3-D `position_ids`, onnxruntime's fused `GroupQueryAttention`, and after layer `i < D` the
-DeepStack map `i` is added (it is zero outside image rows, so adding it everywhere is the same as
-the masked add in transformers). Only the last position's logits are computed.
+The graph runs the checkpoint's text layers in an explicit loop: RMS-normed q/k, onnxruntime's fused
+`GroupQueryAttention`, and after layer `i < D` the DeepStack map `i` is added (it is zero outside
+image rows, so adding it everywhere is the same as the masked add in transformers). Only the last
+position's logits are computed.
+
+M-RoPE: the interleaved angles of each new token are computed once from the 3-D `position_ids`, and
+`GroupQueryAttention` rotates q and k itself: its cos/sin "cache" is that per-token table (padded to
+the total length it checks for) and its rotary positions are `0..S-1`, rows of the table. One fused
+kernel per layer instead of a dozen small ops; this assumes batch 1, which is what the routes run.
 
 The KV cache is a fixed-size buffer per layer, `past_key_values.*` `[B, kv_heads, capacity, d]`:
 bound as both past and present, `GroupQueryAttention` writes the new keys in place, so no step
@@ -133,9 +138,9 @@ class _Writer:
         s = self.shapes
         hidden = "inputs_embeds"
         seqlens_k, total_length = self._lengths()
-        cos, sin = self._rotary()
+        rotary = self._rotary()
         for i in range(s.num_layers):
-            hidden = self._layer(i, hidden, cos, sin, seqlens_k, total_length)
+            hidden = self._layer(i, hidden, rotary, seqlens_k, total_length)
             on_layer(i + 1, s.num_layers)
         last = self.op("Slice", hidden, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
         normed = self._norm(TEXT + "norm.weight", last)
@@ -168,29 +173,37 @@ class _Writer:
         total = self.op("Gather", self.op("Shape", "attention_mask"), self.const(1), axis=0)
         return seqlens_k, self.op("Cast", total, to=TensorProto.INT32)
 
-    def _rotary(self) -> tuple[str, str]:
-        """cos, sin `(B, S, 1, d/2)` of the interleaved M-RoPE angles, shared by every layer."""
+    def _rotary(self) -> tuple[str, str, str]:
+        """cos, sin `(total, d/2)` of the new tokens' interleaved M-RoPE angles (rows past S are zero
+        padding), and the rotary positions `(1, S)` that pick their rows, shared by every layer."""
         s = self.shapes
         positions = self.op("Transpose", self.op("Cast", "position_ids", to=TensorProto.FLOAT), perm=[1, 2, 0])
         chosen = self.op("Gather", positions, self.const(s.rope_axes()), axis=2)  # (B, S, d/2)
-        angles = self.op("Unsqueeze", self.op("Mul", chosen, self.const(s.inv_freq())), self.const([2]))
-        return self.op("Cos", angles), self.op("Sin", angles)
+        angles = self.op("Reshape", self.op("Mul", chosen, self.const(s.inv_freq())), self.const([-1, s.head_dim // 2]))
+        new = self.op("Gather", self.op("Shape", "inputs_embeds"), self.const(1), axis=0)
+        total = self.op("Gather", self.op("Shape", "attention_mask"), self.const(1), axis=0)
+        padding = self.op("Concat", self.const([0, 0]), self.op("Unsqueeze", self.op("Sub", total, new), self.const([0])),
+                          self.const([0]), axis=0)  # fmt: skip
+        cos, sin = (self.op("Pad", self.op(f, angles), padding) for f in ("Cos", "Sin"))
+        rows = self.op("Unsqueeze", self.op("Range", self.const(0), new, self.const(1)), self.const([0]))
+        return cos, sin, rows
 
-    def _layer(self, i: int, hidden: str, cos: str, sin: str, seqlens_k: str, total_length: str) -> str:
+    def _layer(self, i: int, hidden: str, rotary: tuple[str, str, str], seqlens_k: str, total_length: str) -> str:
         s = self.shapes
         prefix = f"{TEXT}layers.{i}."
         x = self._norm(prefix + "input_layernorm.weight", hidden)
         qkv = self._linear(f"layers.{i}.qkv", x, self._fused(prefix + "self_attn.", "q_proj", "k_proj", "v_proj"))
         kv_width = s.num_kv_heads * s.head_dim
         q, k, v = self.op("Split", qkv, self.const([s.num_heads * s.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
-        q = self._rotate(self._head_norm(prefix + "self_attn.q_norm.weight", q), cos, sin)
-        k = self._rotate(self._head_norm(prefix + "self_attn.k_norm.weight", k), cos, sin)
+        q = self._head_norm(prefix + "self_attn.q_norm.weight", q)
+        k = self._head_norm(prefix + "self_attn.k_norm.weight", k)
         # the new keys and values are written straight into the graph's present outputs, so a buffer
-        # bound as both past and present is updated in place
+        # bound as both past and present is updated in place; q and k are rotated inside
         attn, key, value = self.op(
             "GroupQueryAttention", q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k,
-            total_length, domain=CONTRIB, outputs=3, output=[None, f"present.{i}.key", f"present.{i}.value"],
-            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, scale=float(s.head_dim**-0.5),
+            total_length, *rotary, domain=CONTRIB, outputs=3, output=[None, f"present.{i}.key", f"present.{i}.value"],
+            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, scale=float(s.head_dim**-0.5), do_rotary=1,
+            rotary_interleaved=0,
         )  # fmt: skip
         o_proj = self.tensors.read(prefix + "self_attn.o_proj.weight")
         hidden = self.op("Add", hidden, self._linear(f"layers.{i}.o_proj", attn, o_proj))
@@ -210,17 +223,9 @@ class _Writer:
         return self.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=float(self.shapes.rms_norm_eps))
 
     def _head_norm(self, weight_name: str, x: str) -> str:
-        """`(B, S, heads * d)` -> `(B, S, heads, d)`, RMS-normed per head."""
+        """`(B, S, heads * d)` RMS-normed per head, same shape."""
         per_head = self.op("Reshape", x, self.const([0, 0, -1, self.shapes.head_dim]))
-        return self._norm(weight_name, per_head)
-
-    def _rotate(self, x: str, cos: str, sin: str) -> str:
-        """Rotary embedding of `(B, S, heads, d)` (rotate-half form), back to `(B, S, heads * d)`."""
-        x1, x2 = self.op("Split", x, axis=-1, outputs=2, num_outputs=2)
-        first = self.op("Sub", self.op("Mul", x1, cos), self.op("Mul", x2, sin))
-        second = self.op("Add", self.op("Mul", x2, cos), self.op("Mul", x1, sin))
-        rotated = self.op("Concat", first, second, axis=-1)
-        return self.op("Reshape", rotated, self.const([0, 0, -1]))
+        return self.op("Reshape", self._norm(weight_name, per_head), self.const([0, 0, -1]))
 
     def _fused(self, prefix: str, *names: str) -> np.ndarray:
         """The weights `(N_a + N_b + ..., K)` of several linear layers, one matmul for all."""
