@@ -9,7 +9,6 @@ budget; the least recently used go first.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hybrid.processor import PreparedInputs
+from hybrid.processor import PreparedInputs, pixel_digest
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +43,10 @@ class Kept:
 
 def image_runs(inputs: PreparedInputs) -> tuple[ImageRun, ...]:
     """Where each image of the prompt sits, and what it is (equal digests: equal pixels and grid)."""
-    runs = []
-    for i, (start, end) in enumerate(inputs.image_spans()):
-        digest = hashlib.sha256(inputs.image_pixels(i).numpy().tobytes())
-        digest.update(inputs.image_grid_thw[i].numpy().tobytes())
-        runs.append(ImageRun(start, end, digest.hexdigest()))
-    return tuple(runs)
+    return tuple(
+        ImageRun(start, end, pixel_digest(inputs.image_pixels(i), inputs.image_grid_thw[i : i + 1]))
+        for i, (start, end) in enumerate(inputs.image_spans())
+    )
 
 
 def reusable_prefix(kept: Kept | None, token_ids: np.ndarray, images: tuple[ImageRun, ...]) -> int:

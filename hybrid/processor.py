@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 # Private-use characters mark where message texts go in the rendered template.
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
 _SENTINEL = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
+
+
+def pixel_digest(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> str:
+    """A digest of images' patches and grids: equal digests, equal pictures for the model."""
+    digest = hashlib.sha256(pixel_values.numpy().tobytes())
+    digest.update(image_grid_thw.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ bundles use it: about 2.7x faster on the 2B tower); fp32 stays exact.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from hybrid.errors import BundleError
+from hybrid.processor import pixel_digest
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -38,12 +38,6 @@ class FeatureCache:
         self.capacity = capacity
         self.entries: OrderedDict[str, VisionFeatures] = OrderedDict()
         self.hits = 0
-
-    @staticmethod
-    def key(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> str:
-        digest = hashlib.sha256(pixel_values.numpy().tobytes())
-        digest.update(image_grid_thw.numpy().tobytes())
-        return digest.hexdigest()
 
     def get(self, key: str) -> VisionFeatures | None:
         features = self.entries.get(key)
@@ -80,7 +74,7 @@ class VisionTower:
         self.cache = FeatureCache()
 
     def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
-        key = self.cache.key(pixel_values, image_grid_thw)
+        key = pixel_digest(pixel_values, image_grid_thw)
         features = self.cache.get(key)
         if features is None:
             features = self._run(pixel_values, image_grid_thw)
