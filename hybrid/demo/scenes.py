@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hybrid.boxes import SCALE, iou, parse_boxes
+from hybrid.boxes import SCALE, Box, iou, parse_boxes
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -468,9 +468,12 @@ def count_in(reply: str) -> int | None:
 def box_ious(exchange: Exchange, reply: str, by_label: bool = True) -> list[float]:
     """For each box a grounding question expects: the IoU of the reply's box with the same label
     (0: none), or (`by_label=False`) the best IoU of any box in the reply, whatever its label."""
+    return _ious(exchange, [box for box in parse_boxes(reply) if box.bbox is not None], by_label)
+
+
+def _ious(exchange: Exchange, boxes: list[Box], by_label: bool) -> list[float]:
     scene = exchange.scene
     expected = (exchange.target,) if exchange.kind == "find" else scene.ordered
-    boxes = [box for box in parse_boxes(reply) if box.bbox is not None]
     if not by_label:
         return [max((iou(tuple(scene.box_2d(item)), b.bbox) for b in boxes), default=0.0) for item in expected]
     given = {}
@@ -501,6 +504,6 @@ def grade(exchange: Exchange, reply: str) -> bool:
         return sorted(mentions(reply)) == sorted((i.colour, i.shape, i.position) for i in scene.items)
     if exchange.kind in GROUNDING_KINDS:
         boxes = [b for b in parse_boxes(reply) if b.bbox is not None]
-        ious = box_ious(exchange, reply)
+        ious = _ious(exchange, boxes, by_label=True)
         return len(boxes) == len(ious) and all(v >= 0.5 for v in ious)
     raise ValueError(f"unknown question kind {exchange.kind!r}")

@@ -32,7 +32,6 @@ from hybrid.tiny import TinySpec, build_checkpoint, build_config, build_processo
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training.json"
-IMAGE_PAD = "<|image_pad|>"
 # How often each kind is asked about a picture (a kind a picture cannot answer is skipped).
 KIND_WEIGHTS = {
     "shape": 1.5, "colour": 1.5, "position": 1.5, "count": 1.0, "colour_of": 1.0, "position_of": 1.2,
@@ -146,7 +145,7 @@ def row_text(processor, example: Example, image_tokens: list[int]) -> str:
     pictured = example.picture is not None
     prompt = chat_prompt(processor, example.exchange.question, pictured)
     if pictured:
-        prompt = prompt.replace(IMAGE_PAD, IMAGE_PAD * image_tokens[example.picture])
+        prompt = prompt.replace(processor.image_token, processor.image_token * image_tokens[example.picture])
     return prompt + example.exchange.answer + END
 
 
@@ -157,8 +156,7 @@ def collate(processor, pictures: list[scenes.Scene], rows: list[Example]) -> dic
     tokens = (images["image_grid_thw"].prod(-1) // merge**2).tolist()
     texts = [row_text(processor, row, tokens) for row in rows]
     batch = dict(processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt"))
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).int()
+    batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).int()
     batch["labels"] = answer_labels(processor.tokenizer, batch, [r.exchange.answer + END for r in rows])
     batch["pixel_values"], batch["picture_grid_thw"] = images["pixel_values"], images["image_grid_thw"]
     return batch
@@ -250,7 +248,8 @@ class Trainer:
         batch = collate(self.processor, pictures, rows)
         grids = batch.pop("picture_grid_thw")
         vision = self.model.model.visual(batch.pop("pixel_values"), grid_thw=grids, return_dict=True)
-        sums, counts = self.answer_losses(batch, rows, vision, grids)
+        per_picture = _per_picture(vision, grids, self.processor.image_processor.merge_size)
+        sums, counts = self.row_losses(batch, rows, per_picture, grids)
         loss = sums.sum() / counts.sum()
         probe = self.probe.loss(vision.pooler_output, pictures, grids, self.processor.image_processor.merge_size)
         loss = loss + self.cfg.probe_weight * probe
@@ -259,10 +258,11 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
         self.optimizer.step()
         self.schedule.step()
-        return (sums / counts).detach(), float(probe)
+        return (sums / counts).detach(), probe.item()
 
-    def answer_losses(self, batch, rows: list[Example], vision, grids) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's per-row losses, short rows and long rows in two passes (less padding)."""
+    def row_losses(self, batch, rows: list[Example], per_picture, grids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's per-row losses, short rows and long rows in two passes (less padding);
+        `per_picture`: the tower's output split per picture, handed to the rows that show it."""
         lengths = batch["attention_mask"].sum(dim=1)
         order = torch.argsort(lengths)
         sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
@@ -274,7 +274,6 @@ class Trainer:
             shown = [rows[i].picture for i in part.tolist() if rows[i].picture is not None]
             extra = {}
             if shown:
-                per_picture = _per_picture(vision, grids, self.processor.image_processor.merge_size)
                 extra = {
                     "image_grid_thw": grids[shown],
                     "mm_encoder_outputs": {"image": BaseModelOutputWithDeepstackFeatures(
