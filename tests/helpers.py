@@ -9,6 +9,7 @@ import torch
 
 from hybrid.__main__ import collect
 from hybrid.config import SamplingConfig
+from hybrid.metrics import Stopwatch
 from hybrid.types import Message, Request
 
 NEW_TOKENS = 24
@@ -37,19 +38,12 @@ def reference_logits(model, inputs, generated: list[int]) -> np.ndarray:
 
 
 def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
-    """Our decoder's logits `(n, V)` for the same tokens: prefill, then one step per token."""
-    from hybrid.rope import decode_position, get_rope_index
-
-    features = route.encode(inputs)
-    injected = route.inject(inputs, features)
-    grid = None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
-    positions, delta = get_rope_index(inputs.mm_token_type_ids, grid, route.vision.spatial_merge_size)
+    """The route's own logits `(n, V)` for the same tokens: its prefill, then its step per token."""
     cache = route.decoder.new_cache(inputs.num_tokens + len(generated))
-    rows = [route.decoder.forward(cache, injected.inputs_embeds, positions, injected.deepstack_embeds)]
-    zeros = np.zeros((route.decoder.num_deepstack, 1, 1, route.decoder.hidden_size), dtype=np.float32)
+    logits, delta = route.prefill(cache, inputs, 0, Stopwatch())
+    rows = [logits]
     for token in generated[:-1]:
-        embeds = route.embeddings(np.array([[token]], dtype=np.int64))
-        rows.append(route.decoder.forward(cache, embeds, decode_position(cache.length, delta), zeros))
+        rows.append(route.feed(cache, token, delta).copy())
     return np.stack(rows)
 
 

@@ -41,3 +41,35 @@ def test_the_cache_only_feeds_fused_attention(bundle):
     readers = {node.op_type for node in graph.node for name in node.input if name in past}
     assert readers == {"GroupQueryAttention"}
     assert sum(node.op_type == "GroupQueryAttention" for node in graph.node) == len(past) // 2
+
+
+def test_a_decode_step_allocates_no_inputs_and_matches_a_one_token_forward(bundle):
+    """`step` rewrites the inputs it bound once and returns the logits where the decoder wrote
+    them; its result equals a general `forward` of the same token."""
+    decoder = OnnxDecoder(bundle("base") / DECODER_FILE)
+    rng = np.random.default_rng(1)
+    prompt = rng.standard_normal((1, 3, decoder.hidden_size), dtype=np.float32)
+    positions = np.broadcast_to(np.arange(3)[None, None], (3, 1, 3)).copy()
+    no_deepstack = np.zeros((decoder.num_deepstack, 1, 3, decoder.hidden_size), np.float32)
+    token = rng.standard_normal(decoder.hidden_size, dtype=np.float32)
+    stepped, forwarded = decoder.new_cache(capacity=8), decoder.new_cache(capacity=8)
+    for cache in (stepped, forwarded):
+        decoder.forward(cache, prompt, positions, no_deepstack)
+
+    bound = {name: value.data_ptr() for name, value in stepped.step.values.items()}
+    arrays = (stepped.step.embeds, stepped.step.positions, stepped.logits)
+    out = decoder.step(stepped, token, 3)
+    assert np.shares_memory(out, stepped.logits)  # no copy of the logits
+    first = out.copy()
+    calls = []
+    binding = stepped.binding
+    for method in ("bind_cpu_input", "bind_ortvalue_input"):
+        original = getattr(binding, method)
+        setattr(binding, method, lambda name, value, original=original: (calls.append(name), original(name, value)))
+    decoder.step(stepped, token, 4)
+    assert calls == ["attention_mask"]  # a second step binds nothing new but the mask's length
+    assert all(a is b for a, b in zip(arrays, (stepped.step.embeds, stepped.step.positions, stepped.logits)))
+    assert bound == {name: value.data_ptr() for name, value in stepped.step.values.items()}
+
+    expected = decoder.forward(forwarded, token[None, None], decode_position(3, 0), no_deepstack[:, :, :1])
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from hybrid.decoder import KVCache, OnnxDecoder
 from hybrid.injection import EmbeddingTable, InjectedInputs, inject
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
-from hybrid.rope import decode_position, get_rope_index
+from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, suppress
 from hybrid.types import Chunk, Request
@@ -50,6 +50,21 @@ class HybridRoute:
         reused = reusable_prefix(kept, inputs.input_ids[0], images)
         cache = self.cache_for(kept, reused, inputs.num_tokens + request.sampling.max_new_tokens)
         watch.reused_tokens = reused
+        logits, rope_delta = self.prefill(cache, inputs, reused, watch)
+        emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
+        token_ids = inputs.input_ids[0].tolist()  # what the cache holds, grown as tokens are fed
+        try:
+            yield from self.decode(emitter, cache, logits, token_ids, rope_delta)
+        finally:
+            self.keep(request.conversation_id, cache, token_ids, images)
+        yield emitter.final()
+
+    def prefill(
+        self, cache: KVCache, inputs: PreparedInputs, reused: int, watch: Stopwatch
+    ) -> tuple[np.ndarray, int]:
+        """Encode the images among the prompt's tokens after the first `reused` (those the cache
+        holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
+        delta that places the tokens generated after the prompt."""
         new = inputs.tail(reused)  # the tokens to prefill, with only the images among them
         features = timed(watch, "vision", self.encode, new)
         injected = self.inject(new, features)
@@ -60,13 +75,12 @@ class HybridRoute:
             watch, "prefill", self.decoder.forward,
             cache, injected.inputs_embeds, positions[:, :, reused:], injected.deepstack_embeds,
         )  # fmt: skip
-        emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
-        token_ids = inputs.input_ids[0].tolist()  # what the cache holds, grown as tokens are fed
-        try:
-            yield from self.decode(emitter, cache, logits, token_ids, rope_delta)
-        finally:
-            self.keep(request.conversation_id, cache, token_ids, images)
-        yield emitter.final()
+        return logits, rope_delta
+
+    def feed(self, cache: KVCache, token: int, rope_delta: int) -> np.ndarray:
+        """Run one generated token; returns the next logits `(V,)` (the decoder's buffer, valid
+        until the cache's next run)."""
+        return self.decoder.step(cache, self.embeddings.weight[token], cache.length + rope_delta)
 
     def cache_for(self, kept: Kept | None, reused: int, capacity: int) -> KVCache:
         """A cache for `capacity` tokens whose first `reused` are the kept conversation's."""
@@ -101,24 +115,34 @@ class HybridRoute:
     def decode(
         self, emitter: Emitter, cache: KVCache, logits: np.ndarray, token_ids: list[int], rope_delta: int
     ) -> Iterator[Chunk]:
-        """Sample until the emitter is done; each token fed to the decoder is appended to `token_ids`."""
+        """Sample until the emitter is done; each token fed to the decoder is appended to `token_ids`.
+
+        A step allocates no arrays of its own: the decoder's step inputs are bound once and
+        rewritten, the logits are read where the decoder wrote them, and the ids seen so far
+        are materialised only when a repetition penalty needs them."""
         sampling = emitter.sampling
         rng = np.random.default_rng(sampling.seed)
-        seen = set(token_ids)
-        no_deepstack = np.zeros((self.decoder.num_deepstack, 1, 1, self.decoder.hidden_size), dtype=np.float32)
+        penalised = sampling.repetition_penalty != 1.0
+        seen = set(token_ids) if penalised else set()
         eos = self.processor.eos_token_ids
         while True:
             if len(emitter.token_ids) < sampling.min_new_tokens:
                 logits = suppress(logits, eos)
-            token = sample(logits, sampling, np.fromiter(seen, dtype=np.int64), rng)
+            ids = np.fromiter(seen, dtype=np.int64, count=len(seen)) if penalised else _NO_IDS
+            token = sample(logits, sampling, ids, rng)
             yield emitter.push(token)
             if emitter.done:
                 return
-            seen.add(token)
-            embeds = self.embeddings(np.array([[token]], dtype=np.int64))
-            logits = self.decoder.forward(cache, embeds, decode_position(cache.length, rope_delta), no_deepstack)
+            if penalised:
+                seen.add(token)
+            logits = self.feed(cache, token, rope_delta)
             token_ids.append(token)
-            emitter.watch.sample_memory()
+            if len(token_ids) % MEMORY_EVERY == 0:
+                emitter.watch.sample_memory()
+
+
+MEMORY_EVERY = 32  # decode steps between two reads of the resident memory (the final timings read it too)
+_NO_IDS = np.zeros(0, dtype=np.int64)
 
 
 def _grid(inputs: PreparedInputs) -> np.ndarray | None:
