@@ -6,8 +6,6 @@ kept for the conversation's next request (see `hybrid.conversation`).
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,26 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from hybrid.errors import BundleError
-
-log = logging.getLogger(__name__)
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or physical_cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
+from hybrid.threads import session_options
 
 
 @dataclass

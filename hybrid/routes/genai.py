@@ -22,11 +22,11 @@ import numpy as np
 
 from hybrid.config import SamplingConfig
 from hybrid.conversation import ConversationStore, Kept, reusable_prefix
-from hybrid.decoder import physical_cores
 from hybrid.errors import BundleError, RouteError
 from hybrid.metrics import Stopwatch
 from hybrid.processor import Processor
 from hybrid.routes.common import Emitter, prepare
+from hybrid.threads import intra_op_threads
 from hybrid.types import Chunk, Request
 
 KV_BYTES = 4  # GenAI's CPU builds keep keys and values in fp32, INT4 weights included
@@ -58,7 +58,7 @@ class GenAIRoute:
         try:
             config = og.Config(str(folder))
             # GenAI's default threading runs about 2x slower on a 2-core machine
-            overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads or physical_cores()}}}}
+            overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": intra_op_threads(threads)}}}}
             config.overlay(json.dumps(overlay))
             self.model = og.Model(config)
             self.tokenizer = og.Tokenizer(self.model)
