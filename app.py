@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,15 +23,17 @@ import pandas as pd
 from PIL import Image
 
 from hybrid.boxes import Box, draw_boxes, parse_boxes
-from hybrid.config import DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, RuntimeConfig, SamplingConfig
+from hybrid.config import (
+    DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, PRECISIONS, RuntimeConfig, SamplingConfig,
+)  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.images import open_image
 from hybrid.launch import describe_model, load_pipeline
 from hybrid.limits import RateLimiter
-from hybrid.metrics import Timings
+from hybrid.logs import setup_logging
 from hybrid.pipeline import Pipeline
-from hybrid.router import COMPARE_ORDER
-from hybrid.types import Chunk, Message, Request
+from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
+from hybrid.types import ROUTE_NAMES, Answer, Message, Request, RouteName
 
 log = logging.getLogger("app")
 
@@ -42,15 +44,13 @@ EXAMPLES = (
     ("orange_star.jpg", "Where is the shape?"),
     ("orange_star.jpg", "What colour is the shape?"),
 )
-ROUTE_LABELS = {
-    "auto": "Auto",
-    "hybrid": "Hybrid ONNX",
-    "genai": "GenAI",
-    "pytorch": "PyTorch reference",
-    "compare": "Compare all",
-}
+ROUTE_LABELS: dict[RouteName, str] = {"hybrid": "Hybrid ONNX", "genai": "GenAI", "pytorch": "PyTorch reference"}
+CHOICE_LABELS = {AUTO: "Auto", **ROUTE_LABELS, COMPARE: "Compare all"}  # the Route control
+UNAVAILABLE = " (unavailable)"  # after the label of a route that did not load; CSS greys it out
 # each route's colour when its boxes are drawn on the picture (Compare all draws them together)
-ROUTE_COLOURS = {"hybrid": (79, 70, 229), "genai": (22, 163, 74), "pytorch": (234, 88, 12)}
+ROUTE_COLOURS: dict[RouteName, tuple[int, int, int]] = {
+    "hybrid": (79, 70, 229), "genai": (22, 163, 74), "pytorch": (234, 88, 12),
+}  # fmt: skip
 FIGURE_SIDE = 768  # longest side of a picture with boxes, as shown in the chat
 CPU = "cpu"  # the concurrency group of every event that generates: one generation at a time
 QUEUE_SIZE = 16  # requests waiting for the CPU; more are refused with Gradio's "queue is full"
@@ -68,6 +68,7 @@ CSS = """
 .route-mark { display: block; margin-top: 0.4em; font-size: 0.8em; font-style: italic; opacity: 0.7; }
 #chatbot img { max-height: 160px; width: auto; }
 #header h1 { margin-bottom: 0.2em; }
+#route label[data-testid$="(unavailable)-radio-label"] { opacity: 0.45; pointer-events: none; }
 """
 
 
@@ -87,20 +88,8 @@ class Turn:
 
 
 @dataclass
-class RouteRun:
-    """Collects one route's chunk stream: the answer so far and, at the end, its timings."""
-
-    route: str
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    timings: Timings | None = None
-
-    def add(self, chunk: Chunk) -> None:
-        self.text += chunk.text
-        self.token_ids.extend(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            self.finish_reason, self.timings = chunk.finish_reason, chunk.timings
+class RouteRun(Answer):
+    """One route's answer as the page shows it: a bubble, and the mark under it."""
 
     def turn(self) -> Turn:
         return Turn("assistant", self.text, route=self.route, status=self.status(), done=self.timings is not None)
@@ -112,16 +101,6 @@ class RouteRun:
         endings = {"cancelled": "stopped", "length": "cut at max new tokens", "stop": "stop string"}
         ending = endings.get(self.finish_reason or "")
         return f"{self.route} · {speed}" + (f" · {ending}" if ending else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The CLI's JSON shape: route, text, token_ids, finish_reason, timings."""
-        return {
-            "route": self.route,
-            "text": self.text,
-            "token_ids": list(self.token_ids),
-            "finish_reason": self.finish_reason,
-            "timings": self.timings.to_dict() if self.timings else {},
-        }
 
 
 def to_request(
@@ -254,13 +233,37 @@ def as_int(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+@dataclass(frozen=True)
+class Page:
+    """The components the chat handlers update; a handler's update is a dict keyed by them."""
+
+    prompt: gr.MultimodalTextbox
+    chatbot: gr.Chatbot
+    turns: gr.State
+    latency: gr.Dataframe
+    stages: gr.BarPlot
+    history: gr.State
+    history_table: gr.Dataframe
+
+    @property
+    def outputs(self) -> list[gr.components.Component]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def conversation(self, turns: list[Turn]) -> dict:
+        """The update that shows `turns` in the chat and keeps them in the session."""
+        return {self.chatbot: to_chatbot(turns), self.turns: turns}
+
+
 class ChatService:
     """The page's handlers, over one loaded pipeline. Stop reaches the running request of the
     session that pressed it, through that request's cancel event. With a `limiter`, each session
     may send only so many requests per minute."""
 
-    def __init__(self, pipeline: Pipeline, stream_interval: float = 0.05, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, page: Page, stream_interval: float = 0.05, limiter: RateLimiter | None = None
+    ) -> None:
         self.pipeline = pipeline
+        self.page = page
         self.stream_interval = stream_interval  # at most one chat update per interval while streaming
         self.limiter = limiter
         self._cancels: dict[str, threading.Event] = {}
@@ -280,37 +283,40 @@ class ChatService:
         history: list[dict[str, Any]],
         request: gr.Request,
         image_detail: str = DEFAULT_IMAGE_DETAIL,
-    ) -> Iterator[tuple]:
-        """Streams (textbox, chatbot, turns, latency table, stage chart, history, history table).
-        The session is the conversation: the routes keep its KV caches until Clear or its end."""
+    ) -> Iterator[dict]:
+        """Streams updates of the `Page`: the conversation as it grows, then the latency panel
+        and the run history. The session is the conversation: the routes keep its KV caches until
+        Clear or its end."""
         self._admit(request)
-        sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        sampling = _sampling(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
         conversation = _session(request) or None
         user, full, routes = self._prepare(message, turns, sampling, route, conversation, _image_tokens(image_detail))
         turns = [*turns, user]
+        page = self.page
         cancel = self._begin(_session(request))
         runs: list[RouteRun] = []
         try:
-            yield None, to_chatbot(turns), turns, *[gr.skip()] * 4
+            yield {page.prompt: None, **page.conversation(turns)}
             for name in routes:
                 if cancel.is_set():
                     break
                 for turns, run in self._answer(full, name, turns, cancel):
-                    yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
+                    yield page.conversation(turns)
                 runs.append(run)
-                yield gr.skip(), gr.skip(), gr.skip(), latency_rows(runs), stage_rows(runs), gr.skip(), gr.skip()
+                yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
         except HybridError as exc:
-            turns = settle(turns, "failed")
-            yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
+            yield page.conversation(settle(turns, "failed"))
             raise gr.Error(str(exc)) from exc
         finally:
             self._end(_session(request), cancel)
         figure = box_figure(runs, turns)
         if figure is not None:
-            turns = [*turns, figure]
-            yield gr.skip(), to_chatbot(turns), turns, *[gr.skip()] * 4
+            yield page.conversation([*turns, figure])
         history = [*history, *history_entries(len(history), user, runs)]
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), history, history_rows(history)
+        yield {page.history: history, page.history_table: history_rows(history)}
 
     def _prepare(
         self,
@@ -320,7 +326,7 @@ class ChatService:
         route: str,
         conversation_id: str | None = None,
         max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
-    ) -> tuple[Turn, Request, tuple[str, ...]]:
+    ) -> tuple[Turn, Request, tuple[RouteName, ...]]:
         """Everything that can be refused, checked before the conversation changes."""
         runtime = self.pipeline.runtime
         try:
@@ -333,7 +339,7 @@ class ChatService:
             raise gr.Error(str(exc)) from exc
 
     def _answer(
-        self, request: Request, route: str, turns: list[Turn], cancel: threading.Event
+        self, request: Request, route: RouteName, turns: list[Turn], cancel: threading.Event
     ) -> Iterator[tuple[list[Turn], RouteRun]]:
         """The conversation with the route's answer so far, at most once per `stream_interval`."""
         run = RouteRun(route)
@@ -346,21 +352,20 @@ class ChatService:
                     shown = time.perf_counter()
                     yield [*turns, run.turn()], run
 
-    def stop(self, turns: list[Turn], request: gr.Request) -> tuple[list[dict], list[Turn]]:
+    def stop(self, turns: list[Turn], request: gr.Request) -> dict:
         """Cancel this session's running request; an unfinished answer is marked as stopped."""
         with self._lock:
             cancel = self._cancels.get(_session(request))
         if cancel is not None:
             cancel.set()
-        turns = settle(turns, "stopped")
-        return to_chatbot(turns), turns
+        return self.page.conversation(settle(turns, "stopped"))
 
-    def clear(self, request: gr.Request) -> tuple[None, list, list]:
+    def clear(self, request: gr.Request) -> dict:
         """Stop anything running and start a new conversation (the run history stays); the KV
         caches kept for the old one are dropped."""
         self.stop([], request)
         self.end_session(request)
-        return None, [], []
+        return {self.page.prompt: None, **self.page.conversation([])}
 
     def end_session(self, request: gr.Request) -> None:
         """Drop the KV caches kept for this session's conversation (Clear, or the tab closed)."""
@@ -381,13 +386,14 @@ class ChatService:
         """One prompt (and at most one image) answered in full: the answer of the first route, and
         one CLI-shaped result per route (`route`, `text`, `token_ids`, `finish_reason`, `timings`)."""
         self._admit(request)
-        sampling = _sampling(max_new_tokens, temperature, 1.0, 0, 1.0, seed)
-        _, request, routes = self._prepare({"text": prompt, "files": [image] if image else []}, [], sampling, route)
+        sampling = _sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        message = {"text": prompt, "files": [image] if image else []}
+        _, asked, routes = self._prepare(message, [], sampling, route)
         results = []
         try:
             for name in routes:
                 run = RouteRun(name)
-                for chunk in self.pipeline.stream(request, name):
+                for chunk in self.pipeline.stream(asked, name):
                     run.add(chunk)
                 results.append(run.to_dict())
         except HybridError as exc:
@@ -415,8 +421,9 @@ class ChatService:
 
 
 def _sampling(
-    max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
+    *, max_new_tokens: Any, temperature: Any, seed: Any, top_p: Any = 1.0, top_k: Any = 0, repetition_penalty: Any = 1.0
 ) -> SamplingConfig:
+    """The sampling settings as the controls send them (floats from sliders), or a `gr.Error`."""
     try:
         return SamplingConfig(
             max_new_tokens=as_int(max_new_tokens),
@@ -442,18 +449,23 @@ def _session(request: gr.Request | None) -> str:
 
 
 def header(pipeline: Pipeline, description: str) -> str:
+    """The page's title, the model, the routes that serve and why any other one does not."""
     lazily = " (loaded on first use)" if "pytorch" in pipeline.routes else ""
-    routes = {
+    routes: dict[RouteName, str] = {
         "hybrid": "**Hybrid ONNX**: PyTorch vision tower → image features injected into our ONNX decoder",
         "genai": "**GenAI**: onnxruntime-genai, text only",
         "pytorch": f"**PyTorch reference**: transformers `generate`{lazily}",
     }
     listed = " · ".join(text for name, text in routes.items() if name in pipeline.routes)
+    missing = "".join(
+        f"\n\n**{ROUTE_LABELS[name]} is unavailable**: {reason}" for name, reason in pipeline.unavailable.items()
+    )
+    auto = "text to GenAI" if "genai" in pipeline.routes else "text to Hybrid ONNX too"
     return (
         "# Qwen3-VL hybrid inference on the CPU\n\n"
         f"{description}\n\n"
-        f"Routes: {listed}. *Auto* sends image prompts to Hybrid ONNX and text to GenAI; "
-        "one request runs at a time."
+        f"Routes: {listed}. *Auto* sends image prompts to Hybrid ONNX and {auto}; "
+        f"one request runs at a time.{missing}"
     )
 
 
@@ -461,7 +473,14 @@ def build_demo(
     pipeline: Pipeline, description: str, stream_interval: float = 0.05, limiter: RateLimiter | None = None
 ) -> gr.Blocks:
     """The page, wired to `pipeline`; launch it with `launch_demo`."""
-    service = ChatService(pipeline, stream_interval, limiter)
+    demo, _ = build_page(pipeline, description, stream_interval, limiter)
+    return demo
+
+
+def build_page(
+    pipeline: Pipeline, description: str, stream_interval: float = 0.05, limiter: RateLimiter | None = None
+) -> tuple[gr.Blocks, ChatService]:
+    """The page and the service whose handlers it calls (tests drive the handlers directly)."""
     with gr.Blocks(title="Qwen3-VL hybrid inference", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
         gr.Markdown(header(pipeline, description), elem_id="header")
         turns, history = gr.State([]), gr.State([])
@@ -472,17 +491,18 @@ def build_demo(
                 controls, detail = _controls(pipeline)
                 _examples(prompt)
         latency, stages, history_table = _latency_panel()
+        page = Page(prompt, chatbot, turns, latency, stages, history, history_table)
+        service = ChatService(pipeline, page, stream_interval, limiter)
         _api_only(service)
 
-        outputs = [prompt, chatbot, turns, latency, stages, history, history_table]
         chat_event = prompt.submit(
-            service.chat, [prompt, turns, *controls, history, detail], outputs,
+            service.chat, [prompt, turns, *controls, history, detail], page.outputs,
             api_name="chat", concurrency_id=CPU, concurrency_limit=1, show_progress="minimal",
         )  # fmt: skip
         stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
         clear.click(service.clear, None, [prompt, chatbot, turns], cancels=[chat_event], queue=False, api_name="clear")
         demo.unload(service.end_session)
-    return demo
+    return demo, service
 
 
 def _chat_column() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button]:
@@ -512,9 +532,8 @@ def _examples(prompt: gr.MultimodalTextbox) -> None:
 
 def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Radio]:
     """The route and sampling controls (in the chat handler's order), and the image detail choice."""
-    choices = [(label, name) for name, label in ROUTE_LABELS.items() if name in ("auto", "compare", *pipeline.routes)]
     limit = pipeline.runtime.max_new_tokens_limit
-    route = gr.Radio(choices, value="auto", label="Route", elem_id="route",
+    route = gr.Radio(route_choices(pipeline), value=AUTO, label="Route", elem_id="route",
                      info="Compare all runs every route that can serve the prompt, one after the other.")  # fmt: skip
     max_new_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens")
     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
@@ -530,6 +549,13 @@ def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Rad
         repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
     return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed], detail
+
+
+def route_choices(pipeline: Pipeline) -> list[tuple[str, str]]:
+    """(label, value) of the Route control: Auto, each route of the bundle (one that did not load
+    marked unavailable, and greyed out by the page's CSS), Compare all."""
+    shown = (AUTO, *(r for r in ROUTE_NAMES if r in pipeline.routes or r in pipeline.unavailable), COMPARE)
+    return [(CHOICE_LABELS[name] + (UNAVAILABLE if name in pipeline.unavailable else ""), name) for name in shown]
 
 
 def _latency_panel() -> tuple[gr.Dataframe, gr.BarPlot, gr.Dataframe]:
@@ -556,7 +582,7 @@ def _api_only(service: ChatService) -> None:
     with gr.Row(visible=False):
         prompt = gr.Textbox(label="prompt")
         image = gr.File(label="image", file_types=["image"], type="filepath")
-        route = gr.Dropdown(list(ROUTE_LABELS), value="auto", label="route")
+        route = gr.Dropdown(list(ROUTE_CHOICES), value=AUTO, label="route")
         max_new_tokens = gr.Number(128, precision=0, label="max_new_tokens")
         temperature = gr.Number(0.0, label="temperature")
         seed = gr.Number(0, precision=0, label="seed")
@@ -583,7 +609,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo model in assets/demo-model)")
     parser.add_argument("--bundle", help="bundle folder (default: .cache/bundles/<model>-<precision>); "
                         "an existing bundle given without --model is served as is")  # fmt: skip
-    parser.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     parser.add_argument("--conversation-cache-mb", type=int, default=RuntimeConfig.conversation_cache_mb, metavar="MB",
                         help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)")  # fmt: skip
@@ -610,13 +636,7 @@ def _valid_auth(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         runtime = RuntimeConfig(threads=args.threads, conversation_cache_mb=args.conversation_cache_mb)
         pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime)

@@ -1,6 +1,8 @@
 """`python -m hybrid export | generate | bench`: the command-line entry point.
 
-Errors a user can cause print one line on stderr and exit with status 2.
+Errors a user can cause print one line on stderr and exit with status 2. A route that cannot load
+is named with the reason on stderr, and the others serve. Each command imports its machinery (torch,
+onnxruntime) when it runs, so that `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import logging
 import sys
 from typing import NoReturn
 
-from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, RuntimeConfig
+from hybrid.bench import add_bench_arguments, run_bench
+from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, PRECISIONS, RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
-from hybrid.router import ROUTE_CHOICES
+from hybrid.images import open_image
+from hybrid.logs import setup_logging
+from hybrid.router import AUTO, ROUTE_CHOICES, choose_routes
+from hybrid.types import ROUTE_NAMES, Message, Request, collect
+
+log = logging.getLogger("hybrid")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="turn a Qwen3-VL checkpoint into a bundle")
     export.add_argument("--model", required=True, help="checkpoint folder or hub id")
     export.add_argument("--out", required=True, help="bundle folder to write")
-    export.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
+    export.add_argument("--precision", choices=PRECISIONS, default="fp32")
     export.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai text model")
 
     gen = sub.add_parser("generate", help="answer one prompt")
@@ -37,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
     gen.add_argument("--system", default="", help="optional system message")
-    gen.add_argument("--route", choices=ROUTE_CHOICES, default="auto")
+    gen.add_argument("--route", choices=ROUTE_CHOICES, default=AUTO)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -51,22 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image tokens per picture at most: larger pictures are scaled down")  # fmt: skip
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
 
-    from hybrid.bench import add_bench_arguments
-
     add_bench_arguments(sub.add_parser("bench", help="benchmark the routes side by side"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = args.command == "generate"  # its stderr is for the one-line error only
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = args.command == "generate"  # its stderr is for warnings (a route unavailable) and the one-line error
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     try:
         return _COMMANDS[args.command](args)
     except HybridError as exc:
@@ -85,10 +85,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hybrid.config import SamplingConfig
-    from hybrid.images import open_image
     from hybrid.pipeline import Pipeline
-    from hybrid.types import Message, Request
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -107,42 +104,26 @@ def _generate(args: argparse.Namespace) -> int:
         messages + (Message("user", args.prompt, images),), sampling, max_image_tokens=args.max_image_tokens
     )
     pipeline = Pipeline.load(args.bundle, runtime)
-    for route in pipeline.plan(request, args.route):
-        result = collect(pipeline.stream(request, route), echo=None if args.json else sys.stdout)
+    routes = pipeline.plan(request, args.route)
+    for missing in choose_routes(request, args.route, ROUTE_NAMES):  # what would serve with every route loaded
+        if missing in pipeline.unavailable:
+            log.warning("the %s route is unavailable: %s", missing, pipeline.unavailable[missing])
+    for route in routes:
+        result = collect(route, pipeline.stream(request, route), on_text=None if args.json else _echo)
         if args.json:
             print(json.dumps(result, ensure_ascii=False), flush=True)
         else:
             print(file=sys.stdout, flush=True)
-            logging.getLogger("hybrid").debug("%s: %s", route, json.dumps(result["timings"]))
+            log.debug("%s: %s", route, json.dumps(result["timings"]))
     return 0
 
 
-def collect(chunks, echo=None) -> dict:
-    """Drain a chunk stream into the CLI's JSON shape, echoing text as it arrives."""
-    text, token_ids, last = [], [], None
-    for chunk in chunks:
-        text.append(chunk.text)
-        token_ids.extend(chunk.token_ids)
-        if echo is not None and chunk.text:
-            echo.write(chunk.text)
-            echo.flush()
-        last = chunk
-    return {
-        "route": last.route,
-        "text": "".join(text),
-        "token_ids": token_ids,
-        "finish_reason": last.finish_reason,
-        "timings": last.timings.to_dict(),
-    }
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from hybrid.bench import run_bench
-
-    return run_bench(args)
-
-
-_COMMANDS = {"export": _export, "generate": _generate, "bench": _bench}
+_COMMANDS = {"export": _export, "generate": _generate, "bench": run_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

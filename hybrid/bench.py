@@ -13,34 +13,50 @@ import json
 import logging
 import multiprocessing as mp
 import statistics
-import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from hybrid.config import IMAGE_DETAIL, MANIFEST_NAME, Precision, RuntimeConfig, SamplingConfig
 from hybrid.errors import UserError
+from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR
+from hybrid.logs import setup_logging
+from hybrid.metrics import rss_mb
+from hybrid.router import can_serve
+from hybrid.tiny import TinySpec, build_checkpoint
+from hybrid.types import Message, Request, RouteName, collect
 
 log = logging.getLogger(__name__)
 
-# route key -> (bundle precision, route name)
+
+@dataclass(frozen=True)
+class BenchRoute:
+    """One column of the benchmark: a route of the bundle exported at `precision`."""
+
+    route: RouteName
+    precision: Precision
+
+    @property
+    def key(self) -> str:
+        return f"{self.route}_{self.precision}"
+
+
 ROUTES = {
-    "pytorch_fp32": ("fp32", "pytorch"),
-    "hybrid_fp32": ("fp32", "hybrid"),
-    "hybrid_int4": ("int4", "hybrid"),
-    "genai_int4": ("int4", "genai"),
-}
+    r.key: r
+    for r in (BenchRoute("pytorch", "fp32"), BenchRoute("hybrid", "fp32"), BenchRoute("hybrid", "int4"),
+              BenchRoute("genai", "int4"))
+}  # fmt: skip
+REUSING: frozenset[RouteName] = frozenset({"hybrid", "genai"})  # routes that keep a conversation's KV cache
 CHECKPOINT_DTYPE = "bfloat16"  # as the real checkpoints are stored
-REUSING = ("hybrid_fp32", "hybrid_int4", "genai_int4")  # routes that keep a conversation's KV cache
 DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
 FIELDS = ("vision_ms", "prefill_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
 
 
 def preset_spec(preset: str, layers: int | None):
     """Real Qwen3-VL-2B/4B shapes (text and vision), or a tiny one for tests; `layers` cuts the text depth."""
-    from hybrid.tiny import TinySpec
-
     vision = dict(
         vision_depth=24,
         vision_hidden_size=1024,
@@ -99,7 +115,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
         raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
     spec = preset_spec(args.preset, args.layers)
-    bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r][0] for r in routes})
+    bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r].precision for r in routes})
     report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     report.update(preset=args.preset, layers=spec.num_hidden_layers, image=args.image)
     if args.follow_up:
@@ -127,10 +143,8 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _prepare_bundles(cache: Path, preset: str, spec, precisions: set[str]) -> dict[str, Path]:
-    from hybrid.config import MANIFEST_NAME
-    from hybrid.export.bundle import export_bundle
-    from hybrid.tiny import build_checkpoint
+def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[Precision]) -> dict[str, Path]:
+    from hybrid.export.bundle import export_bundle  # loads torch and transformers: only when benchmarking
 
     name = f"{preset}-L{spec.num_hidden_layers}"
     checkpoint = cache / f"checkpoint-{name}"
@@ -150,8 +164,7 @@ def measure(
     bundles: dict[str, Path], routes: list[str], width: int, height: int, prompt_tokens: int, new_tokens: int,
     runs: int, threads: int,
 ) -> dict:  # fmt: skip
-    ctx = mp.get_context("spawn")
-    workers = {key: _Worker(ctx, bundles[ROUTES[key][0]], ROUTES[key][1], threads) for key in routes}
+    workers = _start_workers(bundles, routes, threads)
     try:
         image_tokens = None
         samples: dict[str, list[dict]] = {key: [] for key in routes}
@@ -159,13 +172,11 @@ def measure(
             # a new picture every run, so the vision feature cache never answers for the tower
             image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
             for key in routes:
-                if key.startswith("genai"):
-                    request = _text_request(image_tokens or prompt_tokens, new_tokens)
-                else:
-                    request = image_prompt
-                result = workers[key].ask(request)
-                if key.startswith(("hybrid", "pytorch")):
+                if can_serve(ROUTES[key].route, image_prompt):
+                    result = workers[key].ask(image_prompt)
                     image_tokens = result["timings"]["prompt_tokens"]
+                else:
+                    result = workers[key].ask(_text_request(image_tokens or prompt_tokens, new_tokens))
                 if run:
                     samples[key].append(result)
         return _summarise(samples, workers, bundles, new_tokens)
@@ -174,12 +185,12 @@ def measure(
             worker.close()
 
 
-def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int):
-    from PIL import Image
+def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int) -> dict[str, "_Worker"]:
+    ctx = mp.get_context("spawn")
+    return {key: _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key].route, threads) for key in keys}
 
-    from hybrid.config import SamplingConfig
-    from hybrid.types import Message, Request
 
+def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int) -> Request:
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
     text = " ".join(["the"] * prompt_tokens)
@@ -187,11 +198,8 @@ def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int,
     return Request((Message("user", text, (image,)),), sampling)
 
 
-def _text_request(total_tokens: int, new_tokens: int):
+def _text_request(total_tokens: int, new_tokens: int) -> Request:
     """A text prompt padded to the same token count as the image prompt."""
-    from hybrid.config import SamplingConfig
-    from hybrid.types import Message, Request
-
     overhead = 5  # <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n
     text = " ".join(["the"] * max(total_tokens - overhead, 1))
     sampling = SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -257,16 +265,16 @@ def measure_bandwidth_gb_s(size_mb: int = 512, repeats: int = 5) -> float:
 def int4_decode_bytes(bundle: Path) -> int:
     """Bytes of decoder weights read per decode step: every initializer except the embedding table
     (a decode step reads one row of it, and it is not in the decoder graph)."""
-    import onnx
+    import onnx  # only for the ceiling, after the routes are measured
 
-    model = onnx.load(str(bundle / "decoder" / "model.onnx"), load_external_data=True)
+    model = onnx.load(str(bundle / DECODER_FILE), load_external_data=True)
     return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
 class _Worker:
     """One route of one bundle in its own process; requests go over a pipe, results come back."""
 
-    def __init__(self, ctx, bundle: Path, route: str, threads: int) -> None:
+    def __init__(self, ctx, bundle: Path, route: RouteName, threads: int) -> None:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, str(bundle), route, threads), daemon=True)
         self.process.start()
@@ -288,15 +296,12 @@ class _Worker:
         self.process.join(timeout=30)
 
 
-def _serve(conn, bundle: str, route: str, threads: int) -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    from hybrid.__main__ import collect
-    from hybrid.config import RuntimeConfig
-    from hybrid.metrics import rss_mb
-    from hybrid.pipeline import Pipeline
-
+def _serve(conn, bundle: str, route: RouteName, threads: int) -> None:
+    setup_logging(logging.WARNING)
     try:
         import torch  # noqa: F401  (import cost counts as baseline, not as the route's load)
+
+        from hybrid.pipeline import Pipeline  # in the worker only: the parent process never loads a route
 
         baseline = rss_mb()
         pipeline = Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
@@ -308,20 +313,20 @@ def _serve(conn, bundle: str, route: str, threads: int) -> None:
         return
     while (request := conn.recv()) is not None:
         try:
-            conn.send(collect(pipeline.stream(request, route)))
+            conn.send(collect(route, pipeline.stream(request, route)))
         except Exception as exc:  # reported to the parent, which raises it
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _loaded_mb(bundle: Path, route: str, pipeline) -> float:
+def _loaded_mb(bundle: Path, route: RouteName, pipeline) -> float:
     """Bytes of weights a route loads (the memory-mapped embedding table counts only when read whole)."""
     if route == "pytorch":
         folder = Path(pipeline.manifest.checkpoint)
         files = list(folder.glob("*.safetensors"))
     elif route == "hybrid":
-        files = list((bundle / "vision").glob("*.safetensors")) + list((bundle / "decoder").glob("model.onnx*"))
+        files = list((bundle / VISION_DIR).glob("*.safetensors")) + list((bundle / DECODER_DIR).glob("model.onnx*"))
     else:
-        files = list((bundle / "genai").glob("model.onnx*"))
+        files = list((bundle / GENAI_DIR).glob("model.onnx*"))
     return sum(f.stat().st_size for f in files) / 2**20
 
 
@@ -358,20 +363,18 @@ def measure_follow_up(
 ) -> dict:  # fmt: skip
     """Per reusing route: time to first token of a first question, and of a second question in the
     same conversation with the kept cache reused and prefilled from scratch (medians)."""
-    from dataclasses import replace
-
-    ctx = mp.get_context("spawn")
-    keys = [key for key in routes if key in REUSING]
-    workers = {key: _Worker(ctx, bundles[ROUTES[key][0]], ROUTES[key][1], threads) for key in keys}
+    keys = [key for key in routes if ROUTES[key].route in REUSING]
+    workers = _start_workers(bundles, keys, threads)
     try:
         image_prompt_tokens = None  # GenAI's text question is as long as the image question
         samples: dict[str, list[dict]] = {key: [] for key in keys}
         for run in range(runs + 1):  # run 0 warms up and is left out
             for key in keys:
-                first = _first_question(key, width, height, prompt_tokens, new_tokens, run, image_prompt_tokens)
+                route = ROUTES[key].route
+                first = _first_question(route, width, height, prompt_tokens, new_tokens, run, image_prompt_tokens)
                 first = replace(first, conversation_id=f"bench-{run}")
                 answer = workers[key].ask(first)
-                if key.startswith("hybrid"):
+                if first.has_images:
                     image_prompt_tokens = answer["timings"]["prompt_tokens"]
                 second = _second_question(first, answer["text"])
                 reused = workers[key].ask(second)
@@ -388,26 +391,18 @@ def measure_follow_up(
 
 
 def _first_question(
-    key: str, width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int, image_prompt_tokens: int | None
-):  # fmt: skip
-    """A picture and a question (for GenAI a text prompt as long as the image prompt), greedy
-    without a minimum length: the only requests whose generator GenAI can continue."""
-    from dataclasses import replace
-
-    from hybrid.config import SamplingConfig
-
-    if key.startswith("genai"):
+    route: RouteName, width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int,
+    image_prompt_tokens: int | None,
+) -> Request:  # fmt: skip
+    """A picture and a question (for a text-only route a text prompt as long as the image prompt),
+    greedy without a minimum length: the only requests whose generator GenAI can continue."""
+    request = _image_request(width, height, prompt_tokens, new_tokens, seed)
+    if not can_serve(route, request):
         request = _text_request(image_prompt_tokens or prompt_tokens, new_tokens)
-    else:
-        request = _image_request(width, height, prompt_tokens, new_tokens, seed)
     return replace(request, sampling=SamplingConfig(max_new_tokens=new_tokens))
 
 
-def _second_question(first, answer: str):
-    from dataclasses import replace
-
-    from hybrid.types import Message
-
+def _second_question(first: Request, answer: str) -> Request:
     question = Message("user", "And what else is in the picture? Describe it in detail.")
     return replace(first, messages=(*first.messages, Message("assistant", answer), question))
 
@@ -430,16 +425,15 @@ def measure_detail(bundles: dict[str, Path], routes: list[str], threads: int) ->
     """Vision tower time and image tokens of a phone photo at each image detail level, per hybrid
     bundle precision: one run per level after one warm-up (the high level takes minutes on a
     2-core CPU), each on a new picture, so the feature cache never answers."""
-    from hybrid.config import IMAGE_DETAIL
-    from hybrid.export.bundle import PROCESSOR_DIR, VISION_DIR
-    from hybrid.processor import Processor
+    from hybrid.processor import Processor  # loads torch and transformers: only when benchmarking
     from hybrid.vision import VisionTower
 
     results = {}
-    for key in [k for k in routes if ROUTES[k][1] == "hybrid"]:
-        bundle = bundles[ROUTES[key][0]]
+    for key in [k for k in routes if ROUTES[k].route == "hybrid"]:
+        precision = ROUTES[key].precision
+        bundle = bundles[precision]
         processor = Processor(bundle / PROCESSOR_DIR, max_context=1 << 30)  # no prompt here, only pictures
-        tower = VisionTower(bundle / VISION_DIR, threads, int8=ROUTES[key][0] == "int4")
+        tower = VisionTower(bundle / VISION_DIR, threads, int8=precision == "int4")
         levels = {}
         for seed, (level, tokens) in enumerate([("warm-up", min(IMAGE_DETAIL.values())), *IMAGE_DETAIL.items()]):
             request = _image_request(*DETAIL_IMAGE, 1, 1, seed=1000 + seed)

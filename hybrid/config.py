@@ -10,12 +10,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hybrid.errors import BundleError, UserError
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = 1
+Precision = Literal["fp32", "int4"]  # of a bundle's ONNX text models
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
 
 # Image tokens per picture at each detail level (one token covers (patch * merge)^2 pixels, 32x32 on
 # Qwen3-VL). The checkpoint's own limit (16,384 tokens on the real ones) would let a phone photo
@@ -66,7 +69,7 @@ class RuntimeConfig:
     threads: int = 0  # 0: one per physical core
     max_new_tokens_limit: int = 1024
     max_images: int = 4
-    max_image_pixels: int = 50_000_000  # refused before decoding (decompression bombs)
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     conversation_cache_mb: int = 1024  # KV caches kept for follow-ups, all conversations together; 0: none
 
     def __post_init__(self) -> None:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hybrid.config import MAX_IMAGE_PIXELS
 from hybrid.errors import UserError
 
-DEFAULT_MAX_PIXELS = 50_000_000
 
-
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open a file path or raw bytes as an upright RGB image, refusing anything that is not one."""
     name = "image" if isinstance(source, bytes) else Path(source).name  # never the server's folders
     try:

@@ -15,8 +15,6 @@ import numpy as np
 from hybrid.errors import BundleError, UserError
 from hybrid.vision import VisionFeatures
 
-EMBED_NAME = "embed_tokens.npy"
-
 
 @dataclass(frozen=True)
 class InjectedInputs:

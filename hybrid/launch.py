@@ -11,13 +11,13 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hybrid.config import MANIFEST_NAME, Manifest, RuntimeConfig
+from hybrid.config import MANIFEST_NAME, Manifest, Precision, RuntimeConfig
 from hybrid.errors import BundleError
-
-if TYPE_CHECKING:
-    from hybrid.pipeline import Pipeline
+from hybrid.export.bundle import export_bundle
+from hybrid.layout import verify_parts
+from hybrid.pipeline import Pipeline
+from hybrid.tiny import build_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ def build_tiny_model(out: Path) -> Path:
     """A small random-weight Qwen3-VL checkpoint at `out`, written once and atomically."""
     if (out / "config.json").is_file():
         return out
-    from hybrid.tiny import build_checkpoint
-
     log.info("building a tiny random-weight checkpoint in %s", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -61,16 +59,14 @@ def normalize_source(model: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
-def default_bundle_dir(source: str, precision: str) -> Path:
+def default_bundle_dir(source: str, precision: Precision) -> Path:
     """`.cache/bundles/<model-name>-<precision>`; a hub id's name is the part after the slash."""
     name = Path(source).name or "model"
     return BUNDLES / f"{name}-{precision}"
 
 
-def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: str) -> Path:
+def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: Precision) -> Path:
     """The bundle of `model` at `bundle_dir` (default under `.cache/bundles`), exported if needed."""
-    from hybrid.export.bundle import export_bundle
-
     source = normalize_source(model)
     bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(source, precision)
     reason = stale_reason(bundle, source, precision)
@@ -81,10 +77,8 @@ def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: s
     return export_bundle(source, bundle, precision)
 
 
-def stale_reason(bundle: Path, source: str, precision: str) -> str | None:
+def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
     """Why the bundle at `bundle` cannot serve `source` at `precision`, or None if it can."""
-    from hybrid.export.bundle import verify_bundle
-
     if not bundle.exists():
         return "first start"
     try:
@@ -98,7 +92,7 @@ def stale_reason(bundle: Path, source: str, precision: str) -> str | None:
     if _newest_mtime(Path(source)) > (bundle / MANIFEST_NAME).stat().st_mtime:
         return "the checkpoint changed since"
     try:
-        verify_bundle(bundle, manifest)
+        verify_parts(bundle, manifest)
     except BundleError as exc:
         return str(exc)
     return None
@@ -140,11 +134,9 @@ def _model_size(manifest: Manifest) -> str:
     return f"{count} parameters, {info.get('num_hidden_layers', '?')} layers, {manifest.precision}"
 
 
-def load_pipeline(model: str | None, bundle: str | None, precision: str, runtime: RuntimeConfig) -> Pipeline:
+def load_pipeline(model: str | None, bundle: str | None, precision: Precision, runtime: RuntimeConfig) -> Pipeline:
     """The app's pipeline: an existing `bundle` alone is served as is; otherwise the bundle of
     `model` (default: `default_model()`) is exported or reused first."""
-    from hybrid.pipeline import Pipeline
-
     if bundle is not None and model is None and Path(bundle).exists():
         return Pipeline.load(bundle, runtime)
     path = ensure_bundle(model if model is not None else default_model(), bundle, precision)

@@ -28,8 +28,8 @@ class Timings:
     ttft_ms: float
     prompt_tokens: int
     prefill_tok_s: float
-    decode_tokens: int
-    decode_tok_s: float
+    decode_tokens: int  # every generated token, the first one included
+    decode_tok_s: float  # the tokens after the first, over the time after the first
     total_ms: float
     peak_rss_mb: float
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's kept cache
@@ -79,7 +79,7 @@ class Stopwatch:
         self.sample_memory()
         first = self.first_token_at or end
         decode_s = (self.last_token_at or first) - first
-        decode_tokens = max(self.tokens - 1, 0)
+        timed_tokens = max(self.tokens - 1, 0)  # those generated within decode_s: all after the first
         prefill_s = self.stages.get("prefill", 0.0)
         prefilled = self.prompt_tokens - self.reused_tokens
         return Timings(
@@ -90,7 +90,7 @@ class Stopwatch:
             prompt_tokens=self.prompt_tokens,
             prefill_tok_s=prefilled / prefill_s if prefill_s > 0 else 0.0,
             decode_tokens=self.tokens,
-            decode_tok_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+            decode_tok_s=timed_tokens / decode_s if decode_s > 0 else 0.0,
             total_ms=1e3 * (end - self.start),
             peak_rss_mb=self.peak_rss,
             reused_tokens=self.reused_tokens,

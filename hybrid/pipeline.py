@@ -1,6 +1,9 @@
-"""A loaded bundle: the processor, the vision tower, the embedding table, the ONNX decoder, the
-GenAI model and the (lazily loaded) PyTorch reference, each loaded once and shared by requests,
-and the KV caches kept for follow-ups (one budget over all conversations and routes).
+"""A loaded bundle: the processor, then each route on its own (the hybrid route's vision tower,
+embedding table and ONNX decoder; the GenAI model; the lazily loaded PyTorch reference), shared by
+requests, and the KV caches kept for follow-ups (one budget over all conversations and routes).
+
+A route that cannot load is left out with the reason, and the others serve: `routes` holds the
+loaded ones, `unavailable` says why each other one did not load.
 """
 
 from __future__ import annotations
@@ -10,15 +13,53 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from hybrid.config import Manifest, RuntimeConfig
 from hybrid.conversation import ConversationStore
+from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
-from hybrid.export.bundle import DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR, verify_bundle
-from hybrid.types import Chunk, Request
+from hybrid.injection import EmbeddingTable
+from hybrid.layout import (
+    DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, ROUTE_PARTS, SHARED_PARTS, VISION_DIR, verify_parts,
+)  # fmt: skip
+from hybrid.processor import Processor
+from hybrid.router import choose_routes
+from hybrid.routes.genai import GenAIRoute
+from hybrid.routes.hybrid import HybridRoute
+from hybrid.routes.pytorch import PyTorchRoute
+from hybrid.types import ROUTE_NAMES, Chunk, Request, Route, RouteName
+from hybrid.vision import VisionTower
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """What every route is built from: the bundle, its manifest, the shared processor and caches."""
+
+    bundle: Path
+    manifest: Manifest
+    runtime: RuntimeConfig
+    processor: Processor
+    conversations: ConversationStore
+
+    def hybrid(self) -> Route:
+        return HybridRoute(
+            self.processor,
+            VisionTower(self.bundle / VISION_DIR, self.runtime.threads, int8=self.manifest.precision == "int4"),
+            EmbeddingTable(self.bundle / EMBED_FILE),
+            OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads),
+            self.conversations,
+        )
+
+    def genai(self) -> Route:
+        if not (self.bundle / GENAI_DIR).is_dir():
+            raise BundleError("this bundle has no GenAI model: export it without --no-genai")
+        return GenAIRoute(self.bundle / GENAI_DIR, self.processor, self.conversations, self.runtime.threads)
+
+    def pytorch(self) -> Route:
+        return PyTorchRoute(self.manifest.checkpoint, self.processor, self.runtime.threads)
 
 
 @dataclass
@@ -27,7 +68,8 @@ class Pipeline:
     manifest: Manifest
     runtime: RuntimeConfig
     conversations: ConversationStore
-    routes: dict = field(default_factory=dict)
+    routes: dict[RouteName, Route] = field(default_factory=dict)
+    unavailable: dict[RouteName, str] = field(default_factory=dict)  # route -> why it did not load
     load_seconds: float = 0.0
 
     @classmethod
@@ -36,44 +78,44 @@ class Pipeline:
         bundle: str | Path,
         runtime: RuntimeConfig = RuntimeConfig(),
         verify: bool = True,
-        only: tuple[str, ...] = ("hybrid", "pytorch", "genai"),
+        only: tuple[RouteName, ...] = ROUTE_NAMES,
     ) -> "Pipeline":
-        from hybrid.decoder import OnnxDecoder
-        from hybrid.injection import EmbeddingTable
-        from hybrid.processor import Processor
-        from hybrid.routes.hybrid import HybridRoute
-        from hybrid.routes.pytorch import PyTorchRoute
-        from hybrid.vision import VisionTower
-
+        """Load the shared parts (a fault there stops everything), then each route of `only` on
+        its own; raises `BundleError` only when none of them loads."""
         start = time.perf_counter()
         bundle = Path(bundle)
         if not bundle.is_dir():
             raise BundleError(f"{bundle} is not a folder: make a bundle with `python -m hybrid export`")
         manifest = Manifest.load(bundle)
         if verify:
-            verify_bundle(bundle, manifest)
+            verify_parts(bundle, manifest, SHARED_PARTS)
         max_context = int(manifest.model.get("max_position_embeddings", 32768))
         processor = Processor(bundle / PROCESSOR_DIR, max_context=max_context)
         conversations = ConversationStore(runtime.conversation_cache_mb)
-        routes: dict = {}
-        if "hybrid" in only:
-            routes["hybrid"] = HybridRoute(
-                processor,
-                VisionTower(bundle / VISION_DIR, runtime.threads, int8=manifest.precision == "int4"),
-                EmbeddingTable(bundle / EMBED_FILE),
-                OnnxDecoder(bundle / DECODER_FILE, runtime.threads),
-                conversations,
-            )
-        if "pytorch" in only:
-            routes["pytorch"] = PyTorchRoute(manifest.checkpoint, processor, runtime.threads)
-        if "genai" in only and (bundle / GENAI_DIR).is_dir():
-            from hybrid.routes.genai import GenAIRoute
-
-            routes["genai"] = GenAIRoute(bundle / GENAI_DIR, processor, conversations, runtime.threads)
-        pipeline = cls(bundle=bundle, manifest=manifest, runtime=runtime, routes=routes, conversations=conversations)
+        loader = _Loader(bundle, manifest, runtime, processor, conversations)
+        pipeline = cls(bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations)
+        for name in only:
+            pipeline._load_route(name, getattr(loader, name), verify)
+        if not pipeline.routes:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in pipeline.unavailable.items())
+            raise BundleError(f"no route of {bundle} could load ({reasons})")
         pipeline.load_seconds = time.perf_counter() - start
-        log.info("loaded %s in %.1f s (routes: %s)", bundle, pipeline.load_seconds, ", ".join(routes))
+        log.info("loaded %s in %.1f s (routes: %s)", bundle, pipeline.load_seconds, ", ".join(pipeline.routes))
         return pipeline
+
+    def _load_route(self, name: RouteName, build: Callable[[], Route], verify: bool) -> None:
+        """Build one route, or record why it cannot serve; the other routes load regardless."""
+        try:
+            if verify:
+                verify_parts(self.bundle, self.manifest, ROUTE_PARTS[name])
+            self.routes[name] = build()
+        except HybridError as exc:
+            self.unavailable[name] = str(exc)
+        except Exception as exc:  # a runtime's own error type for a file it cannot read: report it, load the rest
+            log.exception("the %s route failed to load", name)
+            self.unavailable[name] = f"{type(exc).__name__}: {exc}"
+        if name in self.unavailable:
+            log.info("the %s route is unavailable: %s", name, self.unavailable[name])
 
     def check(self, request: Request) -> None:
         """Refuse requests outside the configured limits before any work is done."""
@@ -83,24 +125,25 @@ class Pipeline:
             )
         self.runtime.check_image_count(len(request.images))
 
-    def plan(self, request: Request, route: str) -> tuple[str, ...]:
+    def plan(self, request: Request, route: str) -> tuple[RouteName, ...]:
         """The concrete routes that serve `route` ("auto" picks one, "compare" lists all that can)."""
-        from hybrid.router import choose_routes
-
         self.check(request)
-        return choose_routes(request, route, tuple(self.routes))
+        return choose_routes(request, route, tuple(self.routes), self.unavailable)
 
     def forget(self, conversation_id: str) -> None:
         """Drop the KV caches kept for that conversation (Clear, or the end of its session)."""
         dropped = self.conversations.forget(conversation_id)
         log.debug("dropped %d kept caches of conversation %s", dropped, conversation_id)
 
-    def stream(self, request: Request, route: str, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+    def stream(self, request: Request, route: RouteName, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first).
 
         A fault inside a route (not a user error) is logged with its traceback and re-raised as a
         `RouteError` naming the route, so one failing request never takes the server down."""
         if route not in self.routes:
+            reason = self.unavailable.get(route)
+            if reason:
+                raise RouteError(f"the {route} route is unavailable: {reason}")
             raise RouteError(f"the {route} route is not loaded; loaded: {', '.join(self.routes)}")
         try:
             yield from self.routes[route].stream(request, cancel)

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS
 from hybrid.errors import BundleError, UserError
 from hybrid.images import to_rgb
 from hybrid.types import Message
-
-log = logging.getLogger(__name__)
 
 # Private-use characters mark where message texts go in the rendered template.
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
@@ -40,7 +36,6 @@ def pixel_digest(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> st
 class PreparedInputs:
     """Everything the routes need for one prompt; tensors keep transformers' names and shapes."""
 
-    prompt: str
     input_ids: np.ndarray  # (1, S) int64
     mm_token_type_ids: np.ndarray  # (1, S) int64: 0 text, 1 image
     pixel_values: torch.Tensor | None  # (patches, C * T * P * P)
@@ -125,7 +120,6 @@ class Processor:
                 "shorten it or start a new conversation"
             )
         return PreparedInputs(
-            prompt=self.render(messages),
             input_ids=ids,
             mm_token_type_ids=(ids == self.image_token_id).astype(np.int64),
             pixel_values=pixel_values,
@@ -166,11 +160,16 @@ class Processor:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def hf_content(text: str, images: int) -> list[dict]:
+    """A turn's content as the chat template reads it: `images` image placeholders, then the text."""
+    content: list[dict] = [{"type": "image"} for _ in range(images)]
+    if text:
+        content.append({"type": "text", "text": text})
+    return content
+
+
 def _to_hf_message(message: Message) -> dict:
-    content: list[dict] = [{"type": "image"} for _ in message.images]
-    if message.text:
-        content.append({"type": "text", "text": message.text})
-    return {"role": message.role, "content": content}
+    return {"role": message.role, "content": hf_content(message.text, len(message.images))}
 
 
 def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:

@@ -1,29 +1,43 @@
-"""Which route serves a request: `auto` sends any image to the hybrid route and text to GenAI;
-`hybrid`, `genai` and `pytorch` force one; `compare` lists every route that can serve it.
+"""Which route serves a request: `auto` sends any image to the hybrid route and text to GenAI (or
+to the hybrid route when GenAI is unavailable); a route name forces that route; `compare` lists
+every loaded route that can serve the request, the PyTorch reference first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from hybrid.errors import RouteError, UserError
-from hybrid.types import Request
+from hybrid.types import ROUTE_NAMES, Request, RouteName
 
-ROUTE_CHOICES = ("auto", "hybrid", "genai", "pytorch", "compare")
-COMPARE_ORDER = ("pytorch", "hybrid", "genai")
+AUTO, COMPARE = "auto", "compare"
+ROUTE_CHOICES: tuple[str, ...] = (AUTO, *ROUTE_NAMES, COMPARE)
+REFERENCE: RouteName = "pytorch"  # the yardstick: Compare all runs it first
+COMPARE_ORDER: tuple[RouteName, ...] = (REFERENCE, *(r for r in ROUTE_NAMES if r != REFERENCE))
 
 
-def choose_routes(request: Request, route: str, available: tuple[str, ...]) -> tuple[str, ...]:
+def choose_routes(
+    request: Request,
+    route: str,
+    available: tuple[RouteName, ...],
+    unavailable: Mapping[RouteName, str] | None = None,
+) -> tuple[RouteName, ...]:
+    """The routes that serve `request` for the choice `route`, among the loaded `available` ones;
+    `unavailable` says why a route of the bundle did not load."""
     if route not in ROUTE_CHOICES:
         raise UserError(f"route must be one of {', '.join(ROUTE_CHOICES)}, got {route!r}")
-    if route == "compare":
+    if route == COMPARE:
         return tuple(r for r in COMPARE_ORDER if r in available and can_serve(r, request))
-    if route == "auto":
+    if route == AUTO:
         route = "hybrid" if request.has_images or "genai" not in available else "genai"
     if route not in available:
-        raise RouteError(f"the {route} route is not in this bundle; export it with the GenAI model")
+        reason = (unavailable or {}).get(route)
+        raise RouteError(f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded")
     if not can_serve(route, request):
         raise RouteError("the GenAI route serves text only: this conversation has an image; use auto or hybrid")
     return (route,)
 
 
-def can_serve(route: str, request: Request) -> bool:
+def can_serve(route: RouteName, request: Request) -> bool:
+    """Whether `route` can answer `request` at all: GenAI's model takes text only."""
     return not (route == "genai" and request.has_images)

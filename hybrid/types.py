@@ -1,9 +1,15 @@
-"""Request and response types shared by every route: a conversation in, a stream of `Chunk`s out."""
+"""Request and response types shared by every route: a conversation in, a stream of `Chunk`s out.
+
+A route is anything with a `name` (a `RouteName`) and a `stream` method (the `Route` protocol);
+`Answer` gathers a route's chunks into the result the CLI prints and the app shows.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol, get_args
 
 from PIL import Image
 
@@ -13,6 +19,8 @@ from hybrid.metrics import Timings
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["eos", "length", "stop", "cancelled"]
+RouteName = Literal["hybrid", "genai", "pytorch"]
+ROUTE_NAMES: tuple[RouteName, ...] = get_args(RouteName)
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,59 @@ class Request:
 class Chunk:
     """A piece of streamed output. The last chunk of a stream has `finish_reason` and `timings`."""
 
-    route: str
+    route: RouteName
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     timings: Timings | None = None
+
+
+class Route(Protocol):
+    """What the pipeline asks of a route: its name, and a stream of chunks for one request that
+    ends with a chunk carrying `finish_reason` and `timings` (early if `cancel` is set)."""
+
+    name: RouteName
+
+    def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]: ...
+
+
+@dataclass
+class Answer:
+    """One route's chunks gathered: the text and token ids so far and, once the stream has ended,
+    how it ended and its timings."""
+
+    route: RouteName
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.text += chunk.text
+        self.token_ids.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self.finish_reason, self.timings = chunk.finish_reason, chunk.timings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shape `python -m hybrid generate --json` prints: route, text, token_ids,
+        finish_reason, timings."""
+        return {
+            "route": self.route,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "timings": self.timings.to_dict() if self.timings else {},
+        }
+
+
+def collect(
+    route: RouteName, chunks: Iterable[Chunk], on_text: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Drain one route's chunk stream into `Answer.to_dict()`'s shape, handing each piece of text
+    to `on_text` as it arrives."""
+    answer = Answer(route)
+    for chunk in chunks:
+        answer.add(chunk)
+        if on_text is not None and chunk.text:
+            on_text(chunk.text)
+    return answer.to_dict()

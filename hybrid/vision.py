@@ -17,11 +17,8 @@ import numpy as np
 import torch
 
 from hybrid.errors import BundleError
+from hybrid.layout import VISION_CONFIG, VISION_WEIGHTS
 from hybrid.processor import pixel_digest
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_PREFIX = "model.visual."
 
 
 @dataclass(frozen=True)
@@ -60,9 +57,9 @@ class VisionTower:
 
         folder = Path(folder)
         try:
-            config = Qwen3VLVisionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+            config = Qwen3VLVisionConfig.from_dict(json.loads((folder / VISION_CONFIG).read_text()))
             # read, not memory-mapped: once quantized, the fp32 linear weights are really freed
-            state = load((folder / WEIGHTS_NAME).read_bytes())
+            state = load((folder / VISION_WEIGHTS).read_bytes())
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
         config._attn_implementation = "sdpa"

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from hybrid.export.bundle import export_bundle
+from hybrid.launch import DEMO_MODEL
+from hybrid.pipeline import Pipeline
 from hybrid.tiny import TinySpec, build_checkpoint
 
 # `base`: DeepStack on two layers, GQA 4:2, untied LM head.
@@ -59,8 +62,6 @@ def checkpoint(workdir):
 @pytest.fixture(scope="session")
 def bundle(workdir, checkpoint):
     """`bundle(name, precision)` -> folder of the exported bundle (GenAI model included)."""
-    from hybrid.export.bundle import export_bundle
-
     def get(name: str = "base", precision: str = "fp32") -> Path:
         return _memo(
             ("bundle", name, precision),
@@ -73,8 +74,6 @@ def bundle(workdir, checkpoint):
 @pytest.fixture(scope="session")
 def pipeline(bundle):
     """`pipeline(name, precision)` -> a loaded `Pipeline`, shared across tests."""
-    from hybrid.pipeline import Pipeline
-
     def get(name: str = "base", precision: str = "fp32"):
         return _memo(("pipeline", name, precision), lambda: Pipeline.load(bundle(name, precision)))
 
@@ -84,9 +83,6 @@ def pipeline(bundle):
 @pytest.fixture(scope="session")
 def demo_bundle(workdir):
     """`demo_bundle(precision)` -> the shipped demo model (assets/demo-model), exported here."""
-    from hybrid.export.bundle import export_bundle
-    from hybrid.launch import DEMO_MODEL
-
     def get(precision: str = "fp32") -> Path:
         return _memo(
             ("demo", precision), lambda: export_bundle(str(DEMO_MODEL), workdir / f"demo-{precision}", precision)

@@ -7,10 +7,9 @@ import socket
 import numpy as np
 import torch
 
-from hybrid.__main__ import collect
 from hybrid.config import SamplingConfig
 from hybrid.metrics import Stopwatch
-from hybrid.types import Message, Request
+from hybrid.types import Message, Request, collect
 
 NEW_TOKENS = 24
 
@@ -22,7 +21,7 @@ def ask(text: str, images=(), history=(), max_new_tokens: int = NEW_TOKENS, **sa
 
 
 def run(pipeline, request: Request, route: str) -> dict:
-    return collect(pipeline.stream(request, route))
+    return collect(route, pipeline.stream(request, route))
 
 
 def reference_logits(model, inputs, generated: list[int]) -> np.ndarray:

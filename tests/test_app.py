@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from app import (
-    EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ROUTE_COLOURS, ChatService, RouteRun, Turn, box_figure, build_demo,
-    to_chatbot, to_request,
+    CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ROUTE_COLOURS, ROUTE_LABELS, ChatService, RouteRun, Turn,
+    box_figure, build_demo, to_chatbot, to_request,
 )
 from app import main as app_main
 from hybrid.config import SamplingConfig
@@ -22,6 +22,9 @@ from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
 from hybrid.limits import RateLimiter
 from hybrid.pipeline import Pipeline
+from hybrid.router import ROUTE_CHOICES
+from hybrid.types import ROUTE_NAMES
+from tests.page import chat_updates, last, make_service, named, session
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -29,28 +32,12 @@ GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
 
 @pytest.fixture(scope="module")
 def service(pipeline) -> ChatService:
-    return ChatService(pipeline("base"), stream_interval=0.0)
-
-
-def session(name: str = "s1") -> gr.Request:
-    return gr.Request(session_hash=name)
+    return make_service(pipeline("base"))
 
 
 def run_chat(service: ChatService, message, turns=(), route="auto", sampling=GREEDY, history=(), name="s1"):
-    """All the updates of one chat request, each a dict of the outputs it set."""
-    keys = ("prompt", "chatbot", "turns", "latency", "stages", "history", "history_table")
-    updates = []
-    for values in service.chat(message, list(turns), route, *sampling, list(history), session(name)):
-        updates.append({k: v for k, v in zip(keys, values, strict=True) if not _skipped(v)})
-    return updates
-
-
-def _skipped(value) -> bool:
-    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
-
-
-def last(updates: list[dict], key: str):
-    return [u[key] for u in updates if key in u][-1]
+    """All the updates of one chat request, each a dict of the `Page` fields it set."""
+    return chat_updates(service, message, turns, route, sampling, history, name)
 
 
 def answer_texts(turns: list[Turn]) -> list[str]:
@@ -106,17 +93,16 @@ def test_compare_fills_one_row_per_route(service, pipeline):
 def test_stop_ends_a_generation_early(service):
     message = {"text": "Describe the image in one sentence.", "files": [str(EXAMPLES_DIR / EXAMPLES[1][0])]}
     updates, stopped = [], None
-    for values in service.chat(message, [], "hybrid", 400.0, *GREEDY[1:], [], session("stopper")):
-        updates.append(values)
-        turns = values[2]
-        if stopped is None and isinstance(turns, list) and turns[-1].role == "assistant" and turns[-1].text:
-            stopped, _ = service.stop(turns, session("stopper"))
+    for update in service.chat(message, [], "hybrid", 400.0, *GREEDY[1:], [], session("stopper")):
+        updates.append(named(service, update))
+        turns = updates[-1].get("turns")
+        if stopped is None and turns and turns[-1].role == "assistant" and turns[-1].text:
+            stopped = named(service, service.stop(turns, session("stopper")))["chatbot"]
     assert stopped is not None and "stopped" in stopped[-1]["content"]
-    history = updates[-1][5]
+    history = last(updates, "history")
     assert history[-1]["finish"] == "cancelled"
     assert 0 < history[-1]["tokens"] < 400
-    shown = [values[1] for values in updates if not _skipped(values[1])][-1]
-    assert "stopped" in shown[-1]["content"], "the streamed answer ends with the stopped mark"
+    assert "stopped" in last(updates, "chatbot")[-1]["content"], "the streamed answer ends with the stopped mark"
 
 
 def test_bad_input_raises_gr_error_and_the_next_request_works(service):
@@ -167,8 +153,9 @@ def test_answers_without_well_formed_boxes_stay_text(answer):
     assert box_figure([RouteRun("hybrid", CAT)], [Turn("user", "Find it.")]) is None, "no picture to draw on"
 
 
+@pytest.mark.slow
 def test_the_demo_models_grounding_answer_is_drawn_under_it(demo_bundle):
-    service = ChatService(Pipeline.load(demo_bundle("fp32"), only=("hybrid",)), stream_interval=0.0)
+    service = make_service(Pipeline.load(demo_bundle("fp32"), only=("hybrid",)))
     name, question = EXAMPLES[0]
     sampling = (160.0, *GREEDY[1:])  # room for three boxes
     turns = last(run_chat(service, {"text": question, "files": [str(EXAMPLES_DIR / name)]}, sampling=sampling), "turns")
@@ -190,6 +177,7 @@ class FailingPipeline:
 
     def __init__(self, pipeline) -> None:
         self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
+        self.unavailable = pipeline.unavailable
 
     def plan(self, request, route):
         return self.inner.plan(request, route)
@@ -201,12 +189,12 @@ class FailingPipeline:
 
 
 def test_a_route_failing_mid_answer_is_reported_and_marked(pipeline):
-    service = ChatService(FailingPipeline(pipeline("base")), stream_interval=0.0)
+    service = make_service(FailingPipeline(pipeline("base")))
     updates = []
     with pytest.raises(gr.Error, match="boom"):
-        for values in service.chat({"text": "Hello!", "files": []}, [], "hybrid", *GREEDY, [], session("f")):
-            updates.append(values)
-    turns = [v[2] for v in updates if isinstance(v[2], list)][-1]
+        for update in service.chat({"text": "Hello!", "files": []}, [], "hybrid", *GREEDY, [], session("f")):
+            updates.append(named(service, update))
+    turns = last(updates, "turns")
     assert turns[-1].status == "hybrid · failed" and turns[-1].done
 
 
@@ -248,7 +236,7 @@ def test_the_header_says_plainly_what_the_model_is(pipeline):
 
 
 def test_each_session_is_rate_limited_on_its_own(pipeline):
-    limited = ChatService(pipeline("base"), stream_interval=0.0, limiter=RateLimiter(2, 60.0))
+    limited = make_service(pipeline("base"), limiter=RateLimiter(2, 60.0))
     for _ in range(2):
         run_chat(limited, {"text": "Hello!", "files": []}, name="busy")
     with pytest.raises(gr.Error, match="too many requests"):
@@ -258,13 +246,18 @@ def test_each_session_is_rate_limited_on_its_own(pipeline):
     assert last(run_chat(limited, {"text": "Hello!", "files": []}, name="calm"), "latency")["route"].tolist() == ["genai"]
 
 
-def test_the_app_refuses_to_start_on_a_broken_bundle_and_names_the_file(bundle, tmp_path, caplog):
+def test_the_app_refuses_to_start_when_no_route_can_load_and_names_the_file(bundle, tmp_path, caplog):
     broken = tmp_path / "bundle"
     shutil.copytree(bundle("base"), broken)
-    (broken / "decoder" / "model.onnx.data").write_bytes(b"garbage")
+    (broken / "processor" / "tokenizer.json").write_bytes(b"garbage")  # every route reads the processor
     with caplog.at_level(logging.ERROR, logger="app"):
         assert app_main(["--bundle", str(broken)]) == 2
-    assert "model.onnx.data" in caplog.text
+    assert "processor/tokenizer.json" in caplog.text
+
+
+def test_every_route_has_a_label_and_a_colour():
+    assert list(ROUTE_LABELS) == list(ROUTE_COLOURS) == list(ROUTE_NAMES)
+    assert list(CHOICE_LABELS) == list(ROUTE_CHOICES)
 
 
 def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):

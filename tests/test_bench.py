@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hybrid.bench import REUSING, ROUTES, preset_spec
 from hybrid.config import IMAGE_DETAIL
+from hybrid.layout import DECODER_DIR
 
 ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
 
@@ -21,6 +24,12 @@ def test_presets_have_the_real_shapes():
     assert preset_spec("4b", 6).num_hidden_layers == 6 and preset_spec("4b", None).hidden_size == 2560
 
 
+def test_route_keys_name_their_route_and_precision():
+    assert list(ROUTES) == ["pytorch_fp32", "hybrid_fp32", "hybrid_int4", "genai_int4"]
+    assert all(key == f"{r.route}_{r.precision}" for key, r in ROUTES.items())
+
+
+@pytest.mark.slow
 def test_tiny_bench_report(tmp_path):
     command = [
         sys.executable, "-m", "hybrid", "bench", "--preset", "tiny", "--image", "64x64", "--new-tokens", "6",
@@ -38,12 +47,14 @@ def test_tiny_bench_report(tmp_path):
     image_rows = [report["routes"][k] for k in ("pytorch_fp32", "hybrid_fp32", "hybrid_int4")]
     assert all(r["vision_ms"] > 0 for r in image_rows) and report["routes"]["genai_int4"]["vision_ms"] == 0
     assert len({r["prompt_tokens"] for r in image_rows}) == 1
-    assert report["bandwidth_gb_s"] > 0 and report["int4_bytes_per_token"] > 0
-    ceiling = report["bandwidth_gb_s"] * 1e9 / report["int4_bytes_per_token"]
-    assert abs(report["ceiling_tok_s"] - ceiling) < 1e-6 * ceiling
+    assert report["bandwidth_gb_s"] > 0
+    # a decode step reads every decoder weight once: about the size of the INT4 decoder on disk
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "bundle-tiny-L2-int4" / DECODER_DIR).glob("model.onnx*"))
+    assert 0.5 * on_disk < report["int4_bytes_per_token"] <= on_disk
     hybrid = report["routes"]["hybrid_int4"]
-    assert abs(hybrid["ceiling_share"] - hybrid["decode_tok_s"] / ceiling) < 1e-9
-    for key in REUSING:
+    assert hybrid["decode_tok_s"] < report["ceiling_tok_s"], "no route decodes faster than memory allows"
+    assert 0 < hybrid["ceiling_share"] < 1
+    for key in [k for k, r in ROUTES.items() if r.route in REUSING]:
         row = report["routes"][key]
         assert row["follow_up_ttft_ms"] > 0 and row["follow_up_ttft_ms_no_reuse"] > 0 and row["first_turn_ttft_ms"] > 0
         assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"] and row["follow_up_same_tokens"]

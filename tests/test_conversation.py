@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import replace
 
-import gradio as gr
 import numpy as np
 import pytest
 
-from app import ChatService
 from hybrid.conversation import ConversationStore, ImageRun, Kept, reusable_prefix
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
+from tests.page import chat_updates, last, make_service, session
 
 RED = draw_scene((96, 96), (200, 30, 30))
 BLUE = draw_scene((128, 64), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))
@@ -137,18 +136,16 @@ def test_reusable_prefix_stops_where_ids_or_pictures_differ():
 
 def test_clear_and_the_end_of_a_session_drop_the_cache(pipeline):
     pipe = pipeline("base")
-    service = ChatService(pipe, stream_interval=0.0)
-    request = gr.Request(session_hash="clearing")
+    service = make_service(pipe)
     greedy = (8.0, 0.0, 1.0, 0.0, 1.0, 0.0)
     message = {"text": FIRST, "files": []}
-    updates = list(service.chat(message, [], "hybrid", *greedy, [], request))
+    updates = chat_updates(service, message, route="hybrid", sampling=greedy, name="clearing")
     assert ("clearing", "hybrid") in pipe.conversations
-    turns = [u[2] for u in updates if isinstance(u[2], list)][-1]
-    follow = list(service.chat({"text": "And then?", "files": []}, turns, "hybrid", *greedy, [], request))
-    latency = [u[3] for u in follow if hasattr(u[3], "columns")][-1]
-    assert latency["reused tokens"].iloc[0] > 0, "the latency table shows the reused tokens"
-    service.clear(request)
+    turns = last(updates, "turns")
+    follow = chat_updates(service, {"text": "And then?", "files": []}, turns, "hybrid", greedy, name="clearing")
+    assert last(follow, "latency")["reused tokens"].iloc[0] > 0, "the latency table shows the reused tokens"
+    service.clear(session("clearing"))
     assert ("clearing", "hybrid") not in pipe.conversations
-    list(service.chat(message, [], "hybrid", *greedy, [], request))
-    service.end_session(request)
+    chat_updates(service, message, route="hybrid", sampling=greedy, name="clearing")
+    service.end_session(session("clearing"))
     assert ("clearing", "hybrid") not in pipe.conversations

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from hybrid.decoder import OnnxDecoder
-from hybrid.export.bundle import DECODER_FILE
+from hybrid.layout import DECODER_FILE
 from hybrid.rope import decode_position
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from hybrid.config import MANIFEST_NAME
 from hybrid.errors import BundleError, RouteError
+from hybrid.export.bundle import export_bundle
 from hybrid.metrics import rss_mb
 from hybrid.pipeline import Pipeline
 from tests.conftest import draw_scene
@@ -82,6 +83,7 @@ def _tracked(made: list, obj):
     return obj
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_over_many_requests(pipeline):
     pipe = pipeline("base")
     request = ask("What is this?", [draw_scene((96, 96), (200, 30, 30))], max_new_tokens=8)
@@ -101,11 +103,13 @@ def _copy(bundle, tmp_path):
     return target
 
 
-def test_missing_file_is_named(bundle, tmp_path):
+def test_missing_file_is_named_and_only_its_route_is_missing(bundle, tmp_path):
     target = _copy(bundle("base"), tmp_path)
     (target / "decoder" / "model.onnx").unlink()
-    with pytest.raises(BundleError, match="decoder/model.onnx is missing"):
-        Pipeline.load(target)
+    pipe = Pipeline.load(target)
+    assert set(pipe.routes) == {"genai", "pytorch"}
+    with pytest.raises(RouteError, match="the hybrid route is unavailable: .*decoder/model.onnx is missing"):
+        pipe.plan(ask("What is this?", [draw_scene((64, 64), (200, 30, 30))]), "auto")
 
 
 def test_corrupted_file_is_named(bundle, tmp_path):
@@ -114,7 +118,9 @@ def test_corrupted_file_is_named(bundle, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="vision/model.safetensors is corrupted"):
+    assert "vision/model.safetensors is corrupted" in Pipeline.load(target).unavailable["hybrid"]
+    (target / "processor" / "tokenizer.json").write_text("{}")  # shared by every route: nothing can serve
+    with pytest.raises(BundleError, match="processor/tokenizer.json is corrupted"):
         Pipeline.load(target)
 
 
@@ -130,12 +136,10 @@ def test_incompatible_or_broken_manifest(bundle, tmp_path):
 
 
 def test_export_crash_leaves_no_half_bundle(checkpoint, tmp_path, monkeypatch):
-    from hybrid.export import bundle as bundle_module
-
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash mid-export")
 
     monkeypatch.setattr("hybrid.export.decoder.export_decoder", crash)
     with pytest.raises(RuntimeError):
-        bundle_module.export_bundle(str(checkpoint("base")), tmp_path / "out", "fp32", genai=False)
+        export_bundle(str(checkpoint("base")), tmp_path / "out", "fp32", genai=False)
     assert list(tmp_path.iterdir()) == []

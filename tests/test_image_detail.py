@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import ChatService
 from hybrid.__main__ import main as cli_main
 from hybrid.config import IMAGE_DETAIL
 from hybrid.errors import UserError
@@ -21,6 +20,7 @@ from hybrid.processor import Processor
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
+from tests.page import chat_updates, last, make_service
 
 WIDE_MAX_TOKENS = 36  # the "wide" test checkpoint's own limit: 192 * 192 pixels / (16 * 2)^2
 
@@ -85,13 +85,11 @@ def test_cli_takes_max_image_tokens(bundle, large_picture, capsys):
 
 
 def test_page_shows_each_pictures_tokens_and_refuses_an_unknown_detail(pipeline, large_picture):
-    service = ChatService(pipeline("base"), stream_interval=0.0)
-    request = gr.Request(session_hash="detail")
+    service = make_service(pipeline("base"))
     message = {"text": "What is this?", "files": [large_picture, large_picture]}
     greedy = (4.0, 0.0, 1.0, 0.0, 1.0, 0.0)
-    updates = list(service.chat(message, [], "hybrid", *greedy, [], request, "low"))
-    latency = [u[3] for u in updates if hasattr(u[3], "columns")][-1]
-    tokens = latency["image tokens"].iloc[0].split(", ")
+    updates = chat_updates(service, message, route="hybrid", sampling=greedy, name="detail", detail="low")
+    tokens = last(updates, "latency")["image tokens"].iloc[0].split(", ")
     assert len(tokens) == 2 and tokens[0] == tokens[1] and int(tokens[0]) > 0
     with pytest.raises(gr.Error, match="image detail"):
-        list(service.chat(message, [], "hybrid", *greedy, [], request, "extreme"))
+        chat_updates(service, message, route="hybrid", sampling=greedy, name="detail", detail="extreme")

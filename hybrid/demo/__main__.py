@@ -18,13 +18,15 @@ import sys
 
 import torch
 
+from hybrid.config import PRECISIONS
 from hybrid.demo import scenes
 from hybrid.demo.eval import (
-    MAX_NEW_TOKENS, ROUTES, evaluate, load_pipeline, pipeline_answerer, route_exchanges, zero_deepstack,
-    zero_image_features,
+    MAX_NEW_TOKENS, evaluate, load_pipeline, pipeline_answerer, route_exchanges, zero_deepstack, zero_image_features,
 )
 from hybrid.demo.train import InvalidConfig, TrainConfig, train
 from hybrid.errors import HybridError
+from hybrid.logs import setup_logging
+from hybrid.types import ROUTE_NAMES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check.add_argument("--style", default=scenes.TRAIN, choices=scenes.STYLES,
                        help="edge: the held-out drawing path and ranges training never drew")
     check.add_argument("--seed", type=int, default=1234, help="scene seed; use one training did not")
-    check.add_argument("--route", default="hybrid", choices=ROUTES)
-    check.add_argument("--precision", default="fp32", choices=("fp32", "int4"), help="of the ONNX decoders")
+    check.add_argument("--route", default="hybrid", choices=ROUTE_NAMES)
+    check.add_argument("--precision", default="fp32", choices=PRECISIONS, help="of the ONNX decoders")
     blank = check.add_mutually_exclusive_group()
     blank.add_argument("--zero-image", action="store_true", help="ablation: blank the vision features")
     blank.add_argument("--zero-deepstack", action="store_true", help="ablation: blank the DeepStack maps only")
@@ -74,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    setup_logging(logging.INFO)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

@@ -6,17 +6,13 @@ chat template and the assistant header; an answer is that prompt, the reply and 
 
 from __future__ import annotations
 
+from hybrid.processor import hf_content
+
 END = "<|im_end|>"
 
 
-def user_messages(question: str, with_image: bool) -> list[dict]:
-    """The one-turn conversation: the picture (if any) goes before the question, as in the app."""
-    content: list[dict] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": question})
-    return [{"role": "user", "content": content}]
-
-
 def chat_prompt(processor, question: str, with_image: bool) -> str:
-    """The prompt text up to and including the assistant header, image pads still collapsed."""
-    messages = user_messages(question, with_image)
+    """The prompt text up to and including the assistant header, image pads still collapsed: the
+    picture (if any) goes before the question, as the app and the CLI send it."""
+    messages = [{"role": "user", "content": hf_content(question, images=int(with_image))}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -25,13 +25,12 @@ from hybrid.demo import scenes
 from hybrid.errors import UserError
 from hybrid.launch import ensure_bundle
 from hybrid.pipeline import Pipeline
-from hybrid.types import Message, Request
+from hybrid.types import ROUTE_NAMES, Message, Request, RouteName
 from hybrid.vision import VisionFeatures
 
 log = logging.getLogger(__name__)
 
 Answerer = Callable[[Image.Image | None, str], str]
-ROUTES = ("pytorch", "hybrid", "genai")
 MAX_NEW_TOKENS = 160  # three boxes in Qwen3-VL's JSON take about 100 tokens
 HIT_IOU = 0.5
 
@@ -176,11 +175,11 @@ def evaluate(answer: Answerer, exchanges: list[scenes.Exchange], keep: int = 8) 
     return report
 
 
-def load_pipeline(model_dir: str | Path, route: str, precision: str = "fp32", threads: int = 0) -> Pipeline:
+def load_pipeline(model_dir: str | Path, route: RouteName, precision: str = "fp32", threads: int = 0) -> Pipeline:
     """The checkpoint's bundle (exported on first use, reused after, as the app does) with only
     `route` loaded."""
-    if route not in ROUTES:
-        raise UserError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    if route not in ROUTE_NAMES:
+        raise UserError(f"unknown route {route!r}; choose one of {', '.join(ROUTE_NAMES)}")
     bundle = ensure_bundle(model_dir, None, precision)
     return Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
 

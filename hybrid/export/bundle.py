@@ -8,7 +8,6 @@ leaves a half bundle behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -16,20 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybrid.config import BUNDLE_FORMAT, MANIFEST_NAME, Manifest, PartInfo
+from hybrid.config import BUNDLE_FORMAT, MANIFEST_NAME, PRECISIONS, Manifest, PartInfo
 from hybrid.errors import BundleError, UserError
-from hybrid.export.tensors import write_npy, write_safetensors
+from hybrid.export import decoder
+from hybrid.export.genai import build_genai
+from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
+from hybrid.layout import (
+    DECODER_DIR, DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR, VISION_WEIGHTS, sha256,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int4")
-PROCESSOR_DIR = "processor"
-VISION_DIR = "vision"
-EMBED_FILE = "embed_tokens.npy"
-DECODER_DIR = "decoder"
-DECODER_FILE = "decoder/model.onnx"
-GENAI_DIR = "genai"
 BAR_WIDTH = 24
+CHECKPOINT_PREFIX = "model.visual."  # the vision tower's tensors in a Qwen3-VL checkpoint
 
 
 def resolve_checkpoint(source: str) -> Path:
@@ -84,9 +82,6 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> d
     """Every part of the bundle, each tensor read from the checkpoint as it is written."""
     from transformers import AutoConfig, AutoProcessor
 
-    from hybrid.export import decoder
-    from hybrid.export.tensors import CheckpointTensors
-
     steps = 4 if genai else 3
     with _step(1, steps, "reading the checkpoint's config, processor and tensor index"):
         config = AutoConfig.from_pretrained(str(checkpoint))
@@ -102,8 +97,6 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> d
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress())
     if genai:
         with _step(4, steps, f"building the GenAI text model ({precision})"):
-            from hybrid.export.genai import build_genai
-
             build_genai(checkpoint, work / GENAI_DIR, precision, processor)
     return _model_info(config, tensors)
 
@@ -119,15 +112,13 @@ def _generation_config(checkpoint: Path, config):
 
 def _write_vision_tower(tensors, config, folder: Path) -> None:
     """The `model.visual.*` tensors alone, in float32, with the vision config: what `VisionTower` loads."""
-    from hybrid.vision import CHECKPOINT_PREFIX, CONFIG_NAME, WEIGHTS_NAME
-
     names = sorted(name for name in tensors.entries if name.startswith(CHECKPOINT_PREFIX))
     if not names:
         raise BundleError(f"the checkpoint has no {CHECKPOINT_PREFIX}* tensors: not a Qwen3-VL checkpoint?")
     folder.mkdir(parents=True, exist_ok=True)
     listed = [(name[len(CHECKPOINT_PREFIX) :], tensors.shape(name)) for name in names]
-    write_safetensors(folder / WEIGHTS_NAME, listed, lambda name: tensors.read(CHECKPOINT_PREFIX + name))
-    (folder / CONFIG_NAME).write_text(config.vision_config.to_json_string())
+    write_safetensors(folder / VISION_WEIGHTS, listed, lambda name: tensors.read(CHECKPOINT_PREFIX + name))
+    (folder / VISION_CONFIG).write_text(config.vision_config.to_json_string())
 
 
 def _model_info(config, tensors) -> dict:
@@ -154,24 +145,6 @@ def _describe_parts(work: Path, precision: str) -> dict[str, PartInfo]:
             path=rel, precision=precision if is_onnx else "fp32", sha256=sha256(path), bytes=path.stat().st_size
         )
     return parts
-
-
-def verify_bundle(bundle: Path, manifest: Manifest) -> None:
-    """Every file the manifest names exists with its recorded size and checksum."""
-    for rel, part in manifest.parts.items():
-        path = bundle / rel
-        if not path.is_file():
-            raise BundleError(f"{path} is missing from the bundle; export it again")
-        if path.stat().st_size != part.bytes or sha256(path) != part.sha256:
-            raise BundleError(f"{path} is corrupted (checksum mismatch); export the bundle again")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from hybrid.errors import BundleError
+from hybrid.export.int4 import quantize_onnx_file
+from hybrid.layout import GENAI_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,12 @@ def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise BundleError(f"the onnxruntime-genai builder failed:\n{tail}")
     if precision == "int4":
-        from hybrid.export.int4 import quantize_onnx_file
-
         quantize_onnx_file(out / "model.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         processor.tokenizer.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             (out / name).write_bytes((Path(tmp) / name).read_bytes())
-    _drop_default_search(out / "genai_config.json")
+    _drop_default_search(out / GENAI_CONFIG)
 
 
 def _drop_default_search(config_path: Path) -> None:

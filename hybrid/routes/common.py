@@ -13,7 +13,7 @@ from hybrid.config import SamplingConfig
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.streaming import TextStream
-from hybrid.types import Chunk, FinishReason, Request
+from hybrid.types import Chunk, FinishReason, Request, RouteName
 
 
 def timed(watch: Stopwatch, stage: str, fn, *args):
@@ -35,7 +35,7 @@ def prepare(processor: Processor, request: Request, watch: Stopwatch) -> Prepare
 class Emitter:
     def __init__(
         self,
-        route: str,
+        route: RouteName,
         processor: Processor,
         sampling: SamplingConfig,
         watch: Stopwatch,
@@ -51,10 +51,13 @@ class Emitter:
         self.finish_reason: FinishReason | None = None
 
     @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    @property
     def done(self) -> bool:
-        if self.finish_reason is None and self.cancel is not None and self.cancel.is_set():
-            self.finish_reason = "cancelled"
-        return self.finish_reason is not None
+        """Whether generation is over: a stop rule ended it, or the request was cancelled."""
+        return self.finish_reason is not None or self.cancelled
 
     def push(self, token_id: int) -> Chunk:
         """Account for one generated token; the returned chunk holds the text it released."""
@@ -78,13 +81,8 @@ class Emitter:
 
     def final(self) -> Chunk:
         """The last chunk: any text held back, how generation ended, and the timings."""
-        if self.finish_reason is None:
+        reason = self.finish_reason or ("cancelled" if self.cancelled else None)
+        if reason is None:
             raise RuntimeError(f"the {self.route} route ended its loop before generation was over")
-        text = "" if self.finish_reason == "stop" else self.stream.flush()
-        return Chunk(
-            route=self.route,
-            text=text,
-            token_ids=(),
-            finish_reason=self.finish_reason,
-            timings=self.watch.timings(),
-        )
+        text = "" if reason == "stop" else self.stream.flush()
+        return Chunk(route=self.route, text=text, token_ids=(), finish_reason=reason, timings=self.watch.timings())

@@ -23,11 +23,12 @@ import numpy as np
 from hybrid.config import SamplingConfig
 from hybrid.conversation import ConversationStore, Kept, reusable_prefix
 from hybrid.errors import BundleError, RouteError
+from hybrid.layout import GENAI_CONFIG
 from hybrid.metrics import Stopwatch
 from hybrid.processor import Processor
 from hybrid.routes.common import Emitter, prepare
 from hybrid.threads import intra_op_threads
-from hybrid.types import Chunk, Request
+from hybrid.types import Chunk, Request, RouteName
 
 KV_BYTES = 4  # GenAI's CPU builds keep keys and values in fp32, INT4 weights included
 FOLLOW_UP_ROOM = 256  # tokens beyond twice a conversation's request, for the next question
@@ -43,7 +44,7 @@ class _Generator:
 
 
 class GenAIRoute:
-    name = "genai"
+    name: RouteName = "genai"
 
     def __init__(
         self, folder: str | Path, processor: Processor, conversations: ConversationStore, threads: int = 0
@@ -62,9 +63,9 @@ class GenAIRoute:
             config.overlay(json.dumps(overlay))
             self.model = og.Model(config)
             self.tokenizer = og.Tokenizer(self.model)
+            model = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]
         except Exception as exc:  # GenAI raises RuntimeError/OSError subclasses for a bad folder
             raise BundleError(f"cannot load the GenAI model from {folder}: {exc}") from exc
-        model = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
         self.vocab_size = model["vocab_size"]
         self.context_length = int(model["context_length"])
         decoder = model["decoder"]

@@ -21,12 +21,12 @@ from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, suppress
-from hybrid.types import Chunk, Request
+from hybrid.types import Chunk, Request, RouteName
 from hybrid.vision import VisionFeatures, VisionTower
 
 
 class HybridRoute:
-    name = "hybrid"
+    name: RouteName = "hybrid"
 
     def __init__(
         self,

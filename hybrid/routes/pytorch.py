@@ -19,17 +19,22 @@ from hybrid.errors import BundleError
 from hybrid.metrics import Stopwatch
 from hybrid.processor import Processor
 from hybrid.routes.common import Emitter, prepare
-from hybrid.types import Chunk, Request
+from hybrid.types import Chunk, Request, RouteName
 
 log = logging.getLogger(__name__)
 _DONE = object()
 
 
 class PyTorchRoute:
-    name = "pytorch"
+    name: RouteName = "pytorch"
 
     def __init__(self, checkpoint: str | Path, processor: Processor, threads: int = 0) -> None:
         self.checkpoint = Path(checkpoint)
+        if not (self.checkpoint / "config.json").is_file():
+            raise BundleError(
+                f"the PyTorch route needs the source checkpoint at {self.checkpoint}, which is missing; "
+                "export the bundle again from a checkpoint on this machine"
+            )
         self.processor = processor
         self.threads = threads
         self._model = None
@@ -47,12 +52,6 @@ class PyTorchRoute:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # stderr is for the log and one-line errors
-
-        if not (self.checkpoint / "config.json").is_file():
-            raise BundleError(
-                f"the PyTorch route needs the source checkpoint at {self.checkpoint}, which is missing; "
-                "export the bundle again from a checkpoint on this machine"
-            )
         log.info("loading the PyTorch reference model from %s", self.checkpoint)
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(self.checkpoint), dtype=torch.float32)
         return model.eval()

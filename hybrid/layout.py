@@ -1,0 +1,59 @@
+"""The bundle's layout: where each part lives inside a bundle folder, and which route reads it.
+
+Export writes these names and the runtime reads them; `verify_parts` checks the files the manifest
+lists against their recorded sizes and checksums, for the whole bundle or the parts of one route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hybrid.config import Manifest
+from hybrid.errors import BundleError
+from hybrid.types import RouteName
+
+PROCESSOR_DIR = "processor"
+VISION_DIR = "vision"
+VISION_CONFIG = "config.json"  # in VISION_DIR: the vision config alone
+VISION_WEIGHTS = "model.safetensors"  # in VISION_DIR: the `model.visual.*` tensors, prefix dropped
+EMBED_FILE = "embed_tokens.npy"
+DECODER_DIR = "decoder"
+DECODER_FILE = f"{DECODER_DIR}/model.onnx"
+GENAI_DIR = "genai"
+GENAI_CONFIG = "genai_config.json"  # GenAI's own name for its model's config
+
+# The parts each route reads (the PyTorch route reads the source checkpoint, outside the bundle);
+# the processor is shared by every route.
+ROUTE_PARTS: dict[RouteName, tuple[str, ...]] = {
+    "hybrid": (VISION_DIR, EMBED_FILE, DECODER_DIR),
+    "genai": (GENAI_DIR,),
+    "pytorch": (),
+}
+SHARED_PARTS = (PROCESSOR_DIR,)
+
+
+def part_of(rel: str, parts: tuple[str, ...]) -> bool:
+    """Whether the bundle-relative path `rel` is one of `parts` (a file) or inside one (a folder)."""
+    return any(rel == part or rel.startswith(part + "/") for part in parts)
+
+
+def verify_parts(bundle: Path, manifest: Manifest, parts: tuple[str, ...] | None = None) -> None:
+    """Every file the manifest names (or only those among `parts`) exists with its recorded size
+    and checksum."""
+    for rel, part in manifest.parts.items():
+        if parts is not None and not part_of(rel, parts):
+            continue
+        path = bundle / rel
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle; export it again")
+        if path.stat().st_size != part.bytes or sha256(path) != part.sha256:
+            raise BundleError(f"{path} is corrupted (checksum mismatch); export the bundle again")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
