@@ -19,6 +19,8 @@ from hybrid.launch import describe_model
 from hybrid.pipeline import Pipeline
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.slow  # exports the demo model and drives Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -15,6 +15,8 @@ from hybrid.launch import DEMO_MODEL
 from hybrid.pipeline import Pipeline
 from hybrid.types import Message, Request
 
+pytestmark = pytest.mark.slow  # exports and grades the demo model: minutes
+
 EVAL_SEED = 1234  # training draws its scenes from seed 0
 SCENES = 45  # 15 each with one, two and three shapes: about 330 questions
 # What the model has learnt. It has not learnt to tell shapes apart (about chance, see the README),

@@ -10,14 +10,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-from hybrid.export.bundle import DECODER_FILE, EMBED_FILE
+from hybrid.export.bundle import export_bundle
+from hybrid.export.genai import build_genai
+from hybrid.export.int4 import ACCURACY_LEVEL
+from hybrid.layout import DECODER_FILE, EMBED_FILE
 from hybrid.tiny import TinySpec, build_checkpoint
 from tests.conftest import SPECS
+from tests.traced_export import export_decoder, quantize_int4
+
+pytestmark = pytest.mark.slow  # traces reference exports and runs the GenAI builder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,11 +63,6 @@ def bf16_checkpoint(workdir) -> Path:
 @pytest.mark.parametrize("name", ["base", "wide", "base-bf16"])
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_streamed_decoder_equals_the_traced_export(checkpoint, bundle, bf16_checkpoint, tmp_path, name, precision):
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from hybrid.export.bundle import export_bundle
-    from tests.traced_export import export_decoder, quantize_int4
-
     if name == "base-bf16":
         source = bf16_checkpoint
         streamed = export_bundle(str(source), tmp_path / "bundle", precision, genai=False) / DECODER_FILE
@@ -79,8 +82,6 @@ def test_streamed_decoder_equals_the_traced_export(checkpoint, bundle, bf16_chec
 
 def test_bundle_parts_are_the_checkpoint_widened(bf16_checkpoint, tmp_path):
     """A bfloat16 checkpoint's vision tower and embedding table come out as its exact float32 values."""
-    from hybrid.export.bundle import export_bundle
-
     out = export_bundle(str(bf16_checkpoint), tmp_path / "bundle", "fp32", genai=False)
     state = load_file(str(bf16_checkpoint / "model.safetensors"))
     assert state["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
@@ -140,8 +141,6 @@ def test_export_peak_memory_stays_below_the_weights(checkpoint, workdir, tmp_pat
 
 def test_fused_attention_writes_the_present_outputs(bundle):
     """Each `present.*` output comes straight from `GroupQueryAttention`: no node copies the cache after it."""
-    import onnx
-
     graph = onnx.load(str(bundle("base") / DECODER_FILE), load_external_data=False).graph
     producers = {output: node.op_type for node in graph.node for output in node.output}
     presents = [o.name for o in graph.output if o.name.startswith("present.")]
@@ -151,18 +150,13 @@ def test_fused_attention_writes_the_present_outputs(bundle):
 def test_genai_int4_is_the_builders_own_int4(bf16_checkpoint, tmp_path):
     """Our streamed INT4 pass over GenAI's fp32 build gives exactly the weights and nodes of the
     builder's own `-p int4` (which holds the whole model in fp32 to make them)."""
-    import onnx
-    from transformers import AutoProcessor
-
-    from hybrid.export.genai import build_genai
-
     ours = tmp_path / "ours"
     build_genai(bf16_checkpoint, ours, "int4", AutoProcessor.from_pretrained(str(bf16_checkpoint)))
     builders = tmp_path / "builder"
     subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(bf16_checkpoint), "-o", str(builders),
          "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options", "exclude_embeds=false",
-         "shared_embeddings=false", "int4_accuracy_level=4"],
+         "shared_embeddings=false", f"int4_accuracy_level={ACCURACY_LEVEL}"],
         capture_output=True, check=True,
     )  # fmt: skip
     a, b = (onnx.load(str(folder / "model.onnx")) for folder in (ours, builders))

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnxruntime_genai as og
 import pytest
 
 from hybrid.types import Message
-from tests.helpers import NEW_TOKENS, ask, run
-
-log = logging.getLogger(__name__)
+from tests.helpers import NEW_TOKENS, ask, hybrid_logits, run
 
 THREE_TURNS = (
     Message("system", "You are a terse assistant."),
@@ -30,8 +26,7 @@ def test_genai_fp32_tokens_equal_pytorch(pipeline, model_name, turns):
     request = ask("And what is 5 plus 2? Answer in a sentence.", history=history)
     ours = run(pipe, request, "genai")
     reference = run(pipe, request, "pytorch")
-    assert len(reference["token_ids"]) == NEW_TOKENS
-    assert len(set(reference["token_ids"])) > NEW_TOKENS // 3
+    assert len(set(reference["token_ids"])) > NEW_TOKENS // 3, "greedy output should be varied"
     assert ours["token_ids"] == reference["token_ids"]
     assert ours["text"] == reference["text"]
 
@@ -54,14 +49,17 @@ def test_genai_sampling_is_seeded(pipeline):
     assert first["token_ids"] == again["token_ids"]
 
 
-def test_int4_bundle_loads_and_generates(pipeline):
-    fp32 = pipeline("wide", "fp32")
-    int4 = pipeline("wide", "int4")
+def test_int4_logits_stay_close_to_fp32_and_both_int4_routes_agree(pipeline):
+    """Random tiny weights have small logit margins, so INT4 greedy tokens soon leave fp32's; what
+    must hold is that INT4 logits point the way fp32's do (a broken scale or layout gives a cosine
+    near 0), and that GenAI's INT4 model and our INT4 decoder, quantized alike, pick alike."""
+    fp32, int4 = pipeline("wide", "fp32"), pipeline("wide", "int4")
     assert int4.manifest.precision == "int4"
     request = ask("The quick brown fox jumps over the lazy dog.")
-    reference = run(fp32, request, "genai")["token_ids"]
-    for route in ("genai", "hybrid"):
-        result = run(int4, request, route)
-        assert len(result["token_ids"]) == NEW_TOKENS
-        agree = sum(a == b for a, b in zip(result["token_ids"], reference))
-        log.warning("int4 %s agrees with fp32 on %d/%d greedy tokens", route, agree, NEW_TOKENS)
+    generated = run(fp32, request, "hybrid")["token_ids"]
+    inputs = fp32.routes["hybrid"].processor.prepare(request.messages)
+    exact, quantized = (hybrid_logits(p.routes["hybrid"], inputs, generated) for p in (fp32, int4))  # (n, V)
+    cosine = (exact * quantized).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
+    assert cosine.mean() > 0.8 and cosine.min() > 0.6, cosine
+    ours, theirs = (run(int4, request, route)["token_ids"] for route in ("hybrid", "genai"))
+    assert sum(a == b for a, b in zip(ours, theirs)) >= 3 * NEW_TOKENS // 4, (ours, theirs)

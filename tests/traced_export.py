@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from hybrid.export.decoder import decoder_io_names
+from hybrid.export.int4 import ACCURACY_LEVEL, CONTRIB
 
 OPSET = 18
-CONTRIB = "com.microsoft"
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -63,7 +63,7 @@ class DecoderForExport(nn.Module):
         hidden = inputs_embeds  # (B, S, H)
         cos, sin = self.rotary_emb(hidden, position_ids)  # (B, S, head_dim)
         seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)  # (B,): last filled slot
-        total_length = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # scalar: past + S
+        total_length = torch.ones_like(attention_mask[0]).sum().to(torch.int32)  # scalar: past + S, traced as a shape
         presents = []
         for i, layer in enumerate(self.layers):
             residual = hidden
@@ -174,9 +174,11 @@ def save_with_external_data(proto, path: Path) -> None:
 
 
 def quantize_int4(path: Path) -> None:
-    """onnxruntime's own INT4 pass over a saved graph: block 32, symmetric, accuracy level 4."""
+    """onnxruntime's own INT4 pass over a saved graph: block 32, symmetric, our accuracy level."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(path)), block_size=32, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+    )
     quantizer.process()
     save_with_external_data(quantizer.model.model, path)
