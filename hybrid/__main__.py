@@ -1,4 +1,4 @@
-"""`python -m hybrid export | generate | bench`: the command-line entry point.
+"""`python -m hybrid export | generate | bench | quality`: the command-line entry point.
 
 Errors a user can cause print one line on stderr and exit with status 2. A route that cannot load
 is named with the reason on stderr, and the others serve. Each command imports its machinery (torch,
@@ -16,8 +16,10 @@ from typing import NoReturn
 from hybrid.bench import add_bench_arguments, run_bench
 from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, PRECISIONS, RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
+from hybrid.export.int4 import Int4Scheme, Int4Setting
 from hybrid.images import open_image
 from hybrid.logs import setup_logging
+from hybrid.quality import add_quality_arguments, run_quality
 from hybrid.router import AUTO, ROUTE_CHOICES, choose_routes
 from hybrid.types import ROUTE_NAMES, Message, Request, collect
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle folder to write")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32")
     export.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai text model")
+    export.add_argument("--int4", default=Int4Setting().name,
+                        help="with --precision int4: the decoder layers' QUANTIZER-bBLOCK, quantizer rtn (symmetric), "
+                             "rtn-zp (zero points) or hqq, block 32, 64 or 128 (default %(default)s)")
+    export.add_argument("--int4-head", default=None, help="the LM head's setting (default: --int4's)")
+
+    add_quality_arguments(sub.add_parser("quality", help="INT4 settings' fidelity to fp32, beside their speed"))
 
     gen = sub.add_parser("generate", help="answer one prompt")
     gen.add_argument("--bundle", required=True)
@@ -80,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hybrid.export.bundle import export_bundle
 
-    export_bundle(args.model, args.out, precision=args.precision, genai=not args.no_genai)
+    layers = Int4Setting.parse(args.int4)
+    scheme = Int4Scheme(layers, Int4Setting.parse(args.int4_head) if args.int4_head else layers)
+    export_bundle(args.model, args.out, precision=args.precision, genai=not args.no_genai, int4=scheme)
     return 0
 
 
@@ -123,7 +133,7 @@ def _echo(text: str) -> None:
     sys.stdout.flush()
 
 
-_COMMANDS = {"export": _export, "generate": _generate, "bench": run_bench}
+_COMMANDS = {"export": _export, "generate": _generate, "bench": run_bench, "quality": run_quality}
 
 if __name__ == "__main__":
     sys.exit(main())

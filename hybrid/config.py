@@ -106,6 +106,7 @@ class Manifest:
     parts: dict[str, PartInfo]
     versions: dict[str, str]
     model: dict[str, Any] = field(default_factory=dict)
+    quantization: str = ""  # the INT4 decoder's `Int4Scheme` name ("" when fp32)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from hybrid.config import MANIFEST_NAME, Manifest, Precision, RuntimeConfig
 from hybrid.errors import BundleError
 from hybrid.export.bundle import export_bundle
+from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import verify_parts
 from hybrid.pipeline import Pipeline
 from hybrid.tiny import build_checkpoint
@@ -77,6 +78,9 @@ def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: P
     return export_bundle(source, bundle, precision)
 
 
+LEGACY_INT4 = "rtn-b32"  # what INT4 bundles were before the manifest named their quantization
+
+
 def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
     """Why the bundle at `bundle` cannot serve `source` at `precision`, or None if it can."""
     if not bundle.exists():
@@ -89,6 +93,9 @@ def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
         return f"it was made from {manifest.source}"
     if manifest.precision != precision:
         return f"it is {manifest.precision}, not {precision}"
+    default_int4 = Int4Scheme().name
+    if precision == "int4" and (manifest.quantization or LEGACY_INT4) != default_int4:
+        return f"its INT4 decoder is {manifest.quantization or LEGACY_INT4}, the default is now {default_int4}"
     if _newest_mtime(Path(source)) > (bundle / MANIFEST_NAME).stat().st_mtime:
         return "the checkpoint changed since"
     try:

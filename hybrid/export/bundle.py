@@ -19,6 +19,7 @@ from hybrid.config import BUNDLE_FORMAT, MANIFEST_NAME, PRECISIONS, Manifest, Pa
 from hybrid.errors import BundleError, UserError
 from hybrid.export import decoder
 from hybrid.export.genai import build_genai
+from hybrid.export.int4 import Int4Scheme
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.layout import (
     DECODER_DIR, DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR, VISION_WEIGHTS, sha256,
@@ -48,7 +49,11 @@ def resolve_checkpoint(source: str) -> Path:
                         "check the network, or pass a local checkpoint folder") from exc
 
 
-def export_bundle(source: str, out: str | Path, precision: str = "fp32", genai: bool = True) -> Path:
+def export_bundle(
+    source: str, out: str | Path, precision: str = "fp32", genai: bool = True, int4: Int4Scheme = Int4Scheme()
+) -> Path:
+    """Export `source` to the bundle `out`; an INT4 decoder is quantized by `int4` (the GenAI model
+    keeps its builder's own INT4, so that the comparison between the two stays fair)."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(out).resolve()
@@ -59,12 +64,13 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", genai: 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)
     try:
-        model_info = _write_parts(checkpoint, work, precision, genai)
+        model_info = _write_parts(checkpoint, work, precision, genai, int4)
         manifest = Manifest(
             format=BUNDLE_FORMAT,
             source=source,
             checkpoint=str(checkpoint),
             precision=precision,
+            quantization=int4.name if precision == "int4" else "",
             parts=_describe_parts(work, precision),
             versions=_versions(),
             model=model_info,
@@ -78,7 +84,7 @@ def export_bundle(source: str, out: str | Path, precision: str = "fp32", genai: 
     return out
 
 
-def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> dict:
+def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4: Int4Scheme) -> dict:
     """Every part of the bundle, each tensor read from the checkpoint as it is written."""
     from transformers import AutoConfig, AutoProcessor
 
@@ -93,8 +99,9 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool) -> d
         _write_vision_tower(tensors, config, work / VISION_DIR)
         embed = decoder.TEXT + "embed_tokens.weight"
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
-    with _step(3, steps, f"writing the ONNX text decoder ({precision})"):
-        decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress())
+    what = f"int4 {int4.name}" if precision == "int4" else precision
+    with _step(3, steps, f"writing the ONNX text decoder ({what})"):
+        decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
     if genai:
         with _step(4, steps, f"building the GenAI text model ({precision})"):
             build_genai(checkpoint, work / GENAI_DIR, precision, processor)

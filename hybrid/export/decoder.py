@@ -15,7 +15,7 @@ bound as both past and present, `GroupQueryAttention` writes the new keys in pla
 copies the cache. `attention_mask` `[B, past + S]` says how much of the buffer is filled.
 
 Nothing is traced: each weight is read from the checkpoint, fused (q/k/v, gate/up), transposed or
-quantized to INT4 (`MatMulNBits`, block 32, accuracy level 4) and appended to one external-data file
+quantized to INT4 (`MatMulNBits`, by the `Int4Scheme` asked for) and appended to one external-data file
 before the next is read, so the export never holds more than one layer's weights.
 """
 
@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.errors import BundleError
-from hybrid.export.int4 import ACCURACY_LEVEL, BLOCK_SIZE, CONTRIB, quantize_int4
+from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,17 @@ def export_decoder(
     out_path: Path,
     precision: str,
     on_layer: Callable[[int, int], None] = lambda done, total: None,
+    int4: Int4Scheme = Int4Scheme(),
 ) -> None:
-    """Write `out_path` (the graph) and `out_path.data` (every weight); `on_layer(done, total)` after each layer."""
+    """Write `out_path` (the graph) and `out_path.data` (every weight); `on_layer(done, total)` after
+    each layer. With `precision` "int4", the linear layers and the LM head are quantized by `int4`."""
     shapes = DecoderShapes.from_config(config)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_path.parent.glob(out_path.name + "*"):
         stale.unlink()
     data_path = out_path.with_name(out_path.name + ".data")
     with open(data_path, "wb") as data_file:
-        writer = _Writer(ExternalData(data_file, data_path.name), tensors, shapes, precision == "int4")
+        writer = _Writer(ExternalData(data_file, data_path.name), tensors, shapes, int4 if precision == "int4" else None)
         graph = writer.build(on_layer)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)], ir_version=IR_VERSION
@@ -128,7 +130,7 @@ def export_decoder(
 class _Writer:
     """Builds the graph and writes the weights it references, layer by layer."""
 
-    def __init__(self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: bool) -> None:
+    def __init__(self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: Int4Scheme | None) -> None:
         self.data, self.tensors, self.shapes, self.int4 = data, tensors, shapes, int4
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -234,16 +236,17 @@ class _Writer:
     def _linear(self, name: str, x: str, weight: np.ndarray, output: str | None = None) -> str:
         """`x @ weight.T` for an `nn.Linear` weight `(N, K)`: fp32 `MatMul` or INT4 `MatMulNBits`."""
         n, k = weight.shape
-        if not self.int4:
+        if self.int4 is None:
             step = max(1, BLOCK_BYTES // (4 * n))  # rows of the transpose per block
             blocks = (weight[:, first : first + step].T for first in range(0, k, step))
             self.initializers.append(self.data.add_blocks(name + ".weight", np.float32, (k, n), blocks))
             return self.op("MatMul", x, name + ".weight", output=output)
-        packed, scales = quantize_int4(weight)
-        self.initializers += [self.data.add(name + ".weight_Q4", packed), self.data.add(name + ".weight_scales", scales)]
+        setting = self.int4.head if name == "lm_head" else self.int4.layers
+        quantized = quantize_int4(weight, setting)
+        self.initializers += [self.data.add(key, array) for key, array in int4_arrays(name + ".weight", quantized)]
         return self.op(
-            "MatMulNBits", x, name + ".weight_Q4", name + ".weight_scales", domain=CONTRIB, output=output,
-            K=k, N=n, bits=4, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
+            "MatMulNBits", x, *int4_names(name + ".weight", setting), domain=CONTRIB, output=output,
+            **matmul_nbits_attributes(setting, k, n),
         )  # fmt: skip
 
     # --- nodes and initializers ---------------------------------------------------------------
