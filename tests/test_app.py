@@ -198,6 +198,7 @@ def test_a_route_failing_mid_answer_is_reported_and_marked(pipeline):
     assert turns[-1].status == "hybrid · failed" and turns[-1].done
 
 
+@pytest.mark.slow  # a bundle export of its own
 def test_the_bundle_is_exported_once_then_reused_until_it_is_stale(checkpoint, tmp_path, caplog):
     source = checkpoint("base")
     bundle = tmp_path / "bundle"

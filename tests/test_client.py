@@ -59,6 +59,7 @@ def test_a_bad_request_is_reported_and_the_app_keeps_serving(client):
     assert results[0]["route"] == "genai" and results[0]["timings"]["total_ms"] > 0
 
 
+@pytest.mark.slow  # sixteen clients, the slowest route
 def test_sixteen_users_at_once_are_answered_or_told_the_queue_is_full(url):
     outcomes: list[str] = []
     ready = threading.Barrier(16)  # every user connected first, then all ask at the same moment

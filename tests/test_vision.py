@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hybrid.types import Message
@@ -19,6 +20,7 @@ def quantized_linears(model: torch.nn.Module) -> int:
     return sum(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in model.modules())
 
 
+@pytest.mark.slow  # exports the wide model at INT4
 def test_int4_bundles_run_the_tower_with_int8_linears_close_to_fp32(pipeline):
     image = draw_scene((160, 96), (30, 120, 200))
     fp32_tower, fp32 = tower_features(pipeline("wide", "fp32"), image)
