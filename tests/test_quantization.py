@@ -63,6 +63,7 @@ def test_a_bad_setting_is_refused_with_its_form(text):
         Int4Setting.parse(text)
 
 
+@pytest.mark.slow  # nine exports, HQQ's solver among them
 def test_every_setting_exports_loads_and_answers_near_fp32(checkpoint, tmp_path):
     source = checkpoint("base")
     config = AutoConfig.from_pretrained(source)

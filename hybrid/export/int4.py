@@ -7,9 +7,9 @@ An `Int4Setting` is a block size (32, 64 or 128 weights share a scale) and a qua
   `MatMulNBitsQuantizer` runs by default, and what GenAI's builder writes);
 - `rtn-zp`: round to nearest with a uint8 zero point per block (asymmetric), the same kernel;
 - `hqq`: Half-Quadratic Quantization (onnxruntime's `HQQWeightOnlyQuantizer`), which fits each
-  block's scale and zero point to minimise the error of the dequantized weight (zero points then
-  rounded to 4 bits: see `_hqq`). Slow to run: minutes for a 2B model's layers.
-Every setting runs at accuracy level 4 (int8 activations: the fastest CPU kernels).
+  block's float zero point to minimise the error of the dequantized weight. More faithful, but slow
+  to quantize (minutes for a 2B model) and to run (see `_hqq`).
+Every node asks for accuracy level 4 (int8 activations: the fastest CPU kernels).
 """
 
 from __future__ import annotations
@@ -120,10 +120,10 @@ def _rtn(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
 def _hqq(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
     """HQQ by onnxruntime's implementation (in torch), `ROW_BLOCK` output rows at a time.
 
-    HQQ fits a float zero point per block; `MatMulNBits` takes float zero points, but its int8
-    (accuracy level 4) kernel does not, and the fallback ran a decode-shaped matmul about 70x slower
-    here. So the fitted zero points are rounded to 4 bits and the weights quantized again with
-    HQQ's scales: the kernel's fast path, with scales chosen by HQQ rather than by min/max."""
+    HQQ's solver moves only each block's zero point, away from the integers: rounded back to 4
+    bits it gives exactly `rtn-zp`'s bytes. So the zero points stay float, which `MatMulNBits`
+    takes, but not on its int8 (accuracy level 4) path: measured here, a decode-shaped matmul ran
+    about 70x slower. A setting for measuring fidelity, not for serving."""
     import torch
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantizer
 
@@ -132,20 +132,16 @@ def _hqq(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
     blocks = -(-k // block)
     packed = np.zeros((n, blocks, block // 2), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, -(-blocks // 2) * 2), dtype=np.uint8)
+    zero_points = np.zeros((n, blocks), dtype=np.float32)
     quantizer = HQQWeightOnlyQuantizer(None)  # `quantize_internal` reads no config
     for first in range(0, n, ROW_BLOCK):
         rows = slice(first, min(first + ROW_BLOCK, n))
-        part = np.ascontiguousarray(weight[rows], dtype=np.float32)
-        _, scale, zero = quantizer.quantize_internal(torch.from_numpy(part), bits=4, group_size=block)
-        scale, zero = scale.numpy(), np.clip(np.round(zero.numpy()), 0, 15)
-        padded = np.zeros((part.shape[0], blocks * block), dtype=np.float32)
-        padded[:, :k] = part
-        grouped = padded.reshape(part.shape[0], blocks, block)
-        q = np.clip(np.round(grouped / scale[..., None] + zero[..., None]), 0, 15).astype(np.uint8)
+        part = torch.from_numpy(np.ascontiguousarray(weight[rows], dtype=np.float32))
+        q, scale, zero = quantizer.quantize_internal(part, bits=4, group_size=block)
+        q = q.numpy().astype(np.uint8).reshape(part.shape[0], blocks, block)
         packed[rows] = q[..., 0::2] | (q[..., 1::2] << 4)  # element 2i in the low nibble, as MatMulNBits reads
-        scales[rows], zero_points[rows, :blocks] = scale, zero.astype(np.uint8)
-    return Int4Weight(packed, scales, zero_points[:, 0::2] | (zero_points[:, 1::2] << 4), setting)
+        scales[rows], zero_points[rows] = scale.numpy(), zero.numpy()
+    return Int4Weight(packed, scales, zero_points, setting)
 
 
 def matmul_nbits_attributes(setting: Int4Setting, k: int, n: int) -> dict:
