@@ -28,7 +28,7 @@ from hybrid.config import (
 )  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.images import open_image
-from hybrid.launch import describe_model, load_pipeline
+from hybrid.launch import AUTO_PRECISION, describe_model, load_pipeline
 from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
 from hybrid.pipeline import Pipeline
@@ -283,13 +283,14 @@ class ChatService:
         history: list[dict[str, Any]],
         request: gr.Request,
         image_detail: str = DEFAULT_IMAGE_DETAIL,
+        greedy: bool = False,
     ) -> Iterator[dict]:
         """Streams updates of the `Page`: the conversation as it grows, then the latency panel
         and the run history. The session is the conversation: the routes keep its KV caches until
         Clear or its end."""
         self._admit(request)
         sampling = _sampling(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
         conversation = _session(request) or None
@@ -488,7 +489,7 @@ def build_page(
             with gr.Column(scale=3):
                 chatbot, prompt, stop, clear = _chat_column()
             with gr.Column(scale=2, min_width=300):
-                controls, detail = _controls(pipeline)
+                controls, detail, greedy = _controls(pipeline)
                 _examples(prompt)
         latency, stages, history_table = _latency_panel()
         page = Page(prompt, chatbot, turns, latency, stages, history, history_table)
@@ -496,7 +497,7 @@ def build_page(
         _api_only(service)
 
         chat_event = prompt.submit(
-            service.chat, [prompt, turns, *controls, history, detail], page.outputs,
+            service.chat, [prompt, turns, *controls, history, detail, greedy], page.outputs,
             api_name="chat", concurrency_id=CPU, concurrency_limit=1, show_progress="minimal",
         )  # fmt: skip
         stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
@@ -530,13 +531,21 @@ def _examples(prompt: gr.MultimodalTextbox) -> None:
     )
 
 
-def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Radio]:
-    """The route and sampling controls (in the chat handler's order), and the image detail choice."""
+def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Radio, gr.Checkbox]:
+    """The route and sampling controls (in the chat handler's order), the image detail choice and
+    the greedy toggle. Sampling starts from the checkpoint's own generation config."""
     limit = pipeline.runtime.max_new_tokens_limit
+    own = pipeline.sampling
     route = gr.Radio(route_choices(pipeline), value=AUTO, label="Route", elem_id="route",
                      info="Compare all runs every route that can serve the prompt, one after the other.")  # fmt: skip
+    greedy = gr.Checkbox(
+        value=not own.do_sample, label="Greedy (exact route comparison)", elem_id="greedy",
+        info="The most likely token every time: every route must give the same answer. Off: sampling with "
+        "the settings below, which start from the checkpoint's generation config"
+        + ("." if own.do_sample else " (it asks for greedy decoding)."),
+    )  # fmt: skip
     max_new_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens")
-    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
+    temperature = gr.Slider(0.0, 2.0, value=own.temperature, step=0.05, label="Temperature", info="0 is greedy")
     detail = gr.Radio(
         [(f"{level.capitalize()} ({tokens} tokens)", level) for level, tokens in IMAGE_DETAIL.items()],
         value=DEFAULT_IMAGE_DETAIL, label="Image detail", elem_id="image-detail",
@@ -544,11 +553,11 @@ def _controls(pipeline: Pipeline) -> tuple[list[gr.components.Component], gr.Rad
         "things better, and takes longer before the first word.",
     )  # fmt: skip
     with gr.Accordion("More sampling settings", open=False):
-        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-        top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
-        repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        top_p = gr.Slider(0.05, 1.0, value=own.top_p, step=0.05, label="Top-p")
+        top_k = gr.Slider(0, 200, value=own.top_k, step=1, label="Top-k", info="0 is off")
+        repetition_penalty = gr.Slider(1.0, 2.0, value=own.repetition_penalty, step=0.05, label="Repetition penalty")
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-    return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed], detail
+    return [route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed], detail, greedy
 
 
 def route_choices(pipeline: Pipeline) -> list[tuple[str, str]]:
@@ -609,7 +618,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo model in assets/demo-model)")
     parser.add_argument("--bundle", help="bundle folder (default: .cache/bundles/<model>-<precision>); "
                         "an existing bundle given without --model is served as is")  # fmt: skip
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
+                        help="auto: INT4 decoder and GenAI model and INT8 vision for a real checkpoint, "
+                        "fp32 for the demo model")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     parser.add_argument("--conversation-cache-mb", type=int, default=RuntimeConfig.conversation_cache_mb, metavar="MB",
                         help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)")  # fmt: skip

@@ -95,6 +95,51 @@ class PartInfo:
     bytes: int
 
 
+# transformers' own defaults for what a generation config leaves out
+_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class CheckpointSampling:
+    """What a checkpoint's `generation_config.json` asks for: sample (with these settings) or not.
+
+    Qwen3-VL Instruct ships `do_sample: true, temperature 0.7, top_p 0.8, top_k 20`: greedy decoding
+    of those models is known to fall into endless repetition."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, raw: dict[str, Any]) -> "CheckpointSampling":
+        values = {key: raw.get(key) if raw.get(key) is not None else default for key, default in _HF_SAMPLING_DEFAULTS.items()}
+        sampling = cls(do_sample=bool(raw.get("do_sample", False)), **values)
+        SamplingConfig(**sampling.settings(greedy=False))  # refuse values the routes would refuse
+        return sampling
+
+    @classmethod
+    def read(cls, folder: Path) -> "CheckpointSampling":
+        """The generation config in `folder`; none there means greedy."""
+        path = folder / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            return cls.from_generation_config(json.loads(path.read_text()))
+        except (ValueError, UserError) as exc:
+            raise BundleError(f"{path} is not a usable generation config: {exc}") from exc
+
+    def settings(self, greedy: bool) -> dict[str, Any]:
+        """`SamplingConfig` keyword arguments: these settings, or greedy (temperature 0)."""
+        return {
+            "temperature": 0.0 if greedy else self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
 @dataclass(frozen=True)
 class Manifest:
     """`manifest.json` of a bundle: what each part is and how it was made."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hybrid.config import Manifest, RuntimeConfig
+from hybrid.config import CheckpointSampling, Manifest, RuntimeConfig
 from hybrid.conversation import ConversationStore
 from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
@@ -70,6 +70,7 @@ class Pipeline:
     conversations: ConversationStore
     routes: dict[RouteName, Route] = field(default_factory=dict)
     unavailable: dict[RouteName, str] = field(default_factory=dict)  # route -> why it did not load
+    sampling: CheckpointSampling = field(default_factory=CheckpointSampling)  # the checkpoint's own
     load_seconds: float = 0.0
 
     @classmethod
@@ -93,7 +94,10 @@ class Pipeline:
         processor = Processor(bundle / PROCESSOR_DIR, max_context=max_context)
         conversations = ConversationStore(runtime.conversation_cache_mb)
         loader = _Loader(bundle, manifest, runtime, processor, conversations)
-        pipeline = cls(bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations)
+        pipeline = cls(
+            bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations,
+            sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR),
+        )  # fmt: skip
         for name in only:
             pipeline._load_route(name, getattr(loader, name), verify)
         if not pipeline.routes:

@@ -177,7 +177,7 @@ class FailingPipeline:
 
     def __init__(self, pipeline) -> None:
         self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
-        self.unavailable = pipeline.unavailable
+        self.unavailable, self.sampling = pipeline.unavailable, pipeline.sampling
 
     def plan(self, request, route):
         return self.inner.plan(request, route)
@@ -268,7 +268,7 @@ def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):
     info = build_demo(loaded, describe_model(loaded.manifest)).get_api_info()
     assert not info.get("unnamed_endpoints")
     allowed = {"prompt", "message", "image", "route", "max_new_tokens", "temperature", "top_p", "top_k",
-               "repetition_penalty", "seed", "image_detail"}  # fmt: skip
+               "repetition_penalty", "seed", "image_detail", "greedy"}  # fmt: skip
     for name, endpoint in info["named_endpoints"].items():
         params = {p["parameter_name"]: p["component"] for p in endpoint["parameters"]}
         assert set(params) <= allowed, (name, params)
