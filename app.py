@@ -144,19 +144,26 @@ def settle(turns: list[Turn], ending: str) -> list[Turn]:
 
 def to_chatbot(turns: list[Turn]) -> list[dict[str, Any]]:
     """The Chatbot's messages: images then text for a question, the route mark under an answer."""
-    bubbles = []
-    for turn in turns:
-        if turn.role == "user":
-            content: list[Any] = [{"path": p} for p in turn.paths] + ([turn.text] if turn.text else [])
-            bubbles.append({"role": "user", "content": content})
-        elif turn.figure is not None:
-            picture = gr.Image(turn.figure, show_label=False, buttons=["download", "fullscreen"])
-            bubbles.append({"role": "assistant", "content": picture})
-            bubbles.append({"role": "assistant", "content": turn.text})
-        else:
-            mark = f'<span class="route-mark">{turn.status}</span>'
-            bubbles.append({"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark})
-    return bubbles
+    return [bubble for turn in turns for bubble in _bubbles(turn)]
+
+
+def turn_of_bubble(turns: list[Turn], index: int) -> int:
+    """The index in `turns` of the turn the Chatbot shows as message `index`."""
+    owners = [i for i, turn in enumerate(turns) for _ in _bubbles(turn)]
+    if not 0 <= index < len(owners):
+        raise gr.Error("That message is no longer in the conversation.")
+    return owners[index]
+
+
+def _bubbles(turn: Turn) -> list[dict[str, Any]]:
+    if turn.role == "user":
+        content: list[Any] = [{"path": p} for p in turn.paths] + ([turn.text] if turn.text else [])
+        return [{"role": "user", "content": content}]
+    if turn.figure is not None:
+        picture = gr.Image(turn.figure, show_label=False, buttons=["download", "fullscreen"])
+        return [{"role": "assistant", "content": picture}, {"role": "assistant", "content": turn.text}]
+    mark = f'<span class="route-mark">{turn.status}</span>'
+    return [{"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark}]
 
 
 def box_figure(runs: list[RouteRun], turns: list[Turn]) -> Turn | None:
@@ -353,6 +360,40 @@ class ChatService:
                     shown = time.perf_counter()
                     yield [*turns, run.turn()], run
 
+    def retry(
+        self, data: gr.RetryData, turns: list[Turn], route: str, max_new_tokens: float, temperature: float,
+        top_p: float, top_k: float, repetition_penalty: float, seed: float, history: list[dict[str, Any]],
+        request: gr.Request, image_detail: str = DEFAULT_IMAGE_DETAIL, greedy: bool = False,
+    ) -> Iterator[dict]:  # fmt: skip
+        """Answer a question again (on the route chosen now): what followed it is dropped."""
+        index = self._question(turns, data.index)
+        message = _as_message(turns[index], turns[index].text)
+        yield from self.chat(message, turns[:index], route, max_new_tokens, temperature, top_p, top_k,
+                             repetition_penalty, seed, history, request, image_detail, greedy)  # fmt: skip
+
+    def edit(
+        self, data: gr.EditData, turns: list[Turn], route: str, max_new_tokens: float, temperature: float,
+        top_p: float, top_k: float, repetition_penalty: float, seed: float, history: list[dict[str, Any]],
+        request: gr.Request, image_detail: str = DEFAULT_IMAGE_DETAIL, greedy: bool = False,
+    ) -> Iterator[dict]:  # fmt: skip
+        """Ask an edited question (same pictures) in place of the original: what followed it is dropped."""
+        index = self._question(turns, data.index)
+        message = _as_message(turns[index], data.value if isinstance(data.value, str) else _text_of(data.value))
+        yield from self.chat(message, turns[:index], route, max_new_tokens, temperature, top_p, top_k,
+                             repetition_penalty, seed, history, request, image_detail, greedy)  # fmt: skip
+
+    def undo(self, data: gr.UndoData, turns: list[Turn]) -> dict:
+        """Take the last question back: it returns to the textbox, and its answers leave the chat."""
+        index = self._question(turns, data.index)
+        return {self.page.prompt: _as_message(turns[index], turns[index].text), **self.page.conversation(turns[:index])}
+
+    @staticmethod
+    def _question(turns: list[Turn], bubble: int | tuple[int, int]) -> int:
+        index = turn_of_bubble(turns, bubble if isinstance(bubble, int) else bubble[0])
+        if turns[index].role != "user" or not turns[index].done:
+            raise gr.Error("Pick a question (one of your messages) to retry, edit or undo.")
+        return index
+
     def stop(self, turns: list[Turn], request: gr.Request) -> dict:
         """Cancel this session's running request; an unfinished answer is marked as stopped."""
         with self._lock:
@@ -419,6 +460,17 @@ class ChatService:
         with self._lock:
             if self._cancels.get(session) is cancel:
                 del self._cancels[session]
+
+
+def _as_message(question: Turn, text: str) -> dict[str, Any]:
+    """A question as the textbox sends it: its text and its pictures' files."""
+    return {"text": text, "files": list(question.paths)}
+
+
+def _text_of(content: Any) -> str:
+    """The text of an edited Chatbot message (a string, or a list of parts)."""
+    parts = content if isinstance(content, list) else [content]
+    return " ".join(p if isinstance(p, str) else str(p.get("text", "")) for p in parts if isinstance(p, (str, dict))).strip()
 
 
 def _sampling(
@@ -500,6 +552,11 @@ def build_page(
             service.chat, [prompt, turns, *controls, history, detail, greedy], page.outputs,
             api_name="chat", concurrency_id=CPU, concurrency_limit=1, show_progress="minimal",
         )  # fmt: skip
+        answer_inputs = [turns, *controls, history, detail, greedy]
+        for event, handler in ((chatbot.retry, service.retry), (chatbot.edit, service.edit)):
+            event(handler, answer_inputs, page.outputs, concurrency_id=CPU, concurrency_limit=1,
+                  show_progress="minimal", api_visibility="private")  # fmt: skip
+        chatbot.undo(service.undo, [turns], [prompt, chatbot, turns], queue=False, api_visibility="private")
         stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
         clear.click(service.clear, None, [prompt, chatbot, turns], cancels=[chat_event], queue=False, api_name="clear")
         demo.unload(service.end_session)
@@ -508,7 +565,7 @@ def build_page(
 
 def _chat_column() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button]:
     chatbot = gr.Chatbot(
-        label="Conversation", height=500, elem_id="chatbot", buttons=["copy"],
+        label="Conversation", height=500, elem_id="chatbot", buttons=["copy"], editable="user",
         placeholder="Ask about a picture: add one below (upload, paste or drop) or pick an example.",
     )  # fmt: skip
     prompt = gr.MultimodalTextbox(
