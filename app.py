@@ -33,6 +33,7 @@ from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
+from hybrid.thinking import split_thinking
 from hybrid.types import ROUTE_NAMES, Answer, Message, Request, RouteName
 
 log = logging.getLogger("app")
@@ -85,19 +86,24 @@ class Turn:
     status: str = ""  # the mark under an answer
     done: bool = True
     figure: Image.Image | None = None  # the picture with the boxes the answers above gave, not sent to the model
+    thinking: str | None = None  # a Thinking model's reasoning, shown collapsed, never sent back
 
 
 @dataclass
 class RouteRun(Answer):
     """One route's answer as the page shows it: a bubble, and the mark under it."""
 
-    def turn(self) -> Turn:
-        return Turn("assistant", self.text, route=self.route, status=self.status(), done=self.timings is not None)
+    def turn(self, opens_thinking: bool = False) -> Turn:
+        thinking, answer = split_thinking(self.text, opens_thinking)
+        done = self.timings is not None
+        return Turn("assistant", answer, route=self.route, status=self.status(), done=done, thinking=thinking)
 
     def status(self) -> str:
         if self.timings is None:
             return f"{self.route} · generating…"
         speed = f"{self.timings.decode_tok_s:.1f} tok/s · {self.timings.decode_tokens} tokens"
+        if self.timings.thinking_tokens:
+            speed += f" ({self.timings.thinking_tokens} thinking)"
         endings = {"cancelled": "stopped", "length": "cut at max new tokens", "stop": "stop string"}
         ending = endings.get(self.finish_reason or "")
         return f"{self.route} · {speed}" + (f" · {ending}" if ending else "")
@@ -162,15 +168,19 @@ def _bubbles(turn: Turn) -> list[dict[str, Any]]:
     if turn.figure is not None:
         picture = gr.Image(turn.figure, show_label=False, buttons=["download", "fullscreen"])
         return [{"role": "assistant", "content": picture}, {"role": "assistant", "content": turn.text}]
+    thought = []
+    if turn.thinking is not None:
+        state = "done" if turn.done or turn.text else "pending"
+        thought = [{"role": "assistant", "content": turn.thinking, "metadata": {"title": "Thinking", "status": state}}]
     mark = f'<span class="route-mark">{turn.status}</span>'
-    return [{"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark}]
+    return [*thought, {"role": "assistant", "content": f"{turn.text}\n\n{mark}" if turn.text else mark}]
 
 
 def box_figure(runs: list[RouteRun], turns: list[Turn]) -> Turn | None:
     """The conversation's latest picture with every route's boxes (Qwen3-VL `bbox_2d` / `point_2d`)
     drawn in the route's colour, and a legend; None when no answer holds a box or there is no picture."""
     pictures = [image for turn in turns if turn.role == "user" for image in turn.images]
-    found = [(run.route, parse_boxes(run.text)) for run in runs]
+    found = [(run.route, parse_boxes(split_thinking(run.text, False)[1])) for run in runs]
     found = [(route, boxes) for route, boxes in found if boxes]
     if not pictures or not found:
         return None
@@ -351,14 +361,14 @@ class ChatService:
     ) -> Iterator[tuple[list[Turn], RouteRun]]:
         """The conversation with the route's answer so far, at most once per `stream_interval`."""
         run = RouteRun(route)
-        yield [*turns, run.turn()], run
+        yield [*turns, run.turn(self.pipeline.opens_thinking)], run
         shown = time.perf_counter()
         with closing(self.pipeline.stream(request, route, cancel)) as chunks:
             for chunk in chunks:
                 run.add(chunk)
                 if chunk.finish_reason is not None or time.perf_counter() - shown >= self.stream_interval:
                     shown = time.perf_counter()
-                    yield [*turns, run.turn()], run
+                    yield [*turns, run.turn(self.pipeline.opens_thinking)], run
 
     def retry(
         self, data: gr.RetryData, turns: list[Turn], route: str, max_new_tokens: float, temperature: float,

@@ -34,6 +34,7 @@ class Timings:
     peak_rss_mb: float
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's kept cache
     image_tokens: tuple[int, ...] = ()  # per picture, in prompt order
+    thinking_tokens: int = 0  # generated tokens up to and including `</think>` (a Thinking model)
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -58,6 +59,7 @@ class Stopwatch:
         self.prompt_tokens = 0
         self.reused_tokens = 0
         self.image_tokens: tuple[int, ...] = ()
+        self.thinking_tokens = 0
         self.peak_rss = rss_mb()
 
     def add(self, stage: str, seconds: float) -> None:
@@ -95,4 +97,5 @@ class Stopwatch:
             peak_rss_mb=self.peak_rss,
             reused_tokens=self.reused_tokens,
             image_tokens=self.image_tokens,
+            thinking_tokens=self.thinking_tokens,
         )

@@ -71,6 +71,7 @@ class Pipeline:
     routes: dict[RouteName, Route] = field(default_factory=dict)
     unavailable: dict[RouteName, str] = field(default_factory=dict)  # route -> why it did not load
     sampling: CheckpointSampling = field(default_factory=CheckpointSampling)  # the checkpoint's own
+    opens_thinking: bool = False  # a Thinking template: replies start inside `<think>`
     load_seconds: float = 0.0
 
     @classmethod
@@ -96,7 +97,7 @@ class Pipeline:
         loader = _Loader(bundle, manifest, runtime, processor, conversations)
         pipeline = cls(
             bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations,
-            sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR),
+            sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR), opens_thinking=processor.opens_thinking,
         )  # fmt: skip
         for name in only:
             pipeline._load_route(name, getattr(loader, name), verify)

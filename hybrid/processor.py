@@ -18,6 +18,7 @@ import torch
 from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS
 from hybrid.errors import BundleError, UserError
 from hybrid.images import to_rgb
+from hybrid.thinking import opens_thinking
 from hybrid.types import Message
 
 # Private-use characters mark where message texts go in the rendered template.
@@ -93,6 +94,7 @@ class Processor:
         self.image_token_id: int = int(self.hf.image_token_id)
         self.eos_token_ids: tuple[int, ...] = _eos_ids(Path(path), self.tokenizer)
         self.max_context = max_context
+        self.opens_thinking = opens_thinking(self.render((Message("user", "?"),)))  # a Thinking template
 
     def render(self, messages: tuple[Message, ...]) -> str:
         """The chat-templated prompt text, ending with the assistant's turn opener."""

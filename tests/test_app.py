@@ -178,6 +178,7 @@ class FailingPipeline:
     def __init__(self, pipeline) -> None:
         self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
         self.unavailable, self.sampling = pipeline.unavailable, pipeline.sampling
+        self.opens_thinking = pipeline.opens_thinking
 
     def plan(self, request, route):
         return self.inner.plan(request, route)

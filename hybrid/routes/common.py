@@ -13,6 +13,7 @@ from hybrid.config import SamplingConfig
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.streaming import TextStream
+from hybrid.thinking import THINK_CLOSE
 from hybrid.types import Chunk, FinishReason, Request, RouteName
 
 
@@ -70,6 +71,8 @@ class Emitter:
             text = self.stream.push(token_id)
             if self.stream.stopped:
                 self.finish_reason = "stop"
+            if not self.watch.thinking_tokens and THINK_CLOSE in self.stream.text:
+                self.watch.thinking_tokens = len(self.token_ids)
         if self.finish_reason is None and len(self.token_ids) >= self.sampling.max_new_tokens:
             self.finish_reason = "length"
         return Chunk(route=self.route, text=text, token_ids=(token_id,))
