@@ -17,6 +17,7 @@ PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"
 VISION_CONFIG = "config.json"  # in VISION_DIR: the vision config alone
 VISION_WEIGHTS = "model.safetensors"  # in VISION_DIR: the `model.visual.*` tensors, prefix dropped
+VISION_ONNX = {"fp32": "model-fp32.onnx", "int8": "model-int8.onnx"}  # in VISION_DIR: hybrid.export.vision
 EMBED_FILE = "embed_tokens.npy"
 DECODER_DIR = "decoder"
 DECODER_FILE = f"{DECODER_DIR}/model.onnx"
@@ -31,6 +32,11 @@ ROUTE_PARTS: dict[RouteName, tuple[str, ...]] = {
     "pytorch": (),
 }
 SHARED_PARTS = (PROCESSOR_DIR,)
+
+
+def vision_graph(int8: bool) -> str:
+    """The ONNX vision tower's file name in VISION_DIR (INT8 in INT4 bundles, fp32 in fp32 ones)."""
+    return VISION_ONNX["int8" if int8 else "fp32"]
 
 
 def part_of(rel: str, parts: tuple[str, ...]) -> bool:

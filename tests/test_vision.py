@@ -1,4 +1,5 @@
-"""The vision tower alone: fp32 as in the checkpoint, INT8 linear layers in INT4 bundles."""
+"""The PyTorch vision tower alone: fp32 as in the checkpoint, INT8 linear layers in INT4 bundles (the
+ONNX tower, the default where a bundle has it, is tested in test_vision_onnx)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid.layout import VISION_DIR
 from hybrid.types import Message
+from hybrid.vision import VisionTower
 from tests.conftest import draw_scene
 
 
 def tower_features(pipe, image):
     route = pipe.routes["hybrid"]
     inputs = route.processor.prepare((Message("user", "What is this?", (image,)),))
-    return route.vision, route.vision._run(inputs.pixel_values, inputs.image_grid_thw)
+    tower = VisionTower(pipe.bundle / VISION_DIR, 0, int8=pipe.manifest.precision == "int4", backend="torch")
+    return tower, tower._run(inputs.pixel_values, inputs.image_grid_thw)
 
 
 def quantized_linears(model: torch.nn.Module) -> int:

@@ -21,8 +21,10 @@ from hybrid.export import decoder
 from hybrid.export.genai import build_genai
 from hybrid.export.int4 import Int4Scheme
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
+from hybrid.export.vision import export_vision
 from hybrid.layout import (
-    DECODER_DIR, DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR, VISION_WEIGHTS, sha256,
+    DECODER_DIR, DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR, VISION_WEIGHTS,
+    sha256, vision_graph,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
     with _step(2, steps, "saving the processor, the vision tower and the embedding table"):
         processor.save_pretrained(str(work / PROCESSOR_DIR))
         _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
-        _write_vision_tower(tensors, config, work / VISION_DIR)
+        _write_vision_tower(tensors, config, work / VISION_DIR, int8=precision == "int4")
         embed = decoder.TEXT + "embed_tokens.weight"
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
     what = f"int4 {int4.name}" if precision == "int4" else precision
@@ -117,8 +119,9 @@ def _generation_config(checkpoint: Path, config):
     return GenerationConfig.from_model_config(config)
 
 
-def _write_vision_tower(tensors, config, folder: Path) -> None:
-    """The `model.visual.*` tensors alone, in float32, with the vision config: what `VisionTower` loads."""
+def _write_vision_tower(tensors, config, folder: Path, int8: bool) -> None:
+    """The `model.visual.*` tensors alone, in float32, with the vision config (the PyTorch tower), and
+    the ONNX tower, INT8 in INT4 bundles: what `VisionTower` loads."""
     names = sorted(name for name in tensors.entries if name.startswith(CHECKPOINT_PREFIX))
     if not names:
         raise BundleError(f"the checkpoint has no {CHECKPOINT_PREFIX}* tensors: not a Qwen3-VL checkpoint?")
@@ -126,6 +129,7 @@ def _write_vision_tower(tensors, config, folder: Path) -> None:
     listed = [(name[len(CHECKPOINT_PREFIX) :], tensors.shape(name)) for name in names]
     write_safetensors(folder / VISION_WEIGHTS, listed, lambda name: tensors.read(CHECKPOINT_PREFIX + name))
     (folder / VISION_CONFIG).write_text(config.vision_config.to_json_string())
+    export_vision(tensors, CHECKPOINT_PREFIX, config.vision_config, folder / vision_graph(int8), int8)
 
 
 def _model_info(config, tensors) -> dict:
@@ -148,9 +152,9 @@ def _describe_parts(work: Path, precision: str) -> dict[str, PartInfo]:
     for path in sorted(p for p in work.rglob("*") if p.is_file()):
         rel = path.relative_to(work).as_posix()
         is_onnx = rel.startswith((DECODER_DIR + "/", GENAI_DIR + "/")) and not rel.endswith(".json")
-        parts[rel] = PartInfo(
-            path=rel, precision=precision if is_onnx else "fp32", sha256=sha256(path), bytes=path.stat().st_size
-        )
+        is_int8 = rel.startswith(f"{VISION_DIR}/{vision_graph(True)}")  # the graph and its .data
+        part_precision = precision if is_onnx else "int8" if is_int8 else "fp32"
+        parts[rel] = PartInfo(path=rel, precision=part_precision, sha256=sha256(path), bytes=path.stat().st_size)
     return parts
 
 
