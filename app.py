@@ -33,6 +33,7 @@ from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
+from hybrid.routes.hybrid import HybridRoute
 from hybrid.thinking import split_thinking
 from hybrid.types import ROUTE_NAMES, Answer, Message, Request, RouteName
 
@@ -514,8 +515,10 @@ def _session(request: gr.Request | None) -> str:
 def header(pipeline: Pipeline, description: str) -> str:
     """The page's title, the model, the routes that serve and why any other one does not."""
     lazily = " (loaded on first use)" if "pytorch" in pipeline.routes else ""
+    hybrid = pipeline.routes.get("hybrid")
+    tower = "onnxruntime" if isinstance(hybrid, HybridRoute) and hybrid.vision.backend == "onnx" else "PyTorch"
     routes: dict[RouteName, str] = {
-        "hybrid": "**Hybrid ONNX**: PyTorch vision tower → image features injected into our ONNX decoder",
+        "hybrid": f"**Hybrid ONNX**: vision tower ({tower}) → image features injected into our ONNX decoder",
         "genai": "**GenAI**: onnxruntime-genai, text only",
         "pytorch": f"**PyTorch reference**: transformers `generate`{lazily}",
     }
