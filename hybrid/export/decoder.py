@@ -28,16 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
+from hybrid.export.graph import GraphWriter, write_graph
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
-IR_VERSION = 10
 TEXT = "model.language_model."
 BLOCK_BYTES = 8 * 2**20  # the most a transposed block of an fp32 weight holds
 
@@ -112,29 +111,16 @@ def export_decoder(
     """Write `out_path` (the graph) and `out_path.data` (every weight); `on_layer(done, total)` after
     each layer. With `precision` "int4", the linear layers and the LM head are quantized by `int4`."""
     shapes = DecoderShapes.from_config(config)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_path.parent.glob(out_path.name + "*"):
-        stale.unlink()
-    data_path = out_path.with_name(out_path.name + ".data")
-    with open(data_path, "wb") as data_file:
-        writer = _Writer(ExternalData(data_file, data_path.name), tensors, shapes, int4 if precision == "int4" else None)
-        graph = writer.build(on_layer)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)], ir_version=IR_VERSION
-    )
-    out_path.write_bytes(model.SerializeToString())
-    for written in (out_path, data_path):
-        written.chmod(0o644)
+    scheme = int4 if precision == "int4" else None
+    write_graph(out_path, lambda data: _Writer(data, tensors, shapes, scheme).build(on_layer))
 
 
-class _Writer:
+class _Writer(GraphWriter):
     """Builds the graph and writes the weights it references, layer by layer."""
 
     def __init__(self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: Int4Scheme | None) -> None:
-        self.data, self.tensors, self.shapes, self.int4 = data, tensors, shapes, int4
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self.names: dict[str, int] = {}
+        super().__init__(data)
+        self.tensors, self.shapes, self.int4 = tensors, shapes, int4
 
     def build(self, on_layer: Callable[[int, int], None]) -> onnx.GraphProto:
         s = self.shapes
@@ -248,28 +234,3 @@ class _Writer:
             "MatMulNBits", x, *int4_names(name + ".weight", setting), domain=CONTRIB, output=output,
             **matmul_nbits_attributes(setting, k, n),
         )  # fmt: skip
-
-    # --- nodes and initializers ---------------------------------------------------------------
-
-    def op(
-        self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output: str | list | None = None, **attrs
-    ):
-        """Append one node; returns its output name (or names, when `outputs > 1`). `output` names the
-        outputs that are graph outputs (a list with `None` for the others)."""
-        index = self.names[op_type] = self.names.get(op_type, -1) + 1
-        name = f"/{op_type}_{index}"
-        chosen = output if isinstance(output, list) else [output] * outputs
-        names = [given or f"{name}_output_{j}" for j, given in enumerate(chosen)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
-        return names[0] if outputs == 1 else names
-
-    def const(self, value) -> str:
-        """A small constant (int64 unless `value` is an array), kept inside the graph file."""
-        array = value if isinstance(value, np.ndarray) else np.array(value, dtype=np.int64)
-        name = f"/const_{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        return name

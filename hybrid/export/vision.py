@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
+from hybrid.export.graph import GraphWriter, write_graph
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
-OPSET = 18
-IR_VERSION = 10
 LAYER_NORM_EPS = 1e-6  # transformers' `Qwen3VLVisionBlock` and `Qwen3VLVisionPatchMerger` hard-code it
 INPUTS = ("pixel_values", "pos_embeds", "rotary_cos", "rotary_sin")
 OUTPUTS = ("image_embeds", "deepstack_embeds")
@@ -37,17 +36,7 @@ def export_vision(tensors: CheckpointTensors, prefix: str, config, out_path: Pat
     `prefix + <Qwen3VLVisionModel parameter>`; `config` is the `Qwen3VLVisionConfig`."""
     if config.hidden_act not in _GELU:
         raise BundleError(f"the vision export supports {', '.join(_GELU)} activations, got {config.hidden_act!r}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = out_path.with_name(out_path.name + ".data")
-    with open(data_path, "wb") as data_file:
-        writer = _Writer(ExternalData(data_file, data_path.name), tensors, prefix, config, int8)
-        graph = writer.build()
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)], ir_version=IR_VERSION
-    )
-    out_path.write_bytes(model.SerializeToString())
-    for written in (out_path, data_path):
-        written.chmod(0o644)
+    write_graph(out_path, lambda data: _Writer(data, tensors, prefix, config, int8).build())
 
 
 def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,14 +48,12 @@ def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(quantized.T), scale
 
 
-class _Writer:
+class _Writer(GraphWriter):
     """Builds the graph and writes the weights it references, one tensor at a time."""
 
     def __init__(self, data: ExternalData, tensors: CheckpointTensors, prefix: str, config, int8: bool) -> None:
-        self.data, self.tensors, self.prefix, self.config, self.int8 = data, tensors, prefix, config, int8
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self.counts: dict[str, int] = {}
+        super().__init__(data)
+        self.tensors, self.prefix, self.config, self.int8 = tensors, prefix, config, int8
         self.heads = config.num_heads
         self.merged_width = config.hidden_size * config.spatial_merge_size**2
 
@@ -170,23 +157,3 @@ class _Writer:
         weight_name = self.initializer(name + ".weight", quantized)
         scale_name = self.initializer(name + ".scale", scale)
         return self.op("DynamicQuantizeMatMul", x, weight_name, scale_name, "", bias_name, domain=CONTRIB, output=output)
-
-    # --- nodes and initializers ---------------------------------------------------------------
-
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", output: str | None = None, **attrs):
-        """Append one node; returns its output name (or names, when `outputs > 1`)."""
-        index = self.counts[op_type] = self.counts.get(op_type, -1) + 1
-        name = f"/{op_type}_{index}"
-        names = [output or f"{name}_output_0"] if outputs == 1 else [f"{name}_output_{j}" for j in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
-        return names[0] if outputs == 1 else names
-
-    def const(self, value) -> str:
-        """A small int64 constant, kept inside the graph file."""
-        name = f"/const_{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
-        return name
-
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        return name
