@@ -50,6 +50,7 @@ class Emitter:
         self.stream = TextStream(processor.decode, sampling.stop)
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self._unscanned = 0  # where in the text a `</think>` could still begin
 
     @property
     def cancelled(self) -> bool:
@@ -71,11 +72,20 @@ class Emitter:
             text = self.stream.push(token_id)
             if self.stream.stopped:
                 self.finish_reason = "stop"
-            if not self.watch.thinking_tokens and THINK_CLOSE in self.stream.text:
-                self.watch.thinking_tokens = len(self.token_ids)
+            self._count_thinking()
         if self.finish_reason is None and len(self.token_ids) >= self.sampling.max_new_tokens:
             self.finish_reason = "length"
         return Chunk(route=self.route, text=text, token_ids=(token_id,))
+
+    def _count_thinking(self) -> None:
+        """Note how many tokens it took to close the thinking, scanning only the text that is new
+        since the last token (a step must not reread the whole answer)."""
+        if self.watch.thinking_tokens:
+            return
+        text = self.stream.text
+        if text.find(THINK_CLOSE, self._unscanned) != -1:
+            self.watch.thinking_tokens = len(self.token_ids)
+        self._unscanned = max(0, len(text) - len(THINK_CLOSE) + 1)
 
     def finish(self, reason: FinishReason) -> None:
         """End generation for a reason the route saw itself (its runtime stopped on its own)."""
