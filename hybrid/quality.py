@@ -139,9 +139,6 @@ def measure(
     """Every decoder against the first one (fp32), as the module docstring says."""
     embed = np.load(next(iter(decoders.values()))[1], mmap_mode="r")
     loaded = {name: OnnxDecoder(path, threads) for name, (path, _) in decoders.items()}
-    reference = loaded[FP32]
-    answers = [_greedy(reference, embed, ids, new_tokens)[0] for ids in prompts]
-    ref_logits = [_forced(reference, embed, ids, answer) for ids, answer in zip(prompts, answers)]
     steps: dict[str, list[float]] = {name: [] for name in loaded}
     greedy: dict[str, list[np.ndarray]] = {name: [] for name in loaded}
     for ids in prompts:  # settings in turns, so that a noisy moment hits all of them
@@ -149,6 +146,8 @@ def measure(
             tokens, times = _greedy(dec, embed, ids, new_tokens)
             greedy[name].append(tokens)
             steps[name] += times
+    answers = greedy[FP32]  # the reference sequences
+    ref_logits = [_forced(loaded[FP32], embed, ids, answer) for ids, answer in zip(prompts, answers)]
     results = {}
     for name, dec in loaded.items():
         logits = ref_logits if name == FP32 else [_forced(dec, embed, ids, a) for ids, a in zip(prompts, answers)]
