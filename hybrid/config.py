@@ -95,10 +95,6 @@ class PartInfo:
     bytes: int
 
 
-# transformers' own defaults for what a generation config leaves out
-_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
-
-
 @dataclass(frozen=True)
 class CheckpointSampling:
     """What a checkpoint's `generation_config.json` asks for: sample (with these settings) or not.
@@ -106,7 +102,7 @@ class CheckpointSampling:
     Qwen3-VL Instruct ships `do_sample: true, temperature 0.7, top_p 0.8, top_k 20`: greedy decoding
     of those models is known to fall into endless repetition."""
 
-    do_sample: bool = False
+    do_sample: bool = False  # the rest: transformers' own defaults, for what a config leaves out
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 50
@@ -114,8 +110,8 @@ class CheckpointSampling:
 
     @classmethod
     def from_generation_config(cls, raw: dict[str, Any]) -> "CheckpointSampling":
-        values = {key: raw.get(key) if raw.get(key) is not None else default for key, default in _HF_SAMPLING_DEFAULTS.items()}
-        sampling = cls(do_sample=bool(raw.get("do_sample", False)), **values)
+        given = {key: raw[key] for key in asdict(cls()) if raw.get(key) is not None}
+        sampling = cls(**{**given, "do_sample": bool(given.get("do_sample", False))})
         SamplingConfig(**sampling.settings(greedy=False))  # refuse values the routes would refuse
         return sampling
 
