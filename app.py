@@ -1,5 +1,5 @@
-"""The Gradio page over one loaded `Pipeline`: a chat with images, the routes side by side, and the
-latency breakdown of every answer.
+"""The Gradio page over one loaded `Pipeline`: a chat with images and videos, the routes side by side,
+the latency breakdown of every answer, and the conversation to download as JSON.
 
 `build_demo(pipeline, description)` builds the page without launching it (tests use it);
 `python app.py [--model SRC] ...` exports or reuses a bundle, loads it once and serves the page.
@@ -8,15 +8,19 @@ latency breakdown of every answer.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import pandas as pd
@@ -31,11 +35,13 @@ from hybrid.images import open_image
 from hybrid.launch import AUTO_PRECISION, describe_model, load_pipeline
 from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
+from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.thinking import split_thinking
-from hybrid.types import ROUTE_NAMES, Answer, Message, Request, RouteName
+from hybrid.types import ROUTE_NAMES, Answer, Message, Request, RouteName, Video
+from hybrid.videos import VIDEO_SUFFIXES, is_video_file
 
 log = logging.getLogger("app")
 
@@ -61,14 +67,15 @@ RATE_LIMIT = 20  # requests per minute and session
 AUTH_ENV = "HYBRID_AUTH"  # USER:PASSWORD, read when --auth is not given
 LATENCY_COLUMNS = (
     "route", "finish", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
-    "decode tok/s", "prompt tokens", "reused tokens", "image tokens", "new tokens", "total ms", "peak RSS MB",
+    "decode tok/s", "prompt tokens", "reused tokens", "image tokens", "video tokens", "new tokens", "total ms",
+    "peak RSS MB",
 )  # fmt: skip
 RUN_COLUMNS = ("#", "route", "prompt", "tokens", "tok/s", "total ms", "finish")
 PROMPT_CHARS = 40  # of each prompt, in the run history
 STAGE_COLUMNS = ("route", "stage", "ms")
 CSS = """
 .route-mark { display: block; margin-top: 0.4em; font-size: 0.8em; font-style: italic; opacity: 0.7; }
-#chatbot img { max-height: 160px; width: auto; }
+#chatbot img, #chatbot video { max-height: 160px; width: auto; }
 #header h1 { margin-bottom: 0.2em; }
 #route label[data-testid$="(unavailable)-radio-label"] { opacity: 0.45; pointer-events: none; }
 """
@@ -76,8 +83,9 @@ CSS = """
 
 @dataclass(frozen=True)
 class Turn:
-    """One bubble of the conversation. A user turn keeps its images (they are sent again with
-    every later request); an answer remembers its route and, once finished, how it ended."""
+    """One bubble of the conversation. A user turn keeps its images and videos (they are sent again
+    with every later request); an answer remembers its route and, once finished, how it ended and
+    its timings."""
 
     role: str  # "user" or "assistant"
     text: str
@@ -88,6 +96,9 @@ class Turn:
     done: bool = True
     figure: Image.Image | None = None  # the picture with the boxes the answers above gave, not sent to the model
     thinking: str | None = None  # a Thinking model's reasoning, shown collapsed, never sent back
+    videos: tuple[Video, ...] = ()
+    finish_reason: str | None = None
+    timings: Timings | None = None
 
 
 @dataclass
@@ -97,7 +108,10 @@ class RouteRun(Answer):
     def turn(self, opens_thinking: bool = False) -> Turn:
         thinking, answer = split_thinking(self.text, opens_thinking)
         done = self.timings is not None
-        return Turn("assistant", answer, route=self.route, status=self.status(), done=done, thinking=thinking)
+        return Turn(
+            "assistant", answer, route=self.route, status=self.status(), done=done, thinking=thinking,
+            finish_reason=self.finish_reason, timings=self.timings,
+        )  # fmt: skip
 
     def status(self) -> str:
         if self.timings is None:
@@ -122,23 +136,41 @@ def to_request(
     messages: list[Message] = []
     for turn in turns:
         if turn.role == "user":
-            messages.append(Message("user", turn.text, turn.images))
+            messages.append(Message("user", turn.text, turn.images, turn.videos))
         elif turn.figure is None and turn.text and messages and messages[-1].role == "user":
             messages.append(Message("assistant", turn.text))
     return Request(tuple(messages), sampling, conversation_id, max_image_tokens)
 
 
-def user_turn(message: dict | str | None, max_pixels: int) -> Turn:
-    """The textbox value (`{"text", "files"}`) as a user turn; unreadable images raise UserError."""
-    if not isinstance(message, dict):
-        message = {"text": message or "", "files": []}
-    paths = tuple(_file_path(f) for f in message.get("files") or ())
-    images = tuple(open_image(p, max_pixels) for p in paths)
-    return Turn("user", (message.get("text") or "").strip(), images=images, paths=paths)
+def user_turn(message: dict | str | None, max_pixels: int, open_video: Callable[[str], Video]) -> Turn:
+    """The textbox value (`{"text", "files"}`) as a user turn: video files (by their suffix) through
+    `open_video`, the other files as images; unreadable ones raise UserError."""
+    paths = message_files(message)
+    images = tuple(open_image(p, max_pixels) for p in paths if not is_video_file(p))
+    videos = tuple(open_video(p) for p in paths if is_video_file(p))
+    text = (message.get("text") if isinstance(message, dict) else message) or ""
+    return Turn("user", text.strip(), images=images, paths=paths, videos=videos)
 
 
-def _file_path(item: str | dict) -> str:
-    return item["path"] if isinstance(item, dict) else str(item)
+def message_files(message: dict | str | None) -> tuple[str, ...]:
+    """The paths of the files a textbox value holds."""
+    files = message.get("files") if isinstance(message, dict) else None
+    return tuple(item["path"] if isinstance(item, dict) else str(item) for item in files or ())
+
+
+def conversation_record(turns: list[Turn], model: str) -> dict[str, Any]:
+    """The conversation as the page's download holds it: each question with its files' names, each
+    answer with its route, how it ended and its timings (the pictures with boxes are the page's own)."""
+    messages = []
+    for turn in turns:
+        if turn.role == "user":
+            messages.append({"role": "user", "text": turn.text, "files": [Path(p).name for p in turn.paths]})
+        elif turn.figure is None:
+            messages.append({
+                "role": "assistant", "route": turn.route, "text": turn.text, "thinking": turn.thinking,
+                "finish_reason": turn.finish_reason, "timings": turn.timings.to_dict() if turn.timings else None,
+            })  # fmt: skip
+    return {"model": model, "messages": messages}
 
 
 def settle(turns: list[Turn], ending: str) -> list[Turn]:
@@ -209,8 +241,8 @@ def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
         rows.append((
             run.route, run.finish_reason, round(t.preprocess_ms, 1), round(t.vision_ms, 1), round(t.prefill_ms, 1),
             round(t.ttft_ms, 1), round(t.decode_tok_s, 1), t.prompt_tokens, t.reused_tokens,
-            ", ".join(map(str, t.image_tokens)), t.decode_tokens, round(t.total_ms, 1),
-            round(t.peak_rss_mb),
+            ", ".join(map(str, t.image_tokens)), ", ".join(map(str, t.video_tokens)), t.decode_tokens,
+            round(t.total_ms, 1), round(t.peak_rss_mb),
         ))  # fmt: skip
     return pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
 
@@ -262,6 +294,7 @@ class Page:
     stages: gr.BarPlot
     history: gr.State
     history_table: gr.Dataframe
+    download: gr.DownloadButton
 
     @property
     def outputs(self) -> list[gr.components.Component]:
@@ -286,6 +319,7 @@ class ChatService:
         self.limiter = limiter
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._exports: Path | None = None  # a folder per session holds its conversation.json
 
     def chat(
         self,
@@ -335,7 +369,9 @@ class ChatService:
         if figure is not None:
             yield page.conversation([*turns, figure])
         history = [*history, *history_entries(len(history), user, runs)]
-        yield {page.history: history, page.history_table: history_rows(history)}
+        done = [*turns, figure] if figure is not None else turns
+        download = self.export(done, request)
+        yield {page.history: history, page.history_table: history_rows(history), page.download: download}
 
     def _prepare(
         self,
@@ -349,9 +385,11 @@ class ChatService:
         """Everything that can be refused, checked before the conversation changes."""
         runtime = self.pipeline.runtime
         try:
-            files = message.get("files") if isinstance(message, dict) else None
-            runtime.check_image_count(sum(len(t.images) for t in turns) + len(files or ()))
-            user = user_turn(message, runtime.max_image_pixels)
+            files = message_files(message)
+            videos = sum(map(is_video_file, files))
+            runtime.check_image_count(sum(len(t.images) for t in turns) + len(files) - videos)
+            runtime.check_video_count(sum(len(t.videos) for t in turns) + videos)
+            user = user_turn(message, runtime.max_image_pixels, self.pipeline.open_video)
             request = to_request([*turns, user], sampling, conversation_id, max_image_tokens)
             return user, request, self.pipeline.plan(request, route)
         except HybridError as exc:
@@ -393,10 +431,14 @@ class ChatService:
         yield from self.chat(message, turns[:index], route, max_new_tokens, temperature, top_p, top_k,
                              repetition_penalty, seed, history, request, image_detail, greedy)  # fmt: skip
 
-    def undo(self, data: gr.UndoData, turns: list[Turn]) -> dict:
+    def undo(self, data: gr.UndoData, turns: list[Turn], request: gr.Request) -> dict:
         """Take the last question back: it returns to the textbox, and its answers leave the chat."""
         index = self._question(turns, data.index)
-        return {self.page.prompt: _as_message(turns[index], turns[index].text), **self.page.conversation(turns[:index])}
+        kept = turns[:index]
+        return {
+            self.page.prompt: _as_message(turns[index], turns[index].text), **self.page.conversation(kept),
+            self.page.download: self.export(kept, request),
+        }  # fmt: skip
 
     @staticmethod
     def _question(turns: list[Turn], bubble: int | tuple[int, int]) -> int:
@@ -411,20 +453,43 @@ class ChatService:
             cancel = self._cancels.get(_session(request))
         if cancel is not None:
             cancel.set()
-        return self.page.conversation(settle(turns, "stopped"))
+        settled = settle(turns, "stopped")
+        return {**self.page.conversation(settled), self.page.download: self.export(settled, request)}
 
     def clear(self, request: gr.Request) -> dict:
         """Stop anything running and start a new conversation (the run history stays); the KV
-        caches kept for the old one are dropped."""
+        caches kept for the old one and its download are dropped."""
         self.stop([], request)
         self.end_session(request)
-        return {self.page.prompt: None, **self.page.conversation([])}
+        return {self.page.prompt: None, **self.page.conversation([]), self.page.download: None}
 
     def end_session(self, request: gr.Request) -> None:
-        """Drop the KV caches kept for this session's conversation (Clear, or the tab closed)."""
+        """Drop the KV caches kept for this session's conversation and its download (Clear, or the
+        tab closed)."""
         session = _session(request)
         if session:
             self.pipeline.forget(session)
+        if self._exports is not None:
+            shutil.rmtree(self._export_folder(request), ignore_errors=True)
+
+    def export(self, turns: list[Turn], request: gr.Request | None) -> str | None:
+        """Write the conversation (`conversation_record`) to this session's `conversation.json` for
+        the page's download button; None when there is nothing to download."""
+        if not turns:
+            return None
+        if self._exports is None:
+            self._exports = Path(tempfile.mkdtemp(prefix="hybrid-conversations-"))  # Gradio serves the temp folder
+        folder = self._export_folder(request)
+        folder.mkdir(exist_ok=True)
+        model = Path(self.pipeline.manifest.source).name or self.pipeline.manifest.source  # never a server folder
+        record = {**conversation_record(turns, model), "precision": self.pipeline.manifest.precision}
+        path = folder / "conversation.json"
+        path.write_text(json.dumps(record, ensure_ascii=False, indent=2))
+        return str(path)
+
+    def _export_folder(self, request: gr.Request | None) -> Path:
+        """The session's folder of downloads, named by a digest: the session id comes from the browser."""
+        return self._exports / hashlib.sha256(_session(request).encode()).hexdigest()[:24]
 
     def generate(
         self,
@@ -527,10 +592,11 @@ def header(pipeline: Pipeline, description: str) -> str:
         f"\n\n**{ROUTE_LABELS[name]} is unavailable**: {reason}" for name, reason in pipeline.unavailable.items()
     )
     auto = "text to GenAI" if "genai" in pipeline.routes else "text to Hybrid ONNX too"
+    visual = "image and video" if pipeline.processor.takes_videos else "image"
     return (
         "# Qwen3-VL hybrid inference on the CPU\n\n"
         f"{description}\n\n"
-        f"Routes: {listed}. *Auto* sends image prompts to Hybrid ONNX and {auto}; "
+        f"Routes: {listed}. *Auto* sends {visual} prompts to Hybrid ONNX and {auto}; "
         f"one request runs at a time.{missing}"
     )
 
@@ -552,12 +618,12 @@ def build_page(
         turns, history = gr.State([]), gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                chatbot, prompt, stop, clear = _chat_column()
+                chatbot, prompt, stop, clear, download = _chat_column(pipeline.processor.takes_videos)
             with gr.Column(scale=2, min_width=300):
                 controls, detail, greedy = _controls(pipeline)
                 _examples(prompt)
         latency, stages, history_table = _latency_panel()
-        page = Page(prompt, chatbot, turns, latency, stages, history, history_table)
+        page = Page(prompt, chatbot, turns, latency, stages, history, history_table, download)
         service = ChatService(pipeline, page, stream_interval, limiter)
         _api_only(service)
 
@@ -569,26 +635,36 @@ def build_page(
         for event, handler in ((chatbot.retry, service.retry), (chatbot.edit, service.edit)):
             event(handler, answer_inputs, page.outputs, concurrency_id=CPU, concurrency_limit=1,
                   show_progress="minimal", api_visibility="private")  # fmt: skip
-        chatbot.undo(service.undo, [turns], [prompt, chatbot, turns], queue=False, api_visibility="private")
-        stop.click(service.stop, [turns], [chatbot, turns], cancels=[chat_event], queue=False, api_name="stop")
-        clear.click(service.clear, None, [prompt, chatbot, turns], cancels=[chat_event], queue=False, api_name="clear")
+        chatbot.undo(service.undo, [turns], [prompt, chatbot, turns, download], queue=False, api_visibility="private")
+        stop.click(service.stop, [turns], [chatbot, turns, download], cancels=[chat_event], queue=False,
+                   api_name="stop")  # fmt: skip
+        clear.click(service.clear, None, [prompt, chatbot, turns, download], cancels=[chat_event], queue=False,
+                    api_name="clear")  # fmt: skip
         demo.unload(service.end_session)
     return demo, service
 
 
-def _chat_column() -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button]:
+def _chat_column(
+    takes_videos: bool,
+) -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button, gr.DownloadButton]:
+    """The chat, its textbox (pictures, and short videos where the checkpoint's template places them),
+    Stop, Clear, and the conversation's download."""
+    media = "images or a short video" if takes_videos else "images"
     chatbot = gr.Chatbot(
         label="Conversation", height=500, elem_id="chatbot", buttons=["copy"], editable="user",
-        placeholder="Ask about a picture: add one below (upload, paste or drop) or pick an example.",
+        placeholder=f"Ask about a picture{' or a video' if takes_videos else ''}: add one below (upload, paste "
+        "or drop) or pick an example.",
     )  # fmt: skip
     prompt = gr.MultimodalTextbox(
-        file_types=["image"], file_count="multiple", show_label=False, elem_id="prompt", autofocus=True,
-        placeholder="Type a question and press Enter; add images with the clip, by pasting or by dropping them here",
+        file_types=["image", *sorted(VIDEO_SUFFIXES)] if takes_videos else ["image"], file_count="multiple",
+        show_label=False, elem_id="prompt", autofocus=True,
+        placeholder=f"Type a question and press Enter; add {media} with the clip, by pasting or by dropping them here",
     )  # fmt: skip
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
         clear = gr.Button("Clear conversation", elem_id="clear", size="sm")
-    return chatbot, prompt, stop, clear
+        download = gr.DownloadButton("Download conversation (JSON)", elem_id="download", size="sm")
+    return chatbot, prompt, stop, clear, download
 
 
 def _examples(prompt: gr.MultimodalTextbox) -> None:

@@ -14,7 +14,10 @@ import sys
 from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
-from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, PRECISIONS, RuntimeConfig, SamplingConfig
+from hybrid.config import (
+    DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, RuntimeConfig, SamplingConfig,
+    VideoLimits,
+)  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting
 from hybrid.images import open_image
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bundle", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
+    gen.add_argument("--video", action="append", default=[], help="video file (repeatable, in order, after the images)")
+    gen.add_argument("--video-frames", type=int, default=DEFAULT_VIDEO_FRAMES,
+                     help=f"frames sampled from each video at most (the checkpoint's fps; limit {MAX_VIDEO_FRAMES})")
     gen.add_argument("--system", default="", help="optional system message")
     gen.add_argument("--route", choices=ROUTE_CHOICES, default=AUTO)
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
+    gen.add_argument("--max-videos", type=int, default=RuntimeConfig.max_videos, help="refuse more videos than this")
     gen.add_argument("--max-image-tokens", type=int, default=DEFAULT_MAX_IMAGE_TOKENS,
                      help="image tokens per picture at most: larger pictures are scaled down")  # fmt: skip
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
@@ -106,14 +113,19 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    runtime = RuntimeConfig(threads=args.threads, max_images=args.max_images)
+    runtime = RuntimeConfig(
+        threads=args.threads, max_images=args.max_images, max_videos=args.max_videos,
+        video=VideoLimits(max_frames=args.video_frames),
+    )  # fmt: skip
     runtime.check_image_count(len(args.image))
+    runtime.check_video_count(len(args.video))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
+    pipeline = Pipeline.load(args.bundle, runtime)
+    videos = tuple(pipeline.open_video(path) for path in args.video)  # sampled as the checkpoint samples
     messages = (Message("system", args.system),) if args.system else ()
     request = Request(
-        messages + (Message("user", args.prompt, images),), sampling, max_image_tokens=args.max_image_tokens
+        messages + (Message("user", args.prompt, images, videos),), sampling, max_image_tokens=args.max_image_tokens
     )
-    pipeline = Pipeline.load(args.bundle, runtime)
     routes = pipeline.plan(request, args.route)
     for missing in choose_routes(request, args.route, ROUTE_NAMES):  # what would serve with every route loaded
         if missing in pipeline.unavailable:

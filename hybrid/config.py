@@ -28,6 +28,17 @@ IMAGE_DETAIL = {"low": 256, "medium": 1024, "high": 4096}
 DEFAULT_IMAGE_DETAIL = "medium"
 DEFAULT_MAX_IMAGE_TOKENS = IMAGE_DETAIL[DEFAULT_IMAGE_DETAIL]
 
+# Videos. Qwen3-VL samples 2 frames a second, up to 768, and two frames make one group of video
+# tokens. On a 2-core CPU the vision tower and the prefill of one video must stay within seconds:
+# 16 frames by default (64 at most, on request), and 1024 video tokens a video (the frames are
+# scaled down to fit, as pictures are to their detail level).
+DEFAULT_VIDEO_FRAMES = 16
+MAX_VIDEO_FRAMES = 64
+DEFAULT_MAX_VIDEO_TOKENS = 1024
+MAX_VIDEO_SECONDS = 120.0  # a short clip: longer ones are refused before they are decoded
+MAX_VIDEO_FILE_FRAMES = 7_200  # frames in the file (decoded up to the last one sampled): 120 s at 60 fps
+MAX_VIDEO_FRAME_PIXELS = 3840 * 2160  # 4K frames at most; the sampled frames are held in memory
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -63,6 +74,28 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class VideoLimits:
+    """What one video may be: frames sampled from it (the checkpoint's own sampling, capped at
+    `max_frames`), its length, the frames in its file and the pixels of a frame."""
+
+    max_frames: int = DEFAULT_VIDEO_FRAMES
+    max_seconds: float = MAX_VIDEO_SECONDS
+    max_file_frames: int = MAX_VIDEO_FILE_FRAMES
+    max_frame_pixels: int = MAX_VIDEO_FRAME_PIXELS
+
+    def __post_init__(self) -> None:
+        _check_int("video frames", self.max_frames, low=2)  # two frames make Qwen3-VL's smallest video
+        if self.max_frames > MAX_VIDEO_FRAMES:
+            raise UserError(
+                f"too many frames: {self.max_frames} asked per video, the limit is {MAX_VIDEO_FRAMES} "
+                "(each pair of frames costs vision and prefill time on the CPU)"
+            )
+        _check_float("max_seconds", self.max_seconds, low=1.0, high=86_400.0)
+        _check_int("max_file_frames", self.max_file_frames, low=2)
+        _check_int("max_frame_pixels", self.max_frame_pixels, low=1)
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Limits and thread settings of one loaded pipeline."""
 
@@ -71,6 +104,8 @@ class RuntimeConfig:
     max_images: int = 4
     max_image_pixels: int = MAX_IMAGE_PIXELS
     conversation_cache_mb: int = 1024  # KV caches kept for follow-ups, all conversations together; 0: none
+    max_videos: int = 2
+    video: VideoLimits = field(default_factory=VideoLimits)
 
     def __post_init__(self) -> None:
         _check_int("threads", self.threads, low=0)
@@ -78,11 +113,17 @@ class RuntimeConfig:
         _check_int("max_images", self.max_images, low=0)
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
         _check_int("conversation_cache_mb", self.conversation_cache_mb, low=0)
+        _check_int("max_videos", self.max_videos, low=0)
 
     def check_image_count(self, count: int) -> None:
         """Refuse a conversation with more images than `max_images` (before any is opened)."""
         if count > self.max_images:
             raise UserError(f"{count} images in the conversation, the limit is {self.max_images}")
+
+    def check_video_count(self, count: int) -> None:
+        """Refuse a conversation with more videos than `max_videos` (before any is opened)."""
+        if count > self.max_videos:
+            raise UserError(f"{count} videos in the conversation, the limit is {self.max_videos}")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Kept KV caches of conversations, so that a follow-up prefills only what is new.
 
 After an answer a route keeps its cache (a `Kept`: the token ids whose keys and values it holds,
-the images among them, and the route's own state) under the request's `conversation_id`. The next
-request of that conversation takes it back and reuses the longest common prefix of token ids, cut
-before any image that is not the same picture. All kept caches together stay within a byte
-budget; the least recently used go first.
+the images and videos among them, and the route's own state) under the request's `conversation_id`.
+The next request of that conversation takes it back and reuses the longest common prefix of token
+ids, cut before any image or video that is not the same picture or the same frames. All kept caches
+together stay within a byte budget; the least recently used go first.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRun:
-    """One image's `<|image_pad|>` run `[start, end)` in a prompt, and a digest of its pixels and grid."""
+    """Where one image's `<|image_pad|>` run, or one video (first frame pair's pads to last one's), is in
+    a prompt, `[start, end)`, and a digest of its pixels and grid."""
 
     start: int
     end: int
@@ -42,11 +43,17 @@ class Kept:
 
 
 def image_runs(inputs: PreparedInputs) -> tuple[ImageRun, ...]:
-    """Where each image of the prompt sits, and what it is (equal digests: equal pixels and grid)."""
-    return tuple(
+    """Where each image and video of the prompt sits, and what it is (equal digests: equal pixels
+    and grid), in prompt order."""
+    images = [
         ImageRun(start, end, pixel_digest(inputs.image_pixels(i), inputs.image_grid_thw[i : i + 1]))
         for i, (start, end) in enumerate(inputs.image_spans())
-    )
+    ]
+    videos = [
+        ImageRun(start, end, pixel_digest(inputs.video_pixels(i), inputs.video_grid_thw[i : i + 1]))
+        for i, (start, end) in enumerate(inputs.video_spans())
+    ]
+    return tuple(sorted(images + videos, key=lambda run: run.start))
 
 
 def reusable_prefix(kept: Kept | None, token_ids: np.ndarray, images: tuple[ImageRun, ...]) -> int:
@@ -55,7 +62,7 @@ def reusable_prefix(kept: Kept | None, token_ids: np.ndarray, images: tuple[Imag
     The longest common prefix of token ids, leaving at least the last prompt token to prefill (its
     logits give the first new token), and cut before the first image of the new prompt that is not
     the same picture (same pixels and grid: image tokens all share one id, and the grid also sets
-    the M-RoPE positions of everything after it) at the same place in the kept one."""
+    the M-RoPE positions of everything after it) at the same place in the kept one; videos alike."""
     if kept is None:
         return 0
     n = min(len(kept.token_ids), len(token_ids) - 1)

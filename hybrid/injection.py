@@ -1,8 +1,8 @@
-"""Embedding lookup and image-feature injection, exactly as `Qwen3VLModel.forward` does it.
+"""Embedding lookup and image/video feature injection, exactly as `Qwen3VLModel.forward` does it.
 
 `inject` returns the decoder's prefill inputs: `inputs_embeds` with the image features scattered
-into the `<|image_pad|>` rows (`masked_scatter` order: row-major over the prompt), and a dense
-`deepstack_embeds` tensor that is zero outside those rows.
+into the `<|image_pad|>` rows and the video features into the `<|video_pad|>` rows (`masked_scatter`
+order: row-major over the prompt), and a dense `deepstack_embeds` tensor that is zero outside them.
 """
 
 from __future__ import annotations
@@ -48,23 +48,39 @@ def inject(
     image_token_id: int,
     num_deepstack: int,
     features: VisionFeatures | None,
+    video_token_id: int | None = None,
+    video_features: VisionFeatures | None = None,
 ) -> InjectedInputs:
     inputs_embeds = embeddings(input_ids)  # (1, S, H)
-    mask = input_ids == image_token_id  # (1, S)
+    deepstack = np.zeros((num_deepstack, *inputs_embeds.shape), dtype=np.float32)
+    visual = np.zeros(input_ids.shape, dtype=bool)  # (1, S)
+    placed = [("image", image_token_id, features)]
+    if video_token_id is not None:
+        placed.append(("video", video_token_id, video_features))
+    for kind, token_id, found in placed:
+        mask = input_ids == token_id  # (1, S)
+        _scatter(kind, mask, found, inputs_embeds, deepstack)
+        visual |= mask
+    return InjectedInputs(inputs_embeds=inputs_embeds, visual_pos_masks=visual, deepstack_embeds=deepstack)
+
+
+def _scatter(
+    kind: str, mask: np.ndarray, features: VisionFeatures | None, inputs_embeds: np.ndarray, deepstack: np.ndarray
+) -> None:
+    """Write `features` into the `mask` rows of `inputs_embeds` `(1, S, H)` and `deepstack` `(D, 1, S, H)`."""
     n_tokens = int(mask.sum())
     n_features = 0 if features is None else int(features.image_embeds.shape[0])
     if n_tokens != n_features:
         raise UserError(
-            f"image features and image tokens do not match: {n_tokens} <|image_pad|> tokens in the prompt, "
-            f"{n_features} image features"
+            f"{kind} features and {kind} tokens do not match: {n_tokens} <|{kind}_pad|> tokens in the prompt, "
+            f"{n_features} {kind} features"
         )
-    deepstack = np.zeros((num_deepstack, *inputs_embeds.shape), dtype=np.float32)
-    if features is not None and n_tokens:
-        inputs_embeds[mask] = features.image_embeds
-        if features.deepstack_embeds.shape[0] != num_deepstack:
-            raise BundleError(
-                f"the vision tower gives {features.deepstack_embeds.shape[0]} DeepStack maps, "
-                f"the decoder takes {num_deepstack}"
-            )
-        deepstack[:, mask] = features.deepstack_embeds
-    return InjectedInputs(inputs_embeds=inputs_embeds, visual_pos_masks=mask, deepstack_embeds=deepstack)
+    if features is None or not n_tokens:
+        return
+    inputs_embeds[mask] = features.image_embeds
+    if features.deepstack_embeds.shape[0] != deepstack.shape[0]:
+        raise BundleError(
+            f"the vision tower gives {features.deepstack_embeds.shape[0]} DeepStack maps, "
+            f"the decoder takes {deepstack.shape[0]}"
+        )
+    deepstack[:, mask] = features.deepstack_embeds

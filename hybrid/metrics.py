@@ -35,6 +35,7 @@ class Timings:
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's kept cache
     image_tokens: tuple[int, ...] = ()  # per picture, in prompt order
     thinking_tokens: int = 0  # generated tokens up to and including `</think>` (a Thinking model)
+    video_tokens: tuple[int, ...] = ()  # per video (all its frames), in prompt order
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -60,6 +61,7 @@ class Stopwatch:
         self.reused_tokens = 0
         self.image_tokens: tuple[int, ...] = ()
         self.thinking_tokens = 0
+        self.video_tokens: tuple[int, ...] = ()
         self.peak_rss = rss_mb()
 
     def add(self, stage: str, seconds: float) -> None:
@@ -98,4 +100,5 @@ class Stopwatch:
             reused_tokens=self.reused_tokens,
             image_tokens=self.image_tokens,
             thinking_tokens=self.thinking_tokens,
+            video_tokens=self.video_tokens,
         )

@@ -28,7 +28,7 @@ from hybrid.router import choose_routes
 from hybrid.routes.genai import GenAIRoute
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.routes.pytorch import PyTorchRoute
-from hybrid.types import ROUTE_NAMES, Chunk, Request, Route, RouteName
+from hybrid.types import ROUTE_NAMES, Chunk, Request, Route, RouteName, Video
 from hybrid.vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Pipeline:
     manifest: Manifest
     runtime: RuntimeConfig
     conversations: ConversationStore
+    processor: Processor  # shared by the routes: prompts, images and videos in
     routes: dict[RouteName, Route] = field(default_factory=dict)
     unavailable: dict[RouteName, str] = field(default_factory=dict)  # route -> why it did not load
     sampling: CheckpointSampling = field(default_factory=CheckpointSampling)  # the checkpoint's own
@@ -96,7 +97,7 @@ class Pipeline:
         conversations = ConversationStore(runtime.conversation_cache_mb)
         loader = _Loader(bundle, manifest, runtime, processor, conversations)
         pipeline = cls(
-            bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations,
+            bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations, processor=processor,
             sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR), opens_thinking=processor.opens_thinking,
         )  # fmt: skip
         for name in only:
@@ -129,6 +130,11 @@ class Pipeline:
                 f"max_new_tokens is {request.sampling.max_new_tokens}, the limit is {self.runtime.max_new_tokens_limit}"
             )
         self.runtime.check_image_count(len(request.images))
+        self.runtime.check_video_count(len(request.videos))
+
+    def open_video(self, source: str | Path | bytes) -> Video:
+        """A video file's frames as the checkpoint samples them, within the runtime's video limits."""
+        return self.processor.open_video(source, self.runtime.video)
 
     def plan(self, request: Request, route: str) -> tuple[RouteName, ...]:
         """The concrete routes that serve `route` ("auto" picks one, "compare" lists all that can)."""

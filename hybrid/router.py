@@ -1,4 +1,4 @@
-"""Which route serves a request: `auto` sends any image to the hybrid route and text to GenAI (or
+"""Which route serves a request: `auto` sends any image or video to the hybrid route and text to GenAI (or
 to the hybrid route when GenAI is unavailable); a route name forces that route; `compare` lists
 every loaded route that can serve the request, the PyTorch reference first.
 """
@@ -29,15 +29,22 @@ def choose_routes(
     if route == COMPARE:
         return tuple(r for r in COMPARE_ORDER if r in available and can_serve(r, request))
     if route == AUTO:
-        route = "hybrid" if request.has_images or "genai" not in available else "genai"
+        route = "hybrid" if _visual(request) or "genai" not in available else "genai"
     if route not in available:
         reason = (unavailable or {}).get(route)
         raise RouteError(f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded")
     if not can_serve(route, request):
-        raise RouteError("the GenAI route serves text only: this conversation has an image; use auto or hybrid")
+        raise RouteError(
+            f"the GenAI route serves text only: this conversation has {_visual(request)}; use auto or hybrid"
+        )
     return (route,)
 
 
 def can_serve(route: RouteName, request: Request) -> bool:
     """Whether `route` can answer `request` at all: GenAI's model takes text only."""
-    return not (route == "genai" and request.has_images)
+    return not (route == "genai" and _visual(request))
+
+
+def _visual(request: Request) -> str:
+    """What in the conversation is not text ("an image", "a video"), or "" when nothing is."""
+    return "an image" if request.has_images else "a video" if request.has_videos else ""

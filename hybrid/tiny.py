@@ -31,13 +31,15 @@ SPECIAL_TOKENS = (
 )
 
 # A subset of the Qwen3-VL chat template: system/user/assistant turns whose content is a string or a
-# list of {"type": "image"} / {"type": "text"} items. Real checkpoints bring their own template.
+# list of {"type": "image"} / {"type": "video"} / {"type": "text"} items. Real checkpoints bring their
+# own template.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
     "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
@@ -77,6 +79,11 @@ class TinySpec:
     deepstack_visual_indexes: tuple[int, ...] = (0, 1)
     min_pixels: int = 32 * 32
     max_pixels: int = 128 * 128
+    # the video processor's sampling and size (pixels over all frames); None: transformers' defaults
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
     initializer_range: float = 0.3
     max_position_embeddings: int = 4096
     bpe_vocab_size: int = 600
@@ -123,7 +130,17 @@ def build_processor(tokenizer, spec: TinySpec):
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    video_processor = Qwen3VLVideoProcessor(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
+    own = dict(fps=spec.video_fps, max_frames=spec.video_max_frames)
+    if spec.video_min_pixels is not None or spec.video_max_pixels is not None:
+        defaults = Qwen3VLVideoProcessor.size
+        own["size"] = {
+            "shortest_edge": spec.video_min_pixels or defaults["shortest_edge"],
+            "longest_edge": spec.video_max_pixels or defaults["longest_edge"],
+        }
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+        **{key: value for key, value in own.items() if value is not None},
+    )  # fmt: skip
     return Qwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

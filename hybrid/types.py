@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
+import numpy as np
 from PIL import Image
 
 from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, SamplingConfig, check_max_image_tokens
@@ -21,15 +22,33 @@ Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["eos", "length", "stop", "cancelled"]
 RouteName = Literal["hybrid", "genai", "pytorch"]
 ROUTE_NAMES: tuple[RouteName, ...] = get_args(RouteName)
+MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2  # `mm_token_type_ids` values, as transformers numbers them
+
+
+@dataclass(frozen=True, eq=False)
+class Video:
+    """The frames sampled from a video file, and where in the file they were taken (what Qwen3-VL's
+    per-frame timestamps are computed from)."""
+
+    frames: np.ndarray  # (F, H, W, 3) uint8 RGB
+    fps: float  # of the file
+    frames_indices: tuple[int, ...]  # which frames of the file, in order; F of them
+    total_num_frames: int  # in the file
+    name: str = "video"
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 4 or self.frames.shape[-1] != 3 or len(self.frames) != len(self.frames_indices):
+            raise ValueError(f"frames {self.frames.shape} do not match {len(self.frames_indices)} frame indices")
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn. Images go before the text in the rendered turn, in the order given."""
+    """One turn. Images, then videos, go before the text in the rendered turn, in the order given."""
 
     role: Role
     text: str = ""
     images: tuple[Image.Image, ...] = ()
+    videos: tuple[Video, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ("system", "user", "assistant"):
@@ -58,7 +77,7 @@ class Request:
         if self.conversation_id is not None and not (isinstance(self.conversation_id, str) and self.conversation_id):
             raise UserError("conversation_id must be a non-empty string or None")
         last = self.messages[-1]
-        if not last.text.strip() and not last.images:
+        if not last.text.strip() and not last.images and not last.videos:
             raise UserError("the prompt is empty: type a question or add an image")
 
     @property
@@ -66,8 +85,16 @@ class Request:
         return tuple(img for m in self.messages for img in m.images)
 
     @property
+    def videos(self) -> tuple[Video, ...]:
+        return tuple(video for m in self.messages for video in m.videos)
+
+    @property
     def has_images(self) -> bool:
         return any(m.images for m in self.messages)
+
+    @property
+    def has_videos(self) -> bool:
+        return any(m.videos for m in self.messages)
 
 
 @dataclass(frozen=True)

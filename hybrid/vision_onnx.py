@@ -3,7 +3,9 @@
 The ONNX graph (`hybrid.export.vision`) runs the patch embedding, the blocks and the mergers of one
 image; what depends on the grid is computed here exactly as transformers computes it (the same
 functions): the bilinearly interpolated position embeddings and the 2-D rotary angles. Only the
-position-embedding table is read from the PyTorch weights.
+position-embedding table is read from the PyTorch weights. A video's grid `(t, h, w)` runs as `t`
+images of `(1, h, w)`: its patches come pair of frames by pair of frames, and transformers' attention
+never crosses from one pair to the next either.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import torch
 from hybrid.errors import BundleError
 from hybrid.layout import VISION_WEIGHTS
 from hybrid.threads import session_options
+
+
+def frame_grids(grid_thw: torch.Tensor) -> torch.Tensor:
+    """`grid_thw` `(items, 3)` with each `(t, h, w)` split into `t` rows of `(1, h, w)`."""
+    frames = torch.repeat_interleave(grid_thw, grid_thw[:, 0], dim=0)
+    frames[:, 0] = 1
+    return frames
 
 
 class GridInputs:
@@ -52,7 +61,8 @@ class GridInputs:
 
 class OnnxVisionTower:
     """`run(pixel_values, image_grid_thw)` -> `(image_embeds (N', out), deepstack_embeds (D, N', out))`
-    for the graph at `graph_path`, one image at a time; `folder` holds the PyTorch weights."""
+    for the graph at `graph_path`, one image (or pair of video frames) at a time; `folder` holds the
+    PyTorch weights."""
 
     def __init__(self, folder: Path, config, graph_path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -74,7 +84,7 @@ class OnnxVisionTower:
     def run(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         pixels = pixel_values.float().numpy()  # (sum of N, C*T*P*P)
         merged, deepstack, first = [], [], 0
-        for grid in image_grid_thw:
+        for grid in frame_grids(image_grid_thw):
             count = int(grid.prod())
             feed = {"pixel_values": pixels[first : first + count], **self.grid_inputs(grid[None])}
             outputs = self.session.run(None, feed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -13,10 +14,12 @@ from hybrid.launch import DEMO_MODEL
 from hybrid.pipeline import Pipeline
 from hybrid.tiny import TinySpec, build_checkpoint
 
-# `base`: DeepStack on two layers, GQA 4:2, untied LM head.
-# `wide`: deeper and wider, DeepStack on three layers, GQA 8:2, tied embeddings, larger images.
+# `base`: DeepStack on two layers, GQA 4:2, untied LM head; transformers' video sampling (2 frames a
+# second, 4 to 768), with a lower floor on the pixels of a video, so that a small clip stays small.
+# `wide`: deeper and wider, DeepStack on three layers, GQA 8:2, tied embeddings, larger images; its
+# video processor samples 4 frames a second, at most 10, within other pixel bounds.
 SPECS = {
-    "base": TinySpec(),
+    "base": TinySpec(video_min_pixels=32 * 32 * 4),
     "wide": TinySpec(
         hidden_size=128,
         num_hidden_layers=4,
@@ -30,6 +33,10 @@ SPECS = {
         deepstack_visual_indexes=(0, 1, 3),
         max_pixels=192 * 192,
         num_position_embeddings=36,
+        video_fps=4.0,
+        video_max_frames=10,
+        video_min_pixels=64 * 64 * 2,
+        video_max_pixels=160 * 160 * 6,
     ),
 }
 
@@ -98,3 +105,24 @@ def draw_scene(size: tuple[int, int], colour: tuple[int, int, int], box_frac=(0.
     x0, y0, x1, y1 = box_frac
     ImageDraw.Draw(img).ellipse((x0 * w, y0 * h, x1 * w, y1 * h), fill=colour)
     return img
+
+
+def write_video(
+    path: Path, frames: int = 8, size: tuple[int, int] = (96, 64), fps: int = 4, colour=(200, 30, 30),
+    codec: str = "mpeg4", options: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
+    """A test clip written with PyAV: a square of `colour` moving left to right on a light background."""
+    import av
+
+    width, height = size
+    side = max(height // 4, 2)
+    with av.open(str(path), "w", options=options or {}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            picture = np.full((height, width, 3), 235, dtype=np.uint8)
+            x = (width - side) * i // max(frames - 1, 1)
+            picture[height // 3 : height // 3 + side, x : x + side] = colour
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode())
+    return path

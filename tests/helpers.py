@@ -29,8 +29,7 @@ def reference_logits(model, inputs, generated: list[int]) -> np.ndarray:
     ids = np.concatenate([inputs.input_ids, np.array([generated[:-1]], dtype=np.int64)], axis=1)
     types = np.concatenate([inputs.mm_token_type_ids, np.zeros((1, len(generated) - 1), dtype=np.int64)], axis=1)
     kwargs = dict(input_ids=torch.from_numpy(ids), mm_token_type_ids=torch.from_numpy(types))
-    if inputs.pixel_values is not None:
-        kwargs.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+    kwargs.update(inputs.vision_kwargs())
     with torch.inference_mode():
         logits = model(**kwargs).logits[0]
     return logits[inputs.num_tokens - 1 :].numpy()

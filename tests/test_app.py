@@ -178,7 +178,8 @@ class FailingPipeline:
     def __init__(self, pipeline) -> None:
         self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
         self.unavailable, self.sampling = pipeline.unavailable, pipeline.sampling
-        self.opens_thinking = pipeline.opens_thinking
+        self.opens_thinking, self.processor = pipeline.opens_thinking, pipeline.processor
+        self.open_video = pipeline.open_video
 
     def plan(self, request, route):
         return self.inner.plan(request, route)

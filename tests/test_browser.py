@@ -1,12 +1,13 @@
 """End to end in headless Chromium (Debian's, driven by Playwright): upload an example picture,
-ask about it, and wait for the streamed answer and the latency table; then ask a grounding example
-on every route and see their boxes drawn on the picture.
+ask about it, wait for the streamed answer and the latency table, and download the conversation;
+then ask a grounding example on every route and see their boxes drawn on the picture.
 
 Set SAVE_SCREENSHOT=path to keep a copy of the final page there (e.g. assets/screenshot.png).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,6 +59,7 @@ def test_image_question_streams_an_answer_then_an_example_compares_routes(url, t
             page.goto(url)
             ask_about_example(page)
             wait_for_answer(page)
+            download_conversation(page)
             compare_on_an_example(page)
             screenshot = tmp_path / "app.png"
             page.screenshot(path=str(screenshot), full_page=True)
@@ -87,6 +89,16 @@ def wait_for_answer(page) -> None:
     expect(page.locator("#latency")).to_contain_text("hybrid")
     expect(page.locator("#history")).to_contain_text(EXAMPLES[2][1])
     expect(page.locator("#stages")).to_contain_text("decode")  # the chart's legend: it has drawn
+
+
+def download_conversation(page) -> None:
+    """The download button gives the conversation so far as JSON: the question, and the answer's route."""
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    record = json.loads(Path(download.value.path()).read_text())
+    assert download.value.suggested_filename == "conversation.json"
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert record["messages"][0]["text"] == EXAMPLES[2][1] and record["messages"][1]["route"] == "hybrid"
 
 
 def compare_on_an_example(page) -> None:

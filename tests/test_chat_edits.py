@@ -58,7 +58,7 @@ def test_edit_asks_the_new_question_with_the_same_pictures(service):
 
 def test_undo_takes_the_question_back_into_the_textbox(service):
     turns = converse(service, "undo")
-    update = named(service, service.undo(gr.UndoData(None, {"index": bubble_of(turns, 2), "value": ""}), turns))
+    update = named(service, service.undo(gr.UndoData(None, {"index": bubble_of(turns, 2), "value": ""}), turns, session("undo")))
     assert update["turns"] == turns[:2]
     assert update["prompt"] == {"text": "And its colour?", "files": []}
 
@@ -66,6 +66,6 @@ def test_undo_takes_the_question_back_into_the_textbox(service):
 def test_an_answer_is_not_a_question(service):
     turns = converse(service, "answer")
     with pytest.raises(gr.Error, match="Pick a question"):
-        service.undo(gr.UndoData(None, {"index": bubble_of(turns, 1), "value": ""}), turns)
+        service.undo(gr.UndoData(None, {"index": bubble_of(turns, 1), "value": ""}), turns, session("answer"))
     with pytest.raises(gr.Error, match="no longer"):
-        service.undo(gr.UndoData(None, {"index": 99, "value": ""}), turns)
+        service.undo(gr.UndoData(None, {"index": 99, "value": ""}), turns, session("answer"))

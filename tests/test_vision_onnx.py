@@ -20,12 +20,15 @@ from hybrid.vision import VisionTower
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
 
-# (t, h, w) per image, in patches: square, non-square both ways, two images in one call
+# (t, h, w) per image, in patches: square, non-square both ways, two images in one call; a video of
+# three frame pairs (the ONNX graph runs pair by pair), and a picture with a video
 GRIDS = {
     "square": [[1, 6, 6]],
     "wide": [[1, 4, 10]],
     "tall": [[1, 12, 2]],
     "two images": [[1, 8, 4], [1, 2, 6]],
+    "video": [[3, 4, 6]],
+    "image and video": [[1, 2, 2], [2, 6, 4]],
 }
 
 

@@ -30,6 +30,7 @@ def prepare(processor: Processor, request: Request, watch: Stopwatch) -> Prepare
     inputs = timed(watch, "preprocess", processor.prepare, request.messages, request.max_image_tokens)
     watch.prompt_tokens = inputs.num_tokens
     watch.image_tokens = inputs.image_tokens
+    watch.video_tokens = inputs.video_tokens
     return inputs
 
 

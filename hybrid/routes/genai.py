@@ -73,8 +73,8 @@ class GenAIRoute:
         self.kv_bytes_per_token = 2 * decoder["num_hidden_layers"] * per_layer  # keys and values
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        if request.has_images:
-            raise RouteError("the GenAI route serves text only: this conversation has an image")
+        if request.has_images or request.has_videos:
+            raise RouteError("the GenAI route serves text only: this conversation has an image or a video")
         watch = Stopwatch()
         inputs = prepare(self.processor, request, watch)
         prompt_ids = inputs.input_ids[0]

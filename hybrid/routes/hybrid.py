@@ -1,4 +1,4 @@
-"""The hybrid route: PyTorch vision tower -> injection -> our ONNX decoder and generation loop.
+"""The hybrid route: vision tower (images and videos) -> injection -> our ONNX decoder and generation loop.
 
 Never loads the PyTorch language model: only the vision tower, the embedding table and the decoder.
 With a `conversation_id`, the request's KV cache is kept after the answer, and the conversation's
@@ -45,7 +45,7 @@ class HybridRoute:
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
         inputs = prepare(self.processor, request, watch)
-        images = image_runs(inputs) if request.conversation_id else ()
+        images = image_runs(inputs) if request.conversation_id else ()  # and videos
         kept = self.conversations.take(self.name, request.conversation_id)
         reused = reusable_prefix(kept, inputs.input_ids[0], images)
         cache = self.cache_for(kept, reused, inputs.num_tokens + request.sampling.max_new_tokens)
@@ -62,15 +62,17 @@ class HybridRoute:
     def prefill(
         self, cache: KVCache, inputs: PreparedInputs, reused: int, watch: Stopwatch
     ) -> tuple[np.ndarray, int]:
-        """Encode the images among the prompt's tokens after the first `reused` (those the cache
-        holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
+        """Encode the images and videos among the prompt's tokens after the first `reused` (those the
+        cache holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
         delta that places the tokens generated after the prompt."""
-        new = inputs.tail(reused)  # the tokens to prefill, with only the images among them
+        new = inputs.tail(reused)  # the tokens to prefill, with only the images and videos among them
         features = timed(watch, "vision", self.encode, new)
-        injected = self.inject(new, features)
+        video_features = timed(watch, "vision", self.encode_videos, new)
+        injected = self.inject(new, features, video_features)
         positions, rope_delta = get_rope_index(
-            inputs.mm_token_type_ids, _grid(inputs), self.vision.spatial_merge_size
-        )  # (3, 1, S): the whole prompt's, since they depend on every image before
+            inputs.mm_token_type_ids, _numpy(inputs.image_grid_thw), self.vision.spatial_merge_size,
+            _numpy(inputs.video_grid_thw),
+        )  # (3, 1, S): the whole prompt's, since they depend on every image and video before
         logits = timed(
             watch, "prefill", self.decoder.forward,
             cache, injected.inputs_embeds, positions[:, :, reused:], injected.deepstack_embeds,
@@ -107,10 +109,18 @@ class HybridRoute:
             return None
         return self.vision.encode(inputs.pixel_values, inputs.image_grid_thw)
 
-    def inject(self, inputs: PreparedInputs, features: VisionFeatures | None) -> InjectedInputs:
+    def encode_videos(self, inputs: PreparedInputs) -> VisionFeatures | None:
+        if inputs.pixel_values_videos is None:
+            return None
+        return self.vision.encode(inputs.pixel_values_videos, inputs.video_grid_thw)
+
+    def inject(
+        self, inputs: PreparedInputs, features: VisionFeatures | None, video_features: VisionFeatures | None = None
+    ) -> InjectedInputs:
         return inject(
-            inputs.input_ids, self.embeddings, self.processor.image_token_id, self.decoder.num_deepstack, features
-        )
+            inputs.input_ids, self.embeddings, self.processor.image_token_id, self.decoder.num_deepstack, features,
+            self.processor.video_token_id, video_features,
+        )  # fmt: skip
 
     def decode(
         self, emitter: Emitter, cache: KVCache, logits: np.ndarray, token_ids: list[int], rope_delta: int
@@ -145,5 +155,5 @@ MEMORY_EVERY = 32  # decode steps between two reads of the resident memory (the 
 _NO_IDS = np.zeros(0, dtype=np.int64)
 
 
-def _grid(inputs: PreparedInputs) -> np.ndarray | None:
-    return None if inputs.image_grid_thw is None else inputs.image_grid_thw.numpy()
+def _numpy(grid_thw) -> np.ndarray | None:
+    return None if grid_thw is None else grid_thw.numpy()

@@ -111,8 +111,7 @@ class PyTorchRoute:
         )
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
-        if inputs.pixel_values is not None:
-            kwargs.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+        kwargs.update(inputs.vision_kwargs())
         hook = _VisionTimer(model.model.visual, watch)
         try:
             torch.manual_seed(s.seed)
