@@ -15,8 +15,8 @@ from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
 from hybrid.config import (
-    DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, RuntimeConfig, SamplingConfig,
-    VideoLimits,
+    AUTO_VISION, DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, VISION_BACKENDS,
+    RuntimeConfig, SamplingConfig, VideoLimits, vision_backend,
 )  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
+    gen.add_argument("--vision", choices=(AUTO_VISION, *VISION_BACKENDS), default=AUTO_VISION,
+                     help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
+                          "auto: onnx where the bundle has it")  # fmt: skip
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
     gen.add_argument("--max-videos", type=int, default=RuntimeConfig.max_videos, help="refuse more videos than this")
     gen.add_argument("--max-image-tokens", type=int, default=DEFAULT_MAX_IMAGE_TOKENS,
@@ -115,7 +118,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     runtime = RuntimeConfig(
         threads=args.threads, max_images=args.max_images, max_videos=args.max_videos,
-        video=VideoLimits(max_frames=args.video_frames),
+        video=VideoLimits(max_frames=args.video_frames), vision_backend=vision_backend(args.vision),
     )  # fmt: skip
     runtime.check_image_count(len(args.image))
     runtime.check_video_count(len(args.video))

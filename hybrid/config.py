@@ -19,6 +19,9 @@ BUNDLE_FORMAT = 1
 Precision = Literal["fp32", "int4"]  # of a bundle's ONNX text models
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
+VisionBackend = Literal["onnx", "torch"]  # which runtime runs the hybrid route's vision tower
+VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
+AUTO_VISION = "auto"  # the command-line word for "ONNX where the bundle has it"
 
 # Image tokens per picture at each detail level (one token covers (patch * merge)^2 pixels, 32x32 on
 # Qwen3-VL). The checkpoint's own limit (16,384 tokens on the real ones) would let a phone photo
@@ -106,6 +109,7 @@ class RuntimeConfig:
     conversation_cache_mb: int = 1024  # KV caches kept for follow-ups, all conversations together; 0: none
     max_videos: int = 2
     video: VideoLimits = field(default_factory=VideoLimits)
+    vision_backend: VisionBackend | None = None  # None: ONNX where the bundle has the graph, else PyTorch
 
     def __post_init__(self) -> None:
         _check_int("threads", self.threads, low=0)
@@ -114,6 +118,8 @@ class RuntimeConfig:
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
         _check_int("conversation_cache_mb", self.conversation_cache_mb, low=0)
         _check_int("max_videos", self.max_videos, low=0)
+        if self.vision_backend is not None and self.vision_backend not in VISION_BACKENDS:
+            raise UserError(f"the vision backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}")
 
     def check_image_count(self, count: int) -> None:
         """Refuse a conversation with more images than `max_images` (before any is opened)."""
@@ -214,6 +220,11 @@ class Manifest:
 def check_max_image_tokens(value: Any) -> int:
     """An image token budget per picture, as a user may give it."""
     return _check_int("max_image_tokens", value, low=1)
+
+
+def vision_backend(choice: str) -> VisionBackend | None:
+    """The backend a `--vision` choice names; None for `auto`."""
+    return None if choice == AUTO_VISION else choice  # type: ignore[return-value]
 
 
 def _check_int(name: str, value: Any, low: int) -> int:

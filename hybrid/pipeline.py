@@ -47,7 +47,10 @@ class _Loader:
     def hybrid(self) -> Route:
         return HybridRoute(
             self.processor,
-            VisionTower(self.bundle / VISION_DIR, self.runtime.threads, int8=self.manifest.precision == "int4"),
+            VisionTower(
+                self.bundle / VISION_DIR, self.runtime.threads, int8=self.manifest.precision == "int4",
+                backend=self.runtime.vision_backend,
+            ),
             EmbeddingTable(self.bundle / EMBED_FILE),
             OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads),
             self.conversations,

@@ -15,11 +15,11 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from hybrid.config import VISION_BACKENDS, VisionBackend
 from hybrid.errors import BundleError
 from hybrid.layout import VISION_CONFIG, VISION_WEIGHTS, vision_graph
 from hybrid.processor import pixel_digest
@@ -27,8 +27,6 @@ from hybrid.vision_onnx import OnnxVisionTower
 
 log = logging.getLogger(__name__)
 
-VisionBackend = Literal["onnx", "torch"]
-VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
 
 
 @dataclass(frozen=True)
@@ -76,6 +74,9 @@ class VisionTower:
                             "PyTorch tower; export the bundle again for the faster one", folder)  # fmt: skip
         if backend not in VISION_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(VISION_BACKENDS)}, got {backend!r}")
+        if backend == "onnx" and not graph.is_file():
+            raise BundleError(f"{folder} has no ONNX vision tower ({graph.name}): export the bundle again, "
+                              "or run the PyTorch tower")  # fmt: skip
         config = _load_config(folder)
         self.backend = backend
         self.spatial_merge_size = config.spatial_merge_size

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.config import MANIFEST_NAME
+from hybrid.config import MANIFEST_NAME, RuntimeConfig
 from hybrid.layout import VISION_DIR, vision_graph
 from hybrid.launch import stale_reason
+from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.types import collect
 from hybrid.vision import VisionTower
@@ -109,6 +110,12 @@ def test_hybrid_tokens_equal_pytorch_with_either_tower(pipeline, bundle, model_n
     assert ours["token_ids"] == run(pipe, request, "pytorch")["token_ids"]
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_the_tower_is_chosen_at_run_time(bundle, backend):
+    pipe = Pipeline.load(bundle("base", "fp32"), RuntimeConfig(vision_backend=backend), verify=False, only=("hybrid",))
+    assert pipe.routes["hybrid"].vision.backend == backend
+
+
 def test_a_bundle_without_the_onnx_tower_still_loads_and_is_re_exported(bundle, tmp_path, caplog):
     old = tmp_path / "old"
     shutil.copytree(bundle("base", "fp32"), old)
@@ -125,3 +132,6 @@ def test_a_bundle_without_the_onnx_tower_still_loads_and_is_re_exported(bundle, 
     assert features(tower, GRIDS["wide"]).image_embeds.shape[0] == 10
     assert "no ONNX vision tower" in stale_reason(old, manifest["source"], "fp32")
     assert stale_reason(bundle("base", "fp32"), manifest["source"], "fp32") is None
+    asked = Pipeline.load(old, RuntimeConfig(vision_backend="onnx"), verify=False, only=("hybrid", "pytorch"))
+    assert "hybrid" not in asked.routes and "no ONNX vision tower" in asked.unavailable["hybrid"]
+    assert "pytorch" in asked.routes  # the other routes still serve
