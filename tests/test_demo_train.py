@@ -31,3 +31,19 @@ def test_shared_vision_rows_equal_the_standard_forward():
             expected, count = train.answer_losses(model(**alone).logits, labels)
             assert int(counts[i]) == int(count[0])
             torch.testing.assert_close(sums[i], expected[0], rtol=1e-5, atol=1e-4)
+
+
+def test_a_tower_step_trains_the_tower_and_the_probe_only():
+    torch.manual_seed(0)
+    cfg = train.TrainConfig(pictures=3, tower_steps=5)
+    model, processor = train.new_model(train.demo_spec())
+    trainer = train.Trainer(model, processor, cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    probe_before = trainer.probe.head.weight.detach().clone()
+    rng = np.random.default_rng(5)
+    loss, accuracy = trainer.tower_step([train.scenes.random_scene(rng) for _ in range(cfg.pictures)])
+    assert loss > 0 and 0.0 <= accuracy <= 1.0
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all(name.startswith("model.visual.") for name in moved), sorted(moved)[:5]
+    assert "model.visual.patch_embed.proj.weight" in moved
+    assert not torch.equal(trainer.probe.head.weight, probe_before)

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fit = commands.add_parser("train", help="train the demo model from scratch on the CPU")
     fit.add_argument("--out", required=True, help="checkpoint folder to write")
     fit.add_argument("--steps", type=int, default=TrainConfig.steps)
+    fit.add_argument("--tower-steps", type=int, default=TrainConfig.tower_steps,
+                     help="steps that train the vision tower alone first")
     fit.add_argument("--pictures", type=int, default=TrainConfig.pictures, help="distinct pictures per step")
     fit.add_argument("--questions", type=int, default=TrainConfig.questions, help="questions per picture per step")
     fit.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
-            cfg = TrainConfig(steps=args.steps, pictures=args.pictures, questions=args.questions, seed=args.seed,
+            cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures, questions=args.questions, seed=args.seed,
                               threads=args.threads)
             train(args.out, cfg)
         else:

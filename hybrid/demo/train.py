@@ -48,6 +48,7 @@ class TrainConfig:
     """Optimisation and data-mixture settings; `threads` is torch's intra-op thread count."""
 
     steps: int = 3200
+    tower_steps: int = 0  # first, steps that train only the vision tower and the probe (no decoder: cheap)
     pictures: int = 24  # distinct pictures per step
     questions: int = 2  # questions asked about each picture per step
     text_rows: int = 3  # text-only exchanges per step, no picture
@@ -64,7 +65,7 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.pictures, self.questions, self.threads) < 1 or self.text_rows < 0:
+        if min(self.steps, self.pictures, self.questions, self.threads) < 1 or min(self.text_rows, self.tower_steps) < 0:
             raise InvalidConfig("--steps, --pictures, --questions and --threads must be positive")
         for name in ("text_with_image", "fixed_text_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -175,11 +176,11 @@ def answer_labels(tokenizer, batch: dict[str, torch.Tensor], answers: list[str])
     return labels
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to `cfg.min_lr_ratio`."""
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `cfg.min_lr_ratio` at step `total`."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -195,8 +196,11 @@ class VisionProbe(torch.nn.Module):
         super().__init__()
         self.head = torch.nn.Linear(hidden_size, 1 + len(scenes.SHAPES) + 1 + len(scenes.COLOURS) + 4)
 
-    def loss(self, image_embeds: torch.Tensor, pictures: list[scenes.Scene], grids: torch.Tensor, merge: int) -> torch.Tensor:
-        """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids."""
+    def loss(
+        self, image_embeds: torch.Tensor, pictures: list[scenes.Scene], grids: torch.Tensor, merge: int
+    ) -> tuple[torch.Tensor, float]:
+        """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids.
+        Returns the loss and the share of shape tokens whose shape the probe names."""
         shapes, colours, boxes, covered = zip(*(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist())))
         shapes, colours, boxes, covered = torch.cat(shapes), torch.cat(colours), torch.cat(boxes), torch.cat(covered)
         out = self.head(image_embeds)  # (tokens, 5 + 7 + 4)
@@ -205,7 +209,7 @@ class VisionProbe(torch.nn.Module):
         loss = loss + torch.nn.functional.cross_entropy(out[:, n_shape:-4], colours)
         if covered.any():
             loss = loss + 5 * torch.nn.functional.l1_loss(out[covered, -4:].sigmoid(), boxes[covered])
-        return loss
+        return loss, (out[covered, 1:n_shape].argmax(-1) + 1 == shapes[covered]).float().mean().item()
 
 
 def probe_targets(scene: scenes.Scene, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
@@ -233,32 +237,51 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 class Trainer:
-    """The model, its processor, the optimiser and the vision probe, stepped one batch at a time."""
+    """The model, its processor, the optimiser and the vision probe, stepped one batch at a time:
+    `tower_step` trains the tower and the probe alone, `step` everything."""
 
     def __init__(self, model, processor, cfg: TrainConfig) -> None:
         self.model, self.processor, self.cfg = model, processor, cfg
+        self.merge = processor.image_processor.merge_size
         self.probe = VisionProbe(model.config.vision_config.out_hidden_size)
+        self.tower_trainable = [*model.model.visual.parameters(), *self.probe.parameters()]
+        self.tower_optimizer, self.tower_schedule = self._optimiser(self.tower_trainable, cfg.tower_steps)
         self.trainable = [*model.parameters(), *self.probe.parameters()]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
+        self.optimizer, self.schedule = self._optimiser(self.trainable, cfg.steps)
 
-    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[torch.Tensor, float]:
-        """One optimiser step on the answer tokens' mean loss (+ probe); returns per-row losses `(B,)`
-        and the probe's loss."""
+    def _optimiser(self, params: list[torch.nn.Parameter], steps: int):
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, self.cfg))
+
+    def tower_step(self, pictures: list[scenes.Scene]) -> tuple[float, float]:
+        """One optimiser step of the tower and the probe on the probe's loss; returns that loss and
+        the share of shape tokens the probe names right."""
+        images = self.processor.image_processor(images=[p.render() for p in pictures], return_tensors="pt")
+        grids = images["image_grid_thw"]
+        vision = self.model.model.visual(images["pixel_values"], grid_thw=grids, return_dict=True)
+        loss, shape_accuracy = self.probe.loss(vision.pooler_output, pictures, grids, self.merge)
+        self._update(loss, self.tower_optimizer, self.tower_schedule, self.tower_trainable)
+        return loss.item(), shape_accuracy
+
+    def _update(self, loss: torch.Tensor, optimizer, schedule, params: list[torch.nn.Parameter]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+
+    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[torch.Tensor, float, float]:
+        """One optimiser step on the answer tokens' mean loss (+ probe); returns per-row losses `(B,)`,
+        the probe's loss and its shape accuracy."""
         batch = collate(self.processor, pictures, rows)
         grids = batch.pop("picture_grid_thw")
         vision = self.model.model.visual(batch.pop("pixel_values"), grid_thw=grids, return_dict=True)
-        per_picture = _per_picture(vision, grids, self.processor.image_processor.merge_size)
+        per_picture = _per_picture(vision, grids, self.merge)
         sums, counts = self.row_losses(batch, rows, per_picture, grids)
         loss = sums.sum() / counts.sum()
-        probe = self.probe.loss(vision.pooler_output, pictures, grids, self.processor.image_processor.merge_size)
-        loss = loss + self.cfg.probe_weight * probe
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.schedule.step()
-        return (sums / counts).detach(), probe.item()
+        probe, shape_accuracy = self.probe.loss(vision.pooler_output, pictures, grids, self.merge)
+        self._update(loss + self.cfg.probe_weight * probe, self.optimizer, self.schedule, self.trainable)
+        return (sums / counts).detach(), probe.item(), shape_accuracy
 
     def row_losses(self, batch, rows: list[Example], per_picture, grids) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's per-row losses, short rows and long rows in two passes (less padding);
@@ -294,22 +317,30 @@ def _per_picture(vision, grids: torch.Tensor, merge: int) -> tuple[tuple[torch.T
 
 
 def fit(model, processor, cfg: TrainConfig) -> float:
-    """Run `cfg.steps` optimiser steps in place, logging the loss per kind; returns the seconds spent."""
+    """Run `cfg.tower_steps` steps of the tower alone, then `cfg.steps` of the whole model, in place,
+    logging the losses; returns the seconds spent."""
     rng = np.random.default_rng(cfg.seed)
     trainer = Trainer(model, processor, cfg)
     model.train()
     start, window, probes = time.perf_counter(), defaultdict(list), []
+    for step in range(1, cfg.tower_steps + 1):
+        probes.append(trainer.tower_step([scenes.random_scene(rng) for _ in range(cfg.pictures)]))
+        if step % cfg.log_every == 0 or step == cfg.tower_steps:
+            loss, accuracy = np.mean(probes, axis=0)
+            log.info("tower step %d/%d probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs", step, cfg.tower_steps,
+                     loss, accuracy, trainer.tower_schedule.get_last_lr()[0], time.perf_counter() - start)  # fmt: skip
+            probes.clear()
     for step in range(1, cfg.steps + 1):
         pictures, rows = sample_step(rng, cfg)
-        losses, probe = trainer.step(pictures, rows)
+        losses, *probe = trainer.step(pictures, rows)
         probes.append(probe)
         for row, loss in zip(rows, losses.tolist()):
             window[row.exchange.kind].append(loss)
         if step % cfg.log_every == 0 or step == cfg.steps:
             per_kind = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
-            lr = trainer.schedule.get_last_lr()[0]
-            log.info("step %d/%d loss %s probe %.3f lr %.2e elapsed %.0fs", step, cfg.steps, per_kind,
-                     np.mean(probes), lr, time.perf_counter() - start)  # fmt: skip
+            loss, accuracy = np.mean(probes, axis=0)
+            log.info("step %d/%d loss %s probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs", step, cfg.steps,
+                     per_kind, loss, accuracy, trainer.schedule.get_last_lr()[0], time.perf_counter() - start)  # fmt: skip
             window.clear()
             probes.clear()
     model.eval()
