@@ -659,7 +659,7 @@ def _chat_column(
     prompt = gr.MultimodalTextbox(
         file_types=["image", *sorted(VIDEO_SUFFIXES)] if takes_videos else ["image"], file_count="multiple",
         show_label=False, elem_id="prompt", autofocus=True,
-        placeholder=f"Type a question and press Enter; add {media} with the clip, by pasting or by dropping them here",
+        placeholder=f"Type a question and press Enter; add {media} with the paperclip button, by pasting or by dropping them here",
     )  # fmt: skip
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
