@@ -195,6 +195,7 @@ class Manifest:
     versions: dict[str, str]
     model: dict[str, Any] = field(default_factory=dict)
     quantization: str = ""  # the INT4 decoder's `Int4Scheme` name ("" when fp32)
+    decoder_graph: int = 1  # the decoder graph's layout (`hybrid.layout.DECODER_GRAPH`); 1 before it was recorded
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

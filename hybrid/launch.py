@@ -17,7 +17,7 @@ from hybrid.config import MANIFEST_NAME, Manifest, Precision, RuntimeConfig
 from hybrid.errors import BundleError
 from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import Int4Scheme
-from hybrid.layout import VISION_DIR, verify_parts, vision_graph
+from hybrid.layout import DECODER_GRAPH, VISION_DIR, verify_parts, vision_graph
 from hybrid.pipeline import Pipeline
 from hybrid.tiny import build_checkpoint
 
@@ -97,6 +97,8 @@ def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
     default_int4 = Int4Scheme().name
     if precision == "int4" and (manifest.quantization or LEGACY_INT4) != default_int4:
         return f"its INT4 decoder is {manifest.quantization or LEGACY_INT4}, the default is now {default_int4}"
+    if manifest.decoder_graph < DECODER_GRAPH:
+        return "its ONNX decoder has an older graph layout (the residual adds not fused into the norms: slower)"
     if f"{VISION_DIR}/{vision_graph(precision == 'int4')}" not in manifest.parts:
         return "it has no ONNX vision tower (exported before there was one)"
     if _newest_mtime(Path(source)) > (bundle / MANIFEST_NAME).stat().st_mtime:

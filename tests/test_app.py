@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import replace
@@ -20,6 +21,7 @@ from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
+from hybrid.layout import DECODER_GRAPH
 from hybrid.limits import RateLimiter
 from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
@@ -214,6 +216,12 @@ def test_the_bundle_is_exported_once_then_reused_until_it_is_stale(checkpoint, t
     assert stale_reason(bundle, str(source), "fp32") is None
     assert "made from" in stale_reason(bundle, "/elsewhere/model", "fp32")
     assert "not int4" in stale_reason(bundle, str(source), "int4")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["decoder_graph"] == DECODER_GRAPH
+    older = {key: value for key, value in manifest.items() if key != "decoder_graph"}  # before it was recorded
+    (bundle / "manifest.json").write_text(json.dumps(older))
+    assert "older graph layout" in stale_reason(bundle, str(source), "fp32")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     with open(bundle / "embed_tokens.npy", "ab") as f:
         f.write(b"x")
     assert "corrupted" in stale_reason(bundle, str(source), "fp32")

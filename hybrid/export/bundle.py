@@ -23,8 +23,8 @@ from hybrid.export.int4 import Int4Scheme
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
-    DECODER_DIR, DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR, VISION_WEIGHTS,
-    sha256, vision_graph,
+    DECODER_DIR, DECODER_FILE, DECODER_GRAPH, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR,
+    VISION_WEIGHTS, sha256, vision_graph,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def export_bundle(
             checkpoint=str(checkpoint),
             precision=precision,
             quantization=int4.name if precision == "int4" else "",
+            decoder_graph=DECODER_GRAPH,
             parts=_describe_parts(work, precision),
             versions=_versions(),
             model=model_info,

@@ -2,8 +2,10 @@
 
 The graph runs the checkpoint's text layers in an explicit loop: RMS-normed q/k, onnxruntime's fused
 `GroupQueryAttention`, and after layer `i < D` the DeepStack map `i` is added (it is zero outside
-image rows, so adding it everywhere is the same as the masked add in transformers). Only the last
-position's logits are computed.
+image rows, so adding it everywhere is the same as the masked add in transformers). Each residual
+add is fused into the RMS norm after it (`SkipSimplifiedLayerNormalization`, which also returns the
+sum: the residual stream goes on from there), as GenAI's builder does: a few dozen fewer nodes a step,
+about 5% of a 2B decode step. Only the last position's logits are computed.
 
 M-RoPE: the interleaved angles of each new token are computed once from the 3-D `position_ids`, and
 `GroupQueryAttention` rotates q and k itself: its cos/sin "cache" is that per-token table (padded to
@@ -124,14 +126,15 @@ class _Writer(GraphWriter):
 
     def build(self, on_layer: Callable[[int, int], None]) -> onnx.GraphProto:
         s = self.shapes
-        hidden = "inputs_embeds"
+        residual, branch = "inputs_embeds", None
         seqlens_k, total_length = self._lengths()
         rotary = self._rotary()
         for i in range(s.num_layers):
-            hidden = self._layer(i, hidden, rotary, seqlens_k, total_length)
+            residual, branch = self._layer(i, residual, branch, rotary, seqlens_k, total_length)
             on_layer(i + 1, s.num_layers)
-        last = self.op("Slice", hidden, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
-        normed = self._norm(TEXT + "norm.weight", last)
+        residual, branch = (self.op("Slice", x, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
+                            for x in (residual, branch))  # the last position only: it alone gives logits
+        normed, _ = self._add_norm(TEXT + "norm.weight", residual, branch)
         head = TEXT + "embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         self._linear("lm_head", normed, self.tensors.read(head), output="logits")
         return self._graph()
@@ -176,10 +179,15 @@ class _Writer(GraphWriter):
         rows = self.op("Unsqueeze", self.op("Range", self.const(0), new, self.const(1)), self.const([0]))
         return cos, sin, rows
 
-    def _layer(self, i: int, hidden: str, rotary: tuple[str, str, str], seqlens_k: str, total_length: str) -> str:
+    def _layer(
+        self, i: int, residual: str, branch: str | None, rotary: tuple[str, str, str], seqlens_k: str, total_length: str
+    ) -> tuple[str, str]:
+        """One decoder layer. The residual stream is carried as `residual` plus the last branch's
+        output `branch` (None before the first layer), so that each addition is fused into the norm
+        that follows it (`SkipSimplifiedLayerNormalization`); returns the new pair."""
         s = self.shapes
         prefix = f"{TEXT}layers.{i}."
-        x = self._norm(prefix + "input_layernorm.weight", hidden)
+        x, residual = self._add_norm(prefix + "input_layernorm.weight", residual, branch)
         qkv = self._linear(f"layers.{i}.qkv", x, self._fused(prefix + "self_attn.", "q_proj", "k_proj", "v_proj"))
         kv_width = s.num_kv_heads * s.head_dim
         q, k, v = self.op("Split", qkv, self.const([s.num_heads * s.head_dim, kv_width, kv_width]), axis=-1, outputs=3)
@@ -194,16 +202,27 @@ class _Writer(GraphWriter):
             rotary_interleaved=0,
         )  # fmt: skip
         o_proj = self.tensors.read(prefix + "self_attn.o_proj.weight")
-        hidden = self.op("Add", hidden, self._linear(f"layers.{i}.o_proj", attn, o_proj))
-        x = self._norm(prefix + "post_attention_layernorm.weight", hidden)
+        attn = self._linear(f"layers.{i}.o_proj", attn, o_proj)
+        x, residual = self._add_norm(prefix + "post_attention_layernorm.weight", residual, attn)
         gate_up = self._linear(f"layers.{i}.gate_up", x, self._fused(prefix + "mlp.", "gate_proj", "up_proj"))
         gate, up = self.op("Split", gate_up, axis=-1, outputs=2, num_outputs=2)
         act = self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)  # silu(gate) * up
-        down = self.tensors.read(prefix + "mlp.down_proj.weight")
-        hidden = self.op("Add", hidden, self._linear(f"layers.{i}.down_proj", act, down))
+        down = self._linear(f"layers.{i}.down_proj", act, self.tensors.read(prefix + "mlp.down_proj.weight"))
         if i < s.num_deepstack:
-            hidden = self.op("Add", hidden, self.op("Gather", "deepstack_embeds", self.const(i), axis=0))
-        return hidden
+            down = self.op("Add", down, self.op("Gather", "deepstack_embeds", self.const(i), axis=0))
+        return residual, down
+
+    def _add_norm(self, weight_name: str, residual: str, branch: str | None) -> tuple[str, str]:
+        """`residual + branch` RMS-normed, and that sum (the new residual) in one node; without a
+        branch, `residual` normed and itself."""
+        if branch is None:
+            return self._norm(weight_name, residual), residual
+        weight = self.initializer(weight_name, self.tensors.read(weight_name))
+        normed, _, _, total = self.op(
+            "SkipSimplifiedLayerNormalization", residual, branch, weight, domain=CONTRIB, outputs=4,
+            output=[None, "", "", None], epsilon=float(self.shapes.rms_norm_eps),
+        )  # fmt: skip
+        return normed, total
 
     def _norm(self, weight_name: str, x: str) -> str:
         """RMSNorm over the last axis (onnxruntime's `SimplifiedLayerNormalization`)."""

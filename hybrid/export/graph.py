@@ -51,7 +51,7 @@ class GraphWriter:
         index = self.counts[op_type] = self.counts.get(op_type, -1) + 1
         name = f"/{op_type}_{index}"
         chosen = output if isinstance(output, list) else [output] * outputs
-        names = [given or f"{name}_output_{j}" for j, given in enumerate(chosen)]
+        names = [f"{name}_output_{j}" if given is None else given for j, given in enumerate(chosen)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
         return names[0] if outputs == 1 else names
 
