@@ -1,6 +1,7 @@
 """End to end in headless Chromium (Debian's, driven by Playwright): upload an example picture,
-ask about it, wait for the streamed answer and the latency table, and download the conversation;
-then ask a grounding example on every route and see their boxes drawn on the picture.
+ask about it, wait for the streamed answer and the latency table, download the conversation, retry
+the answer and undo the question; then ask a grounding example on every route and see their boxes
+drawn on the picture.
 
 Set SAVE_SCREENSHOT=path to keep a copy of the final page there (e.g. assets/screenshot.png).
 """
@@ -60,6 +61,7 @@ def test_image_question_streams_an_answer_then_an_example_compares_routes(url, t
             ask_about_example(page)
             wait_for_answer(page)
             download_conversation(page)
+            retry_then_undo(page)
             compare_on_an_example(page)
             screenshot = tmp_path / "app.png"
             page.screenshot(path=str(screenshot), full_page=True)
@@ -101,6 +103,19 @@ def download_conversation(page) -> None:
     assert record["messages"][0]["text"] == EXAMPLES[2][1] and record["messages"][1]["route"] == "hybrid"
 
 
+def retry_then_undo(page) -> None:
+    """The chat's own buttons: retry answers the question again (a second run), undo takes the
+    question back into the textbox and leaves an empty conversation."""
+    chat = page.locator("#chatbot")
+    chat.get_by_label("Retry").last.click()
+    expect(page.locator("#history [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 runs
+    expect(chat.locator(".route-mark")).to_have_count(1)  # the answer was replaced, not added
+    expect(chat.locator(".route-mark").last).to_contain_text("tok/s")
+    chat.get_by_label("Undo").last.click()
+    expect(chat.locator(".route-mark")).to_have_count(0)
+    expect(page.locator("#prompt textarea")).to_have_value(EXAMPLES[2][1])
+
+
 def compare_on_an_example(page) -> None:
     """A new conversation from a clicked grounding example, answered by every route that sees
     images (PyTorch, then hybrid), one after the other, then both routes' boxes on the picture."""
@@ -120,7 +135,7 @@ def compare_on_an_example(page) -> None:
     expect(marks.nth(1)).to_contain_text("tok/s")
     expect(page.locator("#latency [role=grid]")).to_have_attribute("aria-rowcount", "3")  # header + 2 routes
     expect(page.locator("#latency")).to_contain_text("pytorch")
-    expect(page.locator("#history [role=grid]")).to_have_attribute("aria-rowcount", "4")  # the runs stay
+    expect(page.locator("#history [role=grid]")).to_have_attribute("aria-rowcount", "5")  # the runs stay
     figure = page.locator("#chatbot").get_by_text("Where the model looked")
     expect(figure).to_contain_text("PyTorch reference")
     expect(figure).to_contain_text("Hybrid ONNX")
