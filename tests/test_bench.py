@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hybrid.bench import REUSING, ROUTES, preset_spec
+from hybrid.bench import REUSING, ROUTES, preset_spec, round_order
 from hybrid.config import IMAGE_DETAIL
 from hybrid.layout import DECODER_DIR
 
@@ -30,6 +30,12 @@ def test_route_keys_name_their_route_and_precision():
 
 
 @pytest.mark.slow
+def test_the_routes_take_turns_going_first():
+    keys = ["hybrid_int4", "genai_int4", "pytorch_fp32"]
+    orders = [round_order(keys, run) for run in range(4)]
+    assert orders[0] == orders[2] == keys and orders[1] == orders[3] == keys[::-1]
+
+
 def test_tiny_bench_report(tmp_path):
     command = [
         sys.executable, "-m", "hybrid", "bench", "--preset", "tiny", "--image", "64x64", "--new-tokens", "6",
