@@ -28,7 +28,6 @@ from hybrid.vision_onnx import OnnxVisionTower
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class VisionFeatures:
     image_embeds: np.ndarray  # (N, H): merged patches of all images, in prompt order

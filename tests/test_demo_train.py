@@ -4,6 +4,7 @@ exactly the loss of the ordinary per-row forward (the processor's own images pat
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hybrid.demo import train
@@ -47,3 +48,10 @@ def test_a_tower_step_trains_the_tower_and_the_probe_only():
     assert moved and all(name.startswith("model.visual.") for name in moved), sorted(moved)[:5]
     assert "model.visual.patch_embed.proj.weight" in moved
     assert not torch.equal(trainer.probe.head.weight, probe_before)
+
+
+def test_bad_training_settings_are_refused_with_what_is_wrong():
+    with pytest.raises(train.InvalidConfig, match="--tower-steps must not be negative"):
+        train.TrainConfig(tower_steps=-1)
+    with pytest.raises(train.InvalidConfig, match="must be positive"):
+        train.TrainConfig(steps=0)

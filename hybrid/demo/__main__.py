@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
-            cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures, questions=args.questions, seed=args.seed,
-                              threads=args.threads)
+            cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures,
+                              questions=args.questions, seed=args.seed, threads=args.threads)
             train(args.out, cfg)
         else:
             run_eval(args)

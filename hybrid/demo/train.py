@@ -65,8 +65,10 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.pictures, self.questions, self.threads) < 1 or min(self.text_rows, self.tower_steps) < 0:
+        if min(self.steps, self.pictures, self.questions, self.threads) < 1:
             raise InvalidConfig("--steps, --pictures, --questions and --threads must be positive")
+        if min(self.text_rows, self.tower_steps) < 0:
+            raise InvalidConfig("text_rows and --tower-steps must not be negative")
         for name in ("text_with_image", "fixed_text_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidConfig(f"{name} must be in [0, 1]")
