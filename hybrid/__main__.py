@@ -44,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle folder to write")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32")
     export.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai text model")
-    export.add_argument("--int4", default=Int4Setting().name,
+    export.add_argument("--int4", default=None,
                         help="with --precision int4: the decoder layers' QUANTIZER-bBLOCK, quantizer rtn (symmetric), "
-                             "rtn-zp (zero points) or hqq, block 32, 64 or 128 (default %(default)s)")
-    export.add_argument("--int4-head", default=None, help="the LM head's setting (default: --int4's)")
+                             "rtn-zp (zero points), mse or mse-zp (each block's scale searched for the least error, "
+                             f"the same bytes) or hqq, block 32, 64 or 128 (default {Int4Scheme().layers.name})")
+    export.add_argument("--int4-head", default=None,
+                        help=f"the LM head's setting (default: --int4's if given, else {Int4Scheme().head.name})")
 
     add_quality_arguments(sub.add_parser("quality", help="INT4 settings' fidelity to fp32, beside their speed"))
 
@@ -98,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hybrid.export.bundle import export_bundle
 
-    layers = Int4Setting.parse(args.int4)
-    scheme = Int4Scheme(layers, Int4Setting.parse(args.int4_head) if args.int4_head else layers)
+    default = Int4Scheme()
+    layers = Int4Setting.parse(args.int4) if args.int4 else default.layers
+    head = Int4Setting.parse(args.int4_head) if args.int4_head else layers if args.int4 else default.head
+    scheme = Int4Scheme(layers, head)
     export_bundle(args.model, args.out, precision=args.precision, genai=not args.no_genai, int4=scheme)
     return 0
 

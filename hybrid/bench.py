@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hybrid.config import IMAGE_DETAIL, MANIFEST_NAME, Precision, RuntimeConfig, SamplingConfig
+from hybrid.config import IMAGE_DETAIL, Precision, RuntimeConfig, SamplingConfig
 from hybrid.errors import UserError
 from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
@@ -144,7 +144,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[Precision]) -> dict[str, Path]:
-    from hybrid.export.bundle import export_bundle  # loads torch and transformers: only when benchmarking
+    from hybrid.launch import ensure_bundle  # loads torch and transformers: only when benchmarking
 
     name = f"{preset}-L{spec.num_hidden_layers}"
     checkpoint = cache / f"checkpoint-{name}"
@@ -153,10 +153,8 @@ def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[P
         build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
     bundles = {}
     for precision in sorted(precisions):
-        out = cache / f"bundle-{name}-{precision}"
-        if not (out / MANIFEST_NAME).is_file():
-            export_bundle(str(checkpoint), out, precision, genai=precision == "int4")
-        bundles[precision] = out
+        # a cached bundle is reused only while it is what an export would write today
+        bundles[precision] = ensure_bundle(checkpoint, cache / f"bundle-{name}-{precision}", precision, genai=precision == "int4")
     return bundles
 
 

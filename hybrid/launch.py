@@ -67,8 +67,9 @@ def default_bundle_dir(source: str, precision: Precision) -> Path:
     return BUNDLES / f"{name}-{precision}"
 
 
-def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: Precision) -> Path:
-    """The bundle of `model` at `bundle_dir` (default under `.cache/bundles`), exported if needed."""
+def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: Precision, genai: bool = True) -> Path:
+    """The bundle of `model` at `bundle_dir` (default under `.cache/bundles`), exported if needed
+    (`genai`: with the onnxruntime-genai text model)."""
     source = normalize_source(model)
     bundle = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(source, precision)
     reason = stale_reason(bundle, source, precision)
@@ -76,7 +77,7 @@ def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: P
         log.info("reusing the bundle %s", bundle)
         return bundle
     log.info("exporting %s to %s (%s); later starts reuse it", source, bundle, reason)
-    return export_bundle(source, bundle, precision)
+    return export_bundle(source, bundle, precision, genai=genai)
 
 
 LEGACY_INT4 = "rtn-b32"  # what INT4 bundles were before the manifest named their quantization

@@ -25,7 +25,7 @@ import numpy as np
 
 from hybrid.decoder import KVCache, OnnxDecoder
 from hybrid.errors import UserError
-from hybrid.export.int4 import Int4Scheme, Int4Setting
+from hybrid.export.int4 import QUANTIZERS, Int4Scheme, Int4Setting
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ class SettingQuality:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--settings", default="rtn-b32,rtn-zp-b32,rtn-b64,rtn-zp-b64,rtn-b128,rtn-zp-b128",
-                        help="comma-separated INT4 settings QUANTIZER-bBLOCK (quantizers: rtn, rtn-zp, hqq)")  # fmt: skip
+    parser.add_argument("--settings", default="rtn-b32,mse-b32,mse-zp-b32,mse-zp-b64+head-mse-zp-b32,mse-zp-b64,rtn-b64,mse-zp-b128",
+                        help="comma-separated INT4 settings QUANTIZER-bBLOCK, each optionally +head-QUANTIZER-bBLOCK "
+                             f"(quantizers: {', '.join(QUANTIZERS)})")  # fmt: skip
     parser.add_argument("--head", default=None, help="the LM head's setting for all (default: each setting's own)")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per reference answer")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
@@ -78,7 +79,11 @@ def run_quality(args: argparse.Namespace) -> int:
     if not 1 <= args.prompts <= len(PROMPTS) or args.new_tokens < 2:
         raise UserError(f"--prompts must be in [1, {len(PROMPTS)}] and --new-tokens at least 2")
     head = Int4Setting.parse(args.head) if args.head else None
-    schemes = {name: Int4Scheme(s, head or s) for name in args.settings.split(",") for s in [Int4Setting.parse(name)]}
+    schemes = {}
+    for name in args.settings.split(","):
+        scheme = Int4Scheme.parse(name)
+        scheme = Int4Scheme(scheme.layers, head) if head else scheme
+        schemes[scheme.name] = scheme
     checkpoint = Path(args.model).resolve()
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")

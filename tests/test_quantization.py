@@ -57,13 +57,46 @@ def test_finer_blocks_and_zero_points_reconstruct_better():
     assert error(Int4Setting(128, "rtn-zp")) < error(Int4Setting(128))
 
 
+@pytest.mark.parametrize("block", BLOCK_SIZES)
+def test_the_searched_scales_beat_round_to_nearest_in_the_same_bytes(block):
+    """`mse` keeps `rtn`'s layout (no zero points) and `mse-zp` `rtn-zp`'s, and each block's error
+    is at most round-to-nearest's: its scale is one of the candidates the search weighs."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_t(4, (64, 3 * block + 16)).astype(np.float32)  # a last partial block
+    weight[5, :block] = 0.0  # an all-zero block
+    k = weight.shape[1]
+
+    def block_errors(setting: Int4Setting) -> tuple[np.ndarray, object]:
+        q = quantize_int4(weight, setting)
+        restored = dequantize(q.packed, q.scales, q.zero_points, k)
+        padded = np.zeros((64, q.scales.shape[1] * block), np.float32)
+        padded[:, :k] = (restored - weight) ** 2
+        return padded.reshape(64, -1, block).sum(-1), q
+
+    for searched, plain in (("mse", "rtn"), ("mse-zp", "rtn-zp")):
+        mine, q = block_errors(Int4Setting(block, searched))
+        theirs, reference = block_errors(Int4Setting(block, plain))
+        assert q.packed.shape == reference.packed.shape and q.scales.shape == reference.scales.shape
+        assert (q.zero_points is None) == (reference.zero_points is None)
+        if q.zero_points is not None:
+            assert q.zero_points.shape == reference.zero_points.shape and q.zero_points.dtype == np.uint8
+        assert (mine <= theirs * (1 + 1e-5) + 1e-12).all(), searched
+        assert mine.sum() < 0.95 * theirs.sum(), searched  # and clearly lower overall
+        assert mine[5, 0] == 0.0
+
+
+@pytest.mark.parametrize("name", ["mse-b32", "rtn-zp-b64+head-mse-b32", "hqq-b128+head-rtn-b128"])
+def test_a_scheme_reads_back_its_own_name(name):
+    assert Int4Scheme.parse(name).name == name
+
+
 @pytest.mark.parametrize("text", ["b32", "rtn-32", "rtn-b48", "gptq-b32", ""])
 def test_a_bad_setting_is_refused_with_its_form(text):
     with pytest.raises(UserError, match="INT4"):
         Int4Setting.parse(text)
 
 
-@pytest.mark.slow  # nine exports, HQQ's solver among them
+@pytest.mark.slow  # fifteen exports, HQQ's solver among them
 def test_every_setting_exports_loads_and_answers_near_fp32(checkpoint, tmp_path):
     source = checkpoint("base")
     config = AutoConfig.from_pretrained(source)

@@ -6,6 +6,10 @@ An `Int4Setting` is a block size (32, 64 or 128 weights share a scale) and a qua
 - `rtn`: round to nearest, symmetric (zero point 8), onnxruntime's own kernel (what its
   `MatMulNBitsQuantizer` runs by default, and what GenAI's builder writes);
 - `rtn-zp`: round to nearest with a uint8 zero point per block (asymmetric), the same kernel;
+- `mse`: symmetric like `rtn` (the same bytes, the same kernel), but each block's scale is the one
+  that minimises the block's squared error, searched over clipped ranges and refined by least
+  squares, instead of the one that maps the largest weight to -8;
+- `mse-zp`: the same search with a zero point per block, as `rtn-zp`'s bytes;
 - `hqq`: Half-Quadratic Quantization (onnxruntime's `HQQWeightOnlyQuantizer`), which fits each
   block's float zero point to minimise the error of the dequantized weight. More faithful, but slow
   to quantize (minutes for a 2B model) and to run (see `_hqq`).
@@ -15,6 +19,7 @@ Every node asks for accuracy level 4 (int8 activations: the fastest CPU kernels)
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +29,14 @@ from onnx import TensorProto, helper
 
 from hybrid.errors import UserError
 from hybrid.export.tensors import ExternalData
+from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVEL = 4  # int8 activations: the fastest CPU kernels
 BLOCK_SIZES = (32, 64, 128)
-QUANTIZERS = ("rtn", "rtn-zp", "hqq")
+QUANTIZERS = ("rtn", "rtn-zp", "mse", "mse-zp", "hqq")
+SYMMETRIC = ("rtn", "mse")  # zero point 8, not stored
 ROW_BLOCK = 1024  # output rows quantized at a time
 CONTRIB = "com.microsoft"
 
@@ -53,8 +60,8 @@ class Int4Setting:
 
     @property
     def zero_points(self) -> bool:
-        """Whether a block has its own zero point (symmetric round-to-nearest has none)."""
-        return self.quantizer != "rtn"
+        """Whether a block has its own zero point (the symmetric quantizers have none)."""
+        return self.quantizer not in SYMMETRIC
 
     @classmethod
     def parse(cls, name: str) -> "Int4Setting":
@@ -65,16 +72,35 @@ class Int4Setting:
         return cls(int(block), quantizer)
 
 
+# What GenAI's model builder writes, and so the GenAI model's INT4 here: block 32, round to nearest.
+GENAI_SETTING = Int4Setting(32, "rtn")
+
+
 @dataclass(frozen=True)
 class Int4Scheme:
-    """The settings of the decoder's linear layers and of its LM head."""
+    """The settings of the decoder's linear layers and of its LM head.
 
-    layers: Int4Setting = Int4Setting()
-    head: Int4Setting = Int4Setting()
+    The default, chosen by `python -m hybrid quality` (README, "INT4 settings"): blocks of 64 with
+    searched scales and zero points for the layers, 32 for the head. On the 2B shapes and the demo
+    model its KL divergence to fp32 is at most that of `rtn-b32` (GenAI's), and a decode step reads
+    7% fewer bytes and dequantizes half as many scales."""
+
+    layers: Int4Setting = Int4Setting(64, "mse-zp")
+    head: Int4Setting = Int4Setting(32, "mse-zp")
 
     @property
     def name(self) -> str:
-        return self.layers.name if self.head == self.layers else f"{self.layers.name}+head-{self.head.name}"
+        return self.layers.name if self.head == self.layers else f"{self.layers.name}{HEAD_MARK}{self.head.name}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Int4Scheme":
+        """The scheme `name` writes: `LAYERS` (the head alike) or `LAYERS+head-HEAD`."""
+        layers, _, head = name.partition(HEAD_MARK)
+        setting = Int4Setting.parse(layers)
+        return cls(setting, Int4Setting.parse(head) if head else setting)
+
+
+HEAD_MARK = "+head-"
 
 
 @dataclass(frozen=True)
@@ -88,10 +114,12 @@ class Int4Weight:
     setting: Int4Setting
 
 
-def quantize_int4(weight: np.ndarray, setting: Int4Setting = Int4Setting()) -> Int4Weight:
+def quantize_int4(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
     """INT4 of an `nn.Linear` weight `(N, K)` by `setting`."""
     if setting.quantizer == "hqq":
         return _hqq(weight, setting)
+    if setting.quantizer.startswith("mse"):
+        return _searched(weight, setting)
     return _rtn(weight, setting)
 
 
@@ -115,6 +143,119 @@ def _rtn(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
         quantize_matmul_4bits(part_packed, columns, part_scales, part_zeros, block, width, k, symmetric)
         packed[rows], scales[rows], zero_points[rows] = part_packed, part_scales, part_zeros
     return Int4Weight(packed, scales, None if symmetric else zero_points, setting)
+
+
+# The clipping ratios `_searched` tries: a block's range is the full one times each. With the
+# refits after the search, 7 ratios from 0.7 give the error that 16 from 0.55 give (to 0.1%, on
+# Gaussian and heavy-tailed weights), at half the time.
+CLIP_RATIOS = np.linspace(0.7, 1.0, 7, dtype=np.float32)
+REFINE_ROUNDS = 2  # least-squares refits of the scale (and zero point) after the search
+SEARCH_ROWS = 256  # output rows searched at a time by one thread
+
+
+def _searched(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
+    """Round to nearest with each block's scale (and zero point) chosen to minimise the block's
+    squared error: tried for every ratio of `CLIP_RATIOS` of the block's range, then refit by least
+    squares on the chosen codes while that lowers the error. The bytes are those of `rtn`/`rtn-zp`
+    (a float32 scale, 4-bit codes and zero points), so the kernel and its speed are the same.
+    `SEARCH_ROWS` output rows at a time, one group per physical core (numpy lets go of the GIL)."""
+    n, k = weight.shape
+    block, symmetric = setting.block_size, not setting.zero_points
+    blocks = -(-k // block)
+    packed = np.zeros((n, blocks, block // 2), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zeros = np.zeros((n, blocks), dtype=np.uint8)
+
+    def search(first: int) -> None:
+        rows = slice(first, min(first + SEARCH_ROWS, n))
+        part = np.zeros((rows.stop - rows.start, blocks * block), dtype=np.float32)
+        part[:, :k] = weight[rows]  # a last partial block is padded with zeros, as onnxruntime does
+        part = part.reshape(-1, blocks, block)
+        scale, zero = _search_symmetric(part) if symmetric else _search_asymmetric(part)
+        codes = _codes(part, scale, zero)
+        packed[rows] = codes[..., 0::2] | (codes[..., 1::2] << 4)  # element 2i in the low nibble
+        scales[rows], zeros[rows] = scale, zero
+
+    with ThreadPoolExecutor(physical_cores()) as pool:
+        list(pool.map(search, range(0, n, SEARCH_ROWS)))
+    if symmetric:
+        return Int4Weight(packed, scales, None, setting)
+    if blocks % 2:
+        zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+    return Int4Weight(packed, scales, zeros[:, 0::2] | (zeros[:, 1::2] << 4), setting)
+
+
+def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """The 4-bit codes `(q - zero) * scale ~ w` of `blocks` `(R, B, block)`, as uint8."""
+    q = np.rint(blocks / scale[..., None])
+    q += zero[..., None]
+    return np.clip(q, 0, 15, out=q).astype(np.uint8)
+
+
+def _error(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Each block's squared error `(R, B)` with `scale` and `zero` (`_codes`' rounding, in float)."""
+    scale, low = scale[..., None], -zero[..., None].astype(np.float32)
+    restored = np.rint(blocks / scale)
+    np.clip(restored, low, low + 15, out=restored)
+    restored *= scale
+    restored -= blocks
+    return np.einsum("rbk,rbk->rb", restored, restored)
+
+
+def _search_symmetric(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scales for zero point 8: the block's largest weight (by magnitude) maps to -8 times a ratio."""
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    zero = np.full(largest.shape, 8, dtype=np.uint8)
+
+    def fit(ratio: np.float32) -> np.ndarray:
+        scale = largest * (ratio / -8)
+        return np.where(scale == 0, 1, scale).astype(np.float32)
+
+    scale = _best([fit(r) for r in CLIP_RATIOS], blocks, zero)
+    for _ in range(REFINE_ROUNDS):
+        centred = _codes(blocks, scale, zero).astype(np.float32) - 8
+        norm = np.einsum("rbk,rbk->rb", centred, centred)
+        refit = np.einsum("rbk,rbk->rb", centred, blocks) / np.where(norm == 0, 1, norm)
+        refit = np.where(refit == 0, scale, refit).astype(np.float32)
+        scale = _best([scale, refit], blocks, zero)
+    return scale, zero
+
+
+def _search_asymmetric(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points: the block's range (widened to hold 0) shrunk by a ratio, mapped to 0..15."""
+    low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    candidates = []
+    for ratio in CLIP_RATIOS:
+        scale = (high - low) * (ratio / 15)
+        scale = np.where(scale == 0, 1, scale).astype(np.float32)
+        candidates.append((scale, np.clip(np.rint(-low * ratio / scale), 0, 15).astype(np.uint8)))
+    scale, zero = _best_pair(candidates, blocks)
+    for _ in range(REFINE_ROUNDS):
+        codes = _codes(blocks, scale, zero).astype(np.float32)
+        mean_code, mean_weight = codes.mean(-1), blocks.mean(-1)
+        codes -= mean_code[..., None]
+        spread = np.einsum("rbk,rbk->rb", codes, codes)
+        slope = np.einsum("rbk,rbk->rb", codes, blocks) / np.where(spread == 0, 1, spread)
+        slope = np.where(slope == 0, scale, slope).astype(np.float32)
+        offset = np.clip(np.rint((slope * mean_code - mean_weight) / slope), 0, 15).astype(np.uint8)
+        scale, zero = _best_pair([(scale, zero), (slope, offset)], blocks)
+    return scale, zero
+
+
+def _best(scales: list[np.ndarray], blocks: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return _best_pair([(scale, zero) for scale in scales], blocks)[0]
+
+
+def _best_pair(candidates: list[tuple[np.ndarray, np.ndarray]], blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the (scale, zero) of `candidates` with the least squared error (the first on ties)."""
+    best_scale, best_zero = candidates[0]
+    best_error = _error(blocks, best_scale, best_zero)
+    for scale, zero in candidates[1:]:
+        error = _error(blocks, scale, zero)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _hqq(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
@@ -160,7 +301,7 @@ def int4_arrays(name: str, weight: Int4Weight) -> list[tuple[str, np.ndarray]]:
     return list(zip(int4_names(name, weight.setting), arrays, strict=True))
 
 
-def quantize_onnx_file(path: Path, setting: Int4Setting = Int4Setting()) -> int:
+def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
     """Rewrite the ONNX model `path` (weights in `path.data`) so that every MatMul with a 2-D float
     weight runs as INT4 `MatMulNBits`, as onnxruntime's `MatMulNBitsQuantizer` would; the other weights
     are copied. Holds one weight at a time. Returns how many MatMuls were quantized."""
