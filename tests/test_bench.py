@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from hybrid.bench import REUSING, ROUTES, preset_spec, round_order
-from hybrid.config import IMAGE_DETAIL
+from hybrid.bench import REUSING, ROUTES, _prepare_bundles, preset_spec, round_order
+from hybrid.config import IMAGE_DETAIL, MANIFEST_NAME, Manifest
+from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import DECODER_DIR
 
 ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
@@ -69,3 +70,19 @@ def test_tiny_bench_report(tmp_path):
         levels = report["vision_by_detail"][key]
         assert list(levels) == list(IMAGE_DETAIL) and all(v["vision_ms"] > 0 for v in levels.values())
         assert all(0 < v["image_tokens"] <= v["max_image_tokens"] for v in levels.values())
+
+
+def test_a_cached_bundle_is_reused_only_while_current(tmp_path):
+    """The bench keeps its exports between runs, but one made by an older export (here: another INT4
+    quantization) is exported again, as the app would, instead of being measured as if current."""
+    spec = preset_spec("tiny", None)
+    bundle = _prepare_bundles(tmp_path, "tiny", spec, {"int4"})["int4"]
+    manifest = bundle / MANIFEST_NAME
+    assert Manifest.load(bundle).quantization == Int4Scheme().name
+    written = manifest.stat().st_mtime_ns
+    assert _prepare_bundles(tmp_path, "tiny", spec, {"int4"})["int4"] == bundle
+    assert manifest.stat().st_mtime_ns == written
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(record | {"quantization": "rtn-b32"}))
+    assert _prepare_bundles(tmp_path, "tiny", spec, {"int4"})["int4"] == bundle
+    assert Manifest.load(bundle).quantization == Int4Scheme().name
