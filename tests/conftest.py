@@ -10,9 +10,14 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hybrid.export.bundle import export_bundle
+from hybrid.export.int4 import GENAI_SETTING, Int4Scheme
 from hybrid.launch import DEMO_MODEL
 from hybrid.pipeline import Pipeline
 from hybrid.tiny import TinySpec, build_checkpoint
+
+# The INT4 of GenAI's builder, for our decoder too: where a test compares the two INT4 routes, or our
+# export with onnxruntime's own quantizer.
+RTN_B32 = Int4Scheme(GENAI_SETTING, GENAI_SETTING)
 
 # `base`: DeepStack on two layers, GQA 4:2, untied LM head; transformers' video sampling (2 frames a
 # second, 4 to 768), with a lower floor on the pixels of a video, so that a small clip stays small.
@@ -68,11 +73,13 @@ def checkpoint(workdir):
 
 @pytest.fixture(scope="session")
 def bundle(workdir, checkpoint):
-    """`bundle(name, precision)` -> folder of the exported bundle (GenAI model included)."""
-    def get(name: str = "base", precision: str = "fp32") -> Path:
+    """`bundle(name, precision[, int4])` -> folder of the exported bundle (GenAI model included);
+    `int4`: the INT4 scheme of the decoder, if not the default."""
+    def get(name: str = "base", precision: str = "fp32", int4: Int4Scheme | None = None) -> Path:
+        label = f"{name}-{precision}" + (f"-{int4.name}" if int4 else "")
+        options = {"int4": int4} if int4 else {}
         return _memo(
-            ("bundle", name, precision),
-            lambda: export_bundle(str(checkpoint(name)), workdir / f"bundle-{name}-{precision}", precision),
+            ("bundle", label), lambda: export_bundle(str(checkpoint(name)), workdir / f"bundle-{label}", precision, **options)
         )
 
     return get
@@ -80,9 +87,9 @@ def bundle(workdir, checkpoint):
 
 @pytest.fixture(scope="session")
 def pipeline(bundle):
-    """`pipeline(name, precision)` -> a loaded `Pipeline`, shared across tests."""
-    def get(name: str = "base", precision: str = "fp32"):
-        return _memo(("pipeline", name, precision), lambda: Pipeline.load(bundle(name, precision)))
+    """`pipeline(name, precision[, int4])` -> a loaded `Pipeline`, shared across tests."""
+    def get(name: str = "base", precision: str = "fp32", int4: Int4Scheme | None = None):
+        return _memo(("pipeline", name, precision, int4), lambda: Pipeline.load(bundle(name, precision, int4)))
 
     return get
 

@@ -6,7 +6,9 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 
+from hybrid.export.int4 import Int4Scheme
 from hybrid.types import Message
+from tests.conftest import RTN_B32
 from tests.helpers import NEW_TOKENS, ask, hybrid_logits, run
 
 THREE_TURNS = (
@@ -53,14 +55,17 @@ def test_genai_sampling_is_seeded(pipeline):
 def test_int4_logits_stay_close_to_fp32_and_both_int4_routes_agree(pipeline):
     """Random tiny weights have small logit margins, so INT4 greedy tokens soon leave fp32's; what
     must hold is that INT4 logits point the way fp32's do (a broken scale or layout gives a cosine
-    near 0), and that GenAI's INT4 model and our INT4 decoder, quantized alike, pick alike."""
-    fp32, int4 = pipeline("wide", "fp32"), pipeline("wide", "int4")
-    assert int4.manifest.precision == "int4"
+    near 0), in the default INT4 and in GenAI's, and that GenAI's INT4 model and our INT4 decoder,
+    quantized alike (`rtn-b32`), pick alike."""
+    fp32, int4, alike = pipeline("wide", "fp32"), pipeline("wide", "int4"), pipeline("wide", "int4", RTN_B32)
+    assert int4.manifest.precision == alike.manifest.precision == "int4"
+    assert int4.manifest.quantization == Int4Scheme().name and alike.manifest.quantization == RTN_B32.name
     request = ask("The quick brown fox jumps over the lazy dog.")
     generated = run(fp32, request, "hybrid")["token_ids"]
     inputs = fp32.routes["hybrid"].processor.prepare(request.messages)
-    exact, quantized = (hybrid_logits(p.routes["hybrid"], inputs, generated) for p in (fp32, int4))  # (n, V)
-    cosine = (exact * quantized).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
-    assert cosine.mean() > 0.8 and cosine.min() > 0.6, cosine
-    ours, theirs = (run(int4, request, route)["token_ids"] for route in ("hybrid", "genai"))
+    exact = hybrid_logits(fp32.routes["hybrid"], inputs, generated)  # (n, V)
+    for quantized in (hybrid_logits(p.routes["hybrid"], inputs, generated) for p in (int4, alike)):
+        cosine = (exact * quantized).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
+        assert cosine.mean() > 0.8 and cosine.min() > 0.6, cosine
+    ours, theirs = (run(alike, request, route)["token_ids"] for route in ("hybrid", "genai"))
     assert sum(a == b for a, b in zip(ours, theirs)) >= 3 * NEW_TOKENS // 4, (ours, theirs)
