@@ -120,6 +120,8 @@ class RouteRun(Answer):
         speed = f"{self.timings.decode_tok_s:.1f} tok/s · {self.timings.decode_tokens} tokens"
         if self.timings.thinking_tokens:
             speed += f" ({self.timings.thinking_tokens} thinking)"
+        if self.timings.decode_tokens and not self.text.strip():
+            speed += " that spell no text"  # ids the tokenizer has no text for (a random-weight model's)
         endings = {"cancelled": "stopped", "length": "cut at max new tokens", "stop": "stop string"}
         ending = endings.get(self.finish_reason or "")
         return f"{self.route} · {speed}" + (f" · {ending}" if ending else "")

@@ -23,6 +23,7 @@ from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
 from hybrid.layout import DECODER_GRAPH
 from hybrid.limits import RateLimiter
+from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
 from hybrid.types import ROUTE_NAMES
@@ -284,3 +285,12 @@ def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):
         assert set(params) <= allowed, (name, params)
         files = {k for k, v in params.items() if v in ("File", "Multimodaltextbox")}
         assert files <= {"image", "message"}, (name, params)
+
+
+def test_an_answer_whose_tokens_spell_nothing_says_so():
+    """A random-weight checkpoint can pick ids its tokenizer has no text for: the bubble would be
+    empty, so its mark says why."""
+    timings = Timings(1.0, 0.0, 2.0, 3.0, 5, 10.0, 4, 20.0, 9.0, 100.0)
+    silent = RouteRun("hybrid", "", finish_reason="length", timings=timings)
+    assert silent.status() == "hybrid · 20.0 tok/s · 4 tokens that spell no text · cut at max new tokens"
+    assert "spell" not in RouteRun("hybrid", "A star.", finish_reason="stop", timings=timings).status()
