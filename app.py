@@ -28,8 +28,8 @@ from PIL import Image
 
 from hybrid.boxes import Box, draw_boxes, parse_boxes
 from hybrid.config import (
-    AUTO_VISION, DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, PRECISIONS, VISION_BACKENDS,
-    RuntimeConfig, SamplingConfig, vision_backend,
+    DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, PRECISIONS, RuntimeConfig, SamplingConfig,
+    add_vision_argument, vision_backend,
 )  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.images import open_image
@@ -771,9 +771,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: INT4 decoder and GenAI model and INT8 vision for a real checkpoint, "
                         "fp32 for the demo model")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
-    parser.add_argument("--vision", choices=(AUTO_VISION, *VISION_BACKENDS), default=AUTO_VISION,
-                        help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
-                             "auto: onnx where the bundle has it")  # fmt: skip
+    add_vision_argument(parser)
     parser.add_argument("--conversation-cache-mb", type=int, default=RuntimeConfig.conversation_cache_mb, metavar="MB",
                         help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)")  # fmt: skip
     parser.add_argument("--server-name", default="127.0.0.1", help="0.0.0.0 to serve the local network")

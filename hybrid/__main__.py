@@ -15,8 +15,8 @@ from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
 from hybrid.config import (
-    AUTO_VISION, DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, VISION_BACKENDS,
-    RuntimeConfig, SamplingConfig, VideoLimits, vision_backend,
+    DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, RuntimeConfig, SamplingConfig,
+    VideoLimits, add_vision_argument, vision_backend,
 )  # fmt: skip
 from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting
@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
-    gen.add_argument("--vision", choices=(AUTO_VISION, *VISION_BACKENDS), default=AUTO_VISION,
-                     help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
-                          "auto: onnx where the bundle has it")  # fmt: skip
+    add_vision_argument(gen)
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
     gen.add_argument("--max-videos", type=int, default=RuntimeConfig.max_videos, help="refuse more videos than this")
     gen.add_argument("--max-image-tokens", type=int, default=DEFAULT_MAX_IMAGE_TOKENS,

@@ -223,6 +223,13 @@ def check_max_image_tokens(value: Any) -> int:
     return _check_int("max_image_tokens", value, low=1)
 
 
+def add_vision_argument(parser) -> None:
+    """The `--vision` option of `app.py` and `generate` (`vision_backend` reads its value)."""
+    parser.add_argument("--vision", choices=(AUTO_VISION, *VISION_BACKENDS), default=AUTO_VISION,
+                        help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
+                             "auto: onnx where the bundle has it")  # fmt: skip
+
+
 def vision_backend(choice: str) -> VisionBackend | None:
     """The backend a `--vision` choice names; None for `auto`."""
     return None if choice == AUTO_VISION else choice  # type: ignore[return-value]
