@@ -128,7 +128,7 @@ def _rtn(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     n, k = weight.shape
-    block, symmetric = setting.block_size, setting.quantizer == "rtn"
+    block, symmetric = setting.block_size, not setting.zero_points
     blocks = -(-k // block)
     packed = np.zeros((n, blocks, block // 2), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
@@ -173,7 +173,7 @@ def _searched(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
         part = part.reshape(-1, blocks, block)
         scale, zero = _search_symmetric(part) if symmetric else _search_asymmetric(part)
         codes = _codes(part, scale, zero)
-        packed[rows] = codes[..., 0::2] | (codes[..., 1::2] << 4)  # element 2i in the low nibble
+        packed[rows] = _nibbles(codes)
         scales[rows], zeros[rows] = scale, zero
 
     with ThreadPoolExecutor(physical_cores()) as pool:
@@ -182,7 +182,13 @@ def _searched(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
         return Int4Weight(packed, scales, None, setting)
     if blocks % 2:
         zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-    return Int4Weight(packed, scales, zeros[:, 0::2] | (zeros[:, 1::2] << 4), setting)
+    return Int4Weight(packed, scales, _nibbles(zeros), setting)
+
+
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit `values` (uint8, an even count on the last axis) two a byte, as `MatMulNBits` reads
+    them: element 2i in the low nibble, 2i + 1 in the high one."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
 def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
@@ -280,7 +286,7 @@ def _hqq(weight: np.ndarray, setting: Int4Setting) -> Int4Weight:
         part = torch.from_numpy(np.ascontiguousarray(weight[rows], dtype=np.float32))
         q, scale, zero = quantizer.quantize_internal(part, bits=4, group_size=block)
         q = q.numpy().astype(np.uint8).reshape(part.shape[0], blocks, block)
-        packed[rows] = q[..., 0::2] | (q[..., 1::2] << 4)  # element 2i in the low nibble, as MatMulNBits reads
+        packed[rows] = _nibbles(q)
         scales[rows], zero_points[rows] = scale.numpy(), zero.numpy()
     return Int4Weight(packed, scales, zero_points, setting)
 
