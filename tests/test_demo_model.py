@@ -94,14 +94,20 @@ def test_blanked_image_features_leave_the_model_guessing(demo_bundle):
 
 
 def test_served_prompts_are_the_training_prompts(demo_bundle):
-    """The app's processor renders a question exactly as training did, with and without a picture."""
+    """The app's processor renders a question exactly as training did, with and without a picture,
+    and a follow-up after an answer as a training conversation."""
     pipeline = Pipeline.load(demo_bundle("fp32"), verify=False, only=("hybrid",))
     processor = AutoProcessor.from_pretrained(DEMO_MODEL)
     scene = scenes.random_scene(np.random.default_rng(5))
-    for question, picture in (("Locate every shape.", scene), ("What is 3 plus 4?", None)):
+    asked = scenes.Exchange("text", "How many shapes are there?", "Two shapes.", scene)
+    for history, question, picture in (
+        ((), "Locate every shape.", scene), ((), "What is 3 plus 4?", None), ((asked,), "Locate every shape.", scene)
+    ):
         images = (scene.render(),) if picture else ()
-        served = pipeline.routes["hybrid"].processor.prepare((Message("user", question, images),))
-        row = Example(scenes.Exchange("text", question, "", picture), 0 if picture else None)
+        messages = [m for e in history for m in (Message("user", e.question, images), Message("assistant", e.answer))]
+        messages.append(Message("user", question, () if history else images))
+        served = pipeline.routes["hybrid"].processor.prepare(tuple(messages))
+        row = Example((*history, scenes.Exchange("text", question, "", picture)), 0 if picture else None)
         trained = collate(processor, [scene], [row])["input_ids"][0].tolist()
         prompt = served.input_ids[0].tolist()
         assert trained[: len(prompt)] == prompt and len(trained) == len(prompt) + 1  # + the answer's END

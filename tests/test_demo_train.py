@@ -1,5 +1,6 @@
 """The demo training step: one vision pass shared by every row that shows a picture gives each row
-exactly the loss of the ordinary per-row forward (the processor's own images path)."""
+exactly the loss of the ordinary per-row forward (the processor's own images path), conversations
+are the chat template's own text, and a training resumed from its state goes on as if never stopped."""
 
 from __future__ import annotations
 
@@ -8,35 +9,53 @@ import pytest
 import torch
 
 from hybrid.demo import train
-from hybrid.demo.chat import END, chat_prompt
+from hybrid.demo.chat import conversation_prompt
+
+
+def small_config(**changes) -> train.TrainConfig:
+    return train.TrainConfig(pictures=3, questions=4, text_rows=1, **changes)
 
 
 def test_shared_vision_rows_equal_the_standard_forward():
     torch.manual_seed(0)
-    cfg = train.TrainConfig(pictures=3, questions=2, text_rows=1)
+    cfg = small_config(shape_weight=3.0)
     model, processor = train.new_model(train.demo_spec())
     model.eval()
     pictures, rows = train.sample_step(np.random.default_rng(5), cfg)
-    batch = train.collate(processor, pictures, rows)
-    grids = batch.pop("picture_grid_thw")
+    assert max(len(row.exchanges) for row in rows) > 1  # some rows are conversations
+    batch = train.collate(processor, pictures, rows, cfg.shape_weight)
+    grids, spans = batch.pop("picture_grid_thw"), batch.pop("spans")
+    weights = batch.pop("weights")
     with torch.no_grad():
         vision = model.model.visual(batch.pop("pixel_values"), grid_thw=grids, return_dict=True)
         per_picture = train._per_picture(vision, grids, processor.image_processor.merge_size)
-        sums, counts = train.Trainer(model, processor, cfg).row_losses(batch, rows, per_picture, grids)
+        losses = train.Trainer(model, processor, cfg).row_losses(batch, rows, per_picture, grids)
         assert {row.picture for row in rows} == {0, 1, 2, None}
         for i, row in enumerate(rows):
-            text = chat_prompt(processor, row.exchange.question, row.picture is not None) + row.exchange.answer + END
+            questions, answers = [e.question for e in row.exchanges], [e.answer for e in row.exchanges]
+            text = "".join(train.row_segments(processor, row, [1, 1, 1])).replace(processor.image_token * 1, processor.image_token)
+            # the whole conversation is the template's prompt for one more question, less that question
+            assert conversation_prompt(processor, [*questions, "?"], answers, row.picture is not None).startswith(text)
             images = [pictures[row.picture].render()] if row.picture is not None else None
             alone = dict(processor(text=[text], images=images, return_tensors="pt"))
-            labels = train.answer_labels(processor.tokenizer, alone, [row.exchange.answer + END])
-            expected, count = train.answer_losses(model(**alone).logits, labels)
-            assert int(counts[i]) == int(count[0])
-            torch.testing.assert_close(sums[i], expected[0], rtol=1e-5, atol=1e-4)
+            length = int(alone["input_ids"].shape[1])
+            assert torch.equal(alone["input_ids"][0], batch["input_ids"][i, :length])
+            expected = train.token_losses(model(**alone).logits, batch["labels"][i : i + 1, :length])
+            torch.testing.assert_close(losses[i, :length], expected[0], rtol=1e-5, atol=1e-4)
+    row_spans = [s for s in spans if s.row == 0]
+    assert [s.kind for s in row_spans] == [e.kind for e in rows[0].exchanges]
+    assert [s.follow_up for s in row_spans] == [False] + [True] * (len(row_spans) - 1)
+    shape_ids = train.shape_token_ids(processor.tokenizer)
+    labels = batch["labels"]
+    assert torch.all(weights[labels == -100] == 0)
+    on_shapes = torch.tensor([[t in shape_ids for t in r] for r in labels.tolist()]) & (labels != -100)
+    assert on_shapes.any() and torch.all(weights[on_shapes] == 3.0)
+    assert torch.all(weights[(labels != -100) & ~on_shapes] == 1.0)
 
 
 def test_a_tower_step_trains_the_tower_and_the_probe_only():
     torch.manual_seed(0)
-    cfg = train.TrainConfig(pictures=3, tower_steps=5)
+    cfg = small_config(tower_steps=5)
     model, processor = train.new_model(train.demo_spec())
     trainer = train.Trainer(model, processor, cfg)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -50,8 +69,26 @@ def test_a_tower_step_trains_the_tower_and_the_probe_only():
     assert not torch.equal(trainer.probe.head.weight, probe_before)
 
 
+def test_a_resumed_training_ends_where_an_unbroken_one_does(tmp_path):
+    spec = train.demo_spec(patch_size=16, max_pixels=128 * 128)
+    cfg = small_config(steps=2, tower_steps=1, warmup=1)
+    whole = train.start(tmp_path / "whole", tmp_path / "whole.state", cfg, spec)
+    train.fit(whole)
+    broken = train.start(tmp_path / "broken", tmp_path / "broken.state", cfg, spec)
+    train.fit(broken, max_steps=2)  # the tower step and one joint step, then saved, as if killed after it
+    resumed = train.resume(tmp_path / "broken.state")
+    assert (resumed.phase, resumed.step) == ("joint", 1)
+    train.fit(resumed)
+    assert (resumed.phase, resumed.step) == ("joint", 2)
+    for (name, a), b in zip(whole.trainer.model.state_dict().items(), resumed.trainer.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(whole.trainer.model.lm_head.weight, train.start(tmp_path / "x", tmp_path / "x.state", cfg, spec).trainer.model.lm_head.weight)
+
+
 def test_bad_training_settings_are_refused_with_what_is_wrong():
     with pytest.raises(train.InvalidConfig, match="--tower-steps must not be negative"):
         train.TrainConfig(tower_steps=-1)
     with pytest.raises(train.InvalidConfig, match="must be positive"):
         train.TrainConfig(steps=0)
+    with pytest.raises(train.InvalidConfig, match="image tokens"):
+        train.demo_spec(patch_size=4, max_pixels=256 * 256)

@@ -1,6 +1,8 @@
 """CLI for the demo model: `train` it from scratch, or `eval` a checkpoint's accuracy per question kind.
 
-    python -m hybrid.demo train --out assets/demo-model [--steps N] [--seed S] [--threads T]
+    python -m hybrid.demo train --out assets/demo-model [--state DIR] [--steps N] [--tower-steps N] [--lr LR]
+                                [--patch-size P] [--max-pixels N] [--device cpu|cuda] [--seed S] [--threads T]
+    python -m hybrid.demo train --resume DIR [--device D] [--threads T]
     python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route hybrid|pytorch|genai]
                                [--style train|edge] [--precision fp32|int4] [--zero-image | --zero-deepstack]
                                [--json]
@@ -15,32 +17,47 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
 from hybrid.config import PRECISIONS
 from hybrid.demo import scenes
 from hybrid.demo.eval import (
-    MAX_NEW_TOKENS, evaluate, load_pipeline, pipeline_answerer, route_exchanges, zero_deepstack, zero_image_features,
+    MAX_NEW_TOKENS, conversation_exchanges, evaluate, evaluate_conversations, load_pipeline, pipeline_answerer,
+    record_eval, route_exchanges, zero_deepstack, zero_image_features,
 )
-from hybrid.demo.train import InvalidConfig, TrainConfig, train
+from hybrid.demo.train import TRAINING_RECORD, InvalidConfig, TrainConfig, demo_spec, finish, resume, start
 from hybrid.errors import HybridError
-from hybrid.logs import setup_logging
+from hybrid.logs import FORMAT, setup_logging
 from hybrid.types import ROUTE_NAMES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hybrid.demo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    fit = commands.add_parser("train", help="train the demo model from scratch on the CPU")
-    fit.add_argument("--out", required=True, help="checkpoint folder to write")
-    fit.add_argument("--steps", type=int, default=TrainConfig.steps)
+    fit = commands.add_parser("train", help="train the demo model from scratch (or go on with --resume)")
+    where = fit.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="checkpoint folder to write")
+    where.add_argument("--resume", metavar="DIR", help="go on with the training whose state is in DIR")
+    fit.add_argument("--state", help="folder of the training state and its checkpoints (default: OUT.state)")
+    fit.add_argument("--steps", type=int, default=TrainConfig.steps, help="steps of the whole model")
     fit.add_argument("--tower-steps", type=int, default=TrainConfig.tower_steps,
                      help="steps that train the vision tower alone first")
-    fit.add_argument("--pictures", type=int, default=TrainConfig.pictures, help="distinct pictures per step")
-    fit.add_argument("--questions", type=int, default=TrainConfig.questions, help="questions per picture per step")
+    fit.add_argument("--pictures", type=int, default=TrainConfig.pictures, help="pictures (conversations) per step")
+    fit.add_argument("--questions", type=int, default=TrainConfig.questions,
+                     help="the most questions of one conversation")
+    fit.add_argument("--lr", type=float, default=TrainConfig.lr)
+    fit.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="warm-up steps of each phase")
+    fit.add_argument("--shape-weight", type=float, default=TrainConfig.shape_weight,
+                     help="weight of the shape words in the answer loss")
+    fit.add_argument("--patch-size", type=int, default=8, help="pixels per patch side")
+    fit.add_argument("--max-pixels", type=int, default=256 * 256, help="pixels a picture is scaled to at most")
+    fit.add_argument("--device", default=None, help="torch device: cpu (default) or cuda")
+    fit.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between saved states (10)")
+    fit.add_argument("--log-every", type=int, default=None, help="steps between log lines (25)")
     fit.add_argument("--seed", type=int, default=TrainConfig.seed)
-    fit.add_argument("--threads", type=int, default=TrainConfig.threads)
+    fit.add_argument("--threads", type=int, default=None, help="torch threads (2)")
     check = commands.add_parser("eval", help="grade a checkpoint on fresh scenes")
     check.add_argument("--model", required=True, help="checkpoint folder")
     check.add_argument("--n", type=int, default=300, help="number of scenes (6 to 9 questions each)")
@@ -52,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     blank = check.add_mutually_exclusive_group()
     blank.add_argument("--zero-image", action="store_true", help="ablation: blank the vision features")
     blank.add_argument("--zero-deepstack", action="store_true", help="ablation: blank the DeepStack maps only")
+    check.add_argument("--conversation", action="store_true",
+                       help="ask in conversations of 1 to 4 questions; first questions and follow-ups scored apart")
+    check.add_argument("--record", action="store_true",
+                       help=f"also keep the figures in the model's {TRAINING_RECORD} (the app's header reads them)")
     check.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     check.add_argument("--threads", type=int, default=2)
     check.add_argument("--json", action="store_true", help="print one JSON object")
@@ -59,33 +80,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
     pipeline = load_pipeline(args.model, args.route, args.precision, args.threads)
     if args.zero_image:
         zero_image_features(pipeline, args.route)
     if args.zero_deepstack:
         zero_deepstack(pipeline, args.route)
     answer = pipeline_answerer(pipeline, args.route, args.max_new_tokens)
-    report = evaluate(answer, route_exchanges(args.route, args.n, args.seed, args.style))
+    if args.conversation:
+        report = evaluate_conversations(answer, conversation_exchanges(args.n, args.seed, args.style))
+    else:
+        report = evaluate(answer, route_exchanges(args.route, args.n, args.seed, args.style))
+    result = {
+        "route": args.route, "precision": args.precision, "model": args.model, "n": args.n, "seed": args.seed,
+        "style": args.style, "conversation": args.conversation, "zero_image": args.zero_image,
+        "zero_deepstack": args.zero_deepstack,
+    } | report.to_json()  # fmt: skip
+    if args.record:
+        record_eval(Path(args.model), result)
     if args.json:
-        result = {
-            "route": args.route, "precision": args.precision, "model": args.model, "n": args.n,
-            "seed": args.seed, "style": args.style, "zero_image": args.zero_image,
-            "zero_deepstack": args.zero_deepstack,
-        }  # fmt: skip
-        sys.stdout.write(json.dumps(result | report.to_json()) + "\n")
+        sys.stdout.write(json.dumps(result) + "\n")
     else:
         sys.stdout.write(report.table() + "\n")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    runtime = {"device": args.device, "threads": args.threads, "checkpoint_minutes": args.checkpoint_minutes,
+               "log_every": args.log_every}
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    if args.resume:
+        run = resume(args.resume, **runtime)
+    else:
+        cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures,
+                          questions=args.questions, lr=args.lr, warmup=args.warmup, shape_weight=args.shape_weight,
+                          seed=args.seed, **runtime)  # fmt: skip
+        state = args.state or args.out.rstrip("/") + ".state"
+        run = start(args.out, state, cfg, demo_spec(args.patch_size, args.max_pixels))
+    log_to_file(run.state_dir / "train.log")
+    finish(run)
+
+
+def log_to_file(path: Path) -> None:
+    """The training log beside its state as well as on stderr (a background run is read there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.getLogger().addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
-            cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures,
-                              questions=args.questions, seed=args.seed, threads=args.threads)
-            train(args.out, cfg)
+            run_train(args)
         else:
             run_eval(args)
     except (HybridError, InvalidConfig) as error:

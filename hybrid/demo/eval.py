@@ -1,7 +1,10 @@
 """Measures how well a demo model answers: accuracy per question kind on fresh scenes from a seed.
 
-The route is a parameter: `evaluate` takes any `Answerer`, a callable `(image or None, question) ->
-reply text`, so every inference route is graded on the same exchanges by the same grader. Besides
+The route is a parameter: `evaluate` takes any `Answerer`, a callable `(image or None, question,
+history) -> reply text`, so every inference route is graded on the same exchanges by the same grader.
+`evaluate_conversations` asks the questions in conversations of one to four about one picture, each
+reply in the history of the next as a person's chat would have it, and scores first questions and
+follow-ups apart. Besides
 accuracy per kind it tallies accuracy per background kind and per number of shapes, and for the
 grounding questions the share of boxes with IoU >= 0.5 and their mean IoU (matched by label).
 `pipeline_answerer` asks one route of a loaded bundle, exactly as the app does; the ablations
@@ -10,6 +13,7 @@ blank the vision features (`zero_image_features`) or only the DeepStack maps (`z
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +34,9 @@ from hybrid.vision import VisionFeatures
 
 log = logging.getLogger(__name__)
 
-Answerer = Callable[[Image.Image | None, str], str]
+History = tuple[tuple[str, str], ...]  # earlier (question, reply) turns of a conversation
+Answerer = Callable[[Image.Image | None, str, History], str]
+MAX_QUESTIONS = 4  # the most questions of one conversation, as in training
 MAX_NEW_TOKENS = 160  # three boxes in Qwen3-VL's JSON take about 100 tokens
 HIT_IOU = 0.5
 
@@ -75,6 +81,8 @@ class EvalReport:
     ious: list[float] = field(default_factory=list)
     ious_any_label: list[float] = field(default_factory=list)  # localisation alone: the best box whatever its label
     samples: list[Sample] = field(default_factory=list)  # the first few exchanges and every failure
+    first: dict[str, KindScore] = field(default_factory=dict)  # conversations: the opening questions
+    follow_up: dict[str, KindScore] = field(default_factory=dict)  # conversations: the 2nd to 4th questions
     seconds: float = 0.0
 
     @property
@@ -97,10 +105,13 @@ class EvalReport:
         hits = self.ious_any_label
         return sum(v >= HIT_IOU for v in hits) / len(hits) if hits else 0.0
 
-    def record(self, exchange: scenes.Exchange, reply: str, keep: bool) -> None:
+    def record(self, exchange: scenes.Exchange, reply: str, keep: bool, turn: int | None = None) -> None:
+        """Grade `reply`; `turn` is its place in a conversation (0: the first question)."""
         correct = scenes.grade(exchange, reply)
         exact = reply.strip() == exchange.answer
         _tally(self.scores, exchange.kind, correct, exact)
+        if turn is not None:
+            _tally(self.follow_up if turn else self.first, exchange.kind, correct, exact)
         if exchange.scene is not None:
             _tally(self.by_background, exchange.scene.background.kind, correct, exact)
             _tally(self.by_shapes, str(len(exchange.scene.items)), correct, exact)
@@ -123,6 +134,7 @@ class EvalReport:
             },  # fmt: skip
             "by_background": accuracies(self.by_background),
             "by_shapes": accuracies(self.by_shapes),
+            **({"first": accuracies(self.first), "follow_up": accuracies(self.follow_up)} if self.follow_up else {}),
             "seconds": round(self.seconds, 1),
             "examples": [vars(s) for s in self.samples[:12]],
             "failures": [vars(s) for s in self.samples if not s.correct][:20],
@@ -134,7 +146,8 @@ class EvalReport:
         if self.ious:
             rows.append(f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}, "
                         f"IoU >= {HIT_IOU} whatever the label: {self.any_label_hit_rate:.3f}")
-        for title, scores in (("background", self.by_background), ("shapes", self.by_shapes)):
+        for title, scores in (("background", self.by_background), ("shapes", self.by_shapes),
+                              ("first question", self.first), ("follow-up", self.follow_up)):  # fmt: skip
             if scores:
                 rows.append(f"by {title}: " + ", ".join(f"{k} {s.accuracy:.3f}" for k, s in sorted(scores.items())))
         return "\n".join(rows)
@@ -157,22 +170,53 @@ def eval_exchanges(n: int, seed: int, style: str = scenes.TRAIN, text: bool = Tr
 
 
 def evaluate(answer: Answerer, exchanges: list[scenes.Exchange], keep: int = 8) -> EvalReport:
-    """Ask every exchange (with its scene's picture, if any), grade the replies, tally them."""
+    """Ask every exchange alone (with its scene's picture, if any), grade the replies, tally them."""
+    return evaluate_conversations(answer, [[exchange] for exchange in exchanges], keep, turns=False)
+
+
+def evaluate_conversations(
+    answer: Answerer, conversations: list[list[scenes.Exchange]], keep: int = 8, turns: bool = True
+) -> EvalReport:
+    """Ask each conversation's questions in order, every reply in the history of the next (the
+    picture, if any, in the first turn), grade each reply; `turns`: score first questions and
+    follow-ups apart as well."""
     report = EvalReport()
     start = time.perf_counter()
+    asked = 0
     pictures: dict[int, Image.Image] = {}  # a scene's questions are consecutive: render it once
-    for i, exchange in enumerate(exchanges):
+    for conversation in conversations:
+        scene = conversation[0].scene
         image = None
-        if exchange.scene is not None:
-            key = id(exchange.scene)
-            if key not in pictures:
-                pictures = {key: exchange.scene.render()}
-            image = pictures[key]
-        report.record(exchange, answer(image, exchange.question), keep=i < keep)
-        if (i + 1) % 200 == 0:
-            log.info("asked %d/%d", i + 1, len(exchanges))
+        if scene is not None:
+            if id(scene) not in pictures:
+                pictures = {id(scene): scene.render()}
+            image = pictures[id(scene)]
+        history: History = ()
+        for turn, exchange in enumerate(conversation):
+            reply = answer(image, exchange.question, history)
+            report.record(exchange, reply, keep=asked < keep, turn=turn if turns else None)
+            history += ((exchange.question, reply),)
+            asked += 1
+            if asked % 200 == 0:
+                log.info("asked %d", asked)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def conversation_exchanges(n: int, seed: int, style: str = scenes.TRAIN) -> list[list[scenes.Exchange]]:
+    """Every kind a scene can answer, asked once about each of `n` scenes (one, two and three shapes
+    in turn), in a random order cut into conversations of one to `MAX_QUESTIONS` questions."""
+    rng = np.random.default_rng(seed)
+    conversations = []
+    for i in range(n):
+        scene = scenes.random_scene(rng, style, shapes=1 + i % scenes.MAX_SHAPES)
+        kinds = [kind for kind in scenes.IMAGE_KINDS if scenes.askable(kind, scene)]
+        exchanges = [scenes.ask(kinds[j], scene, rng) for j in rng.permutation(len(kinds))]
+        while exchanges:
+            size = int(rng.integers(1, MAX_QUESTIONS + 1))
+            conversations.append(exchanges[:size])
+            exchanges = exchanges[size:]
+    return conversations
 
 
 def load_pipeline(model_dir: str | Path, route: RouteName, precision: str = "fp32", threads: int = 0) -> Pipeline:
@@ -185,13 +229,17 @@ def load_pipeline(model_dir: str | Path, route: RouteName, precision: str = "fp3
 
 
 def pipeline_answerer(pipeline: Pipeline, route: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Answerer:
-    """Greedy answer of `route` to one (picture, question) turn, through the same `Request` and
-    stream as the app and the CLI."""
+    """Greedy answer of `route` to a question (after the conversation's `history`, the picture in
+    its first turn), through the same `Request` and stream as the app and the CLI."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-    def answer(image: Image.Image | None, question: str) -> str:
+    def answer(image: Image.Image | None, question: str, history: History = ()) -> str:
         images = (image,) if image is not None else ()
-        request = Request((Message("user", question, images),), sampling)
+        messages = []
+        for asked, reply in history:
+            messages += [Message("user", asked, images), Message("assistant", reply)]
+            images = ()
+        request = Request((*messages, Message("user", question, images)), sampling)
         return "".join(chunk.text for chunk in pipeline.stream(request, route))
 
     return answer
@@ -237,3 +285,20 @@ def route_exchanges(route: str, n: int, seed: int, style: str = scenes.TRAIN) ->
     if route == "genai":
         return eval_exchanges(0, seed, style)
     return eval_exchanges(n, seed, style, text=style == scenes.TRAIN)
+
+
+def eval_key(result: dict) -> str:
+    """The name an eval's figures are kept under: route, precision, style and what was blanked."""
+    parts = [result["route"], result["precision"], result["style"]]
+    parts += [name for name in ("conversation", "zero_image", "zero_deepstack") if result.get(name)]
+    return "-".join(parts)
+
+
+def record_eval(model_dir: Path, result: dict) -> None:
+    """Keep `result` (less its examples) in the model's `training.json` under `eval`, so that what
+    the app says the model knows comes from the model's own figures."""
+    path = model_dir / "training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in result.items() if k not in ("examples", "failures", "model")}
+    record.setdefault("eval", {})[eval_key(result)] = kept
+    path.write_text(json.dumps(record, indent=2) + "\n")

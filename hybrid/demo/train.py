@@ -1,13 +1,17 @@
-"""Trains the demo Qwen3-VL from scratch on synthetic scenes, on the CPU, reproducibly from a seed.
+"""Trains the demo Qwen3-VL from scratch on synthetic scenes, reproducibly from a seed, on the CPU
+or a GPU, resumable from its checkpoints.
 
-`train(out_dir, TrainConfig(...))` builds the model of `demo_spec()`, teaches it the language of
-`hybrid.demo.scenes` with a teacher-forced loss on the answer tokens only, and writes a normal
-checkpoint folder (weights, tokenizer, processor) with `hybrid.tiny.build_checkpoint`.
+`train(out_dir, TrainConfig(...), demo_spec(...))` builds the model, teaches it the language of
+`hybrid.demo.scenes` with a teacher-forced loss on the answer tokens only (the shape words weighed
+`shape_weight` times), and writes a normal checkpoint folder with `hybrid.tiny.build_checkpoint`.
 
-Each step draws a few pictures and asks several questions about each: the vision tower runs once
-per picture and its features are handed to every row that shows it (`mm_encoder_outputs`), which
-is where most of the CPU time would otherwise go. A training-only dense probe reads shape, colour
-and box from every image token, so the tower learns to see before the decoder learns to talk.
+Each row is a conversation: one to `questions` questions about one picture, each answer in the
+history of the next, rendered by the chat template exactly as the app sends a follow-up. The vision
+tower runs once per picture and its features are handed to the row that shows it
+(`mm_encoder_outputs`). A training-only dense probe reads shape, colour and box from every image
+token, alone first (`tower_steps`: the tower learns to see before the decoder learns to talk) and
+beside the answers after. Every `checkpoint_minutes` the whole state (model, probe, optimisers,
+schedules, step, RNGs, curves) goes to `state_dir/state.pt`; `resume` continues from it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +30,17 @@ from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from hybrid.demo import scenes
-from hybrid.demo.chat import END, chat_prompt
+from hybrid.demo.chat import conversation_segments
 from hybrid.tiny import TinySpec, build_checkpoint, build_config, build_processor, build_tokenizer
 
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training.json"
+STATE_FILE = "state.pt"
 # How often each kind is asked about a picture (a kind a picture cannot answer is skipped).
 KIND_WEIGHTS = {
-    "shape": 1.5, "colour": 1.5, "position": 1.5, "count": 1.0, "colour_of": 1.0, "position_of": 1.2,
-    "describe": 1.2, "find": 1.6, "locate_all": 1.2,
+    "shape": 2.0, "colour": 1.2, "position": 1.2, "count": 1.0, "colour_of": 1.0, "position_of": 1.2,
+    "describe": 1.4, "find": 1.6, "locate_all": 1.4,
 }  # fmt: skip
 
 
@@ -47,11 +52,11 @@ class InvalidConfig(ValueError):
 class TrainConfig:
     """Optimisation and data-mixture settings; `threads` is torch's intra-op thread count."""
 
-    steps: int = 3200
-    tower_steps: int = 0  # first, steps that train only the vision tower and the probe (no decoder: cheap)
-    pictures: int = 24  # distinct pictures per step
-    questions: int = 2  # questions asked about each picture per step
-    text_rows: int = 3  # text-only exchanges per step, no picture
+    steps: int = 2400
+    tower_steps: int = 800  # first, steps that train only the vision tower and the probe (no decoder: cheap)
+    pictures: int = 16  # distinct pictures per step, one conversation each
+    questions: int = 4  # the most questions of one conversation (each has 1 to this many)
+    text_rows: int = 3  # text-only conversations per step, no picture
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
@@ -60,15 +65,20 @@ class TrainConfig:
     text_with_image: float = 0.1  # share of a picture's questions that are unrelated text exchanges
     fixed_text_fraction: float = 0.2  # share of text exchanges that are not sums
     probe_weight: float = 0.5  # weight of the training-only dense vision probe (0: off)
+    shape_weight: float = 3.0  # weight of a shape word's tokens in the answer loss
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
     log_every: int = 25
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         if min(self.steps, self.pictures, self.questions, self.threads) < 1:
             raise InvalidConfig("--steps, --pictures, --questions and --threads must be positive")
         if min(self.text_rows, self.tower_steps) < 0:
             raise InvalidConfig("text_rows and --tower-steps must not be negative")
+        if not self.lr > 0 or self.shape_weight < 1 or self.checkpoint_minutes <= 0:
+            raise InvalidConfig("--lr and --checkpoint-minutes must be positive and --shape-weight at least 1")
         for name in ("text_with_image", "fixed_text_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidConfig(f"{name} must be in [0, 1]")
@@ -76,14 +86,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Example:
-    """One training row: an exchange and the index of the picture it shows (None: no picture)."""
+    """One training row: a conversation and the index of the picture it shows (None: no picture)."""
 
-    exchange: scenes.Exchange
+    exchanges: tuple[scenes.Exchange, ...]
     picture: int | None
 
 
-def demo_spec() -> TinySpec:
-    """The demo model's shapes. A picture is scaled to at most 256x256 pixels (64 image tokens)."""
+@dataclass(frozen=True)
+class Span:
+    """Where one answer's label tokens lie in its row (`start` to `end` in the labels), and its kind."""
+
+    row: int
+    start: int
+    end: int
+    kind: str
+    follow_up: bool
+
+
+def demo_spec(patch_size: int = 8, max_pixels: int = 256 * 256) -> TinySpec:
+    """The demo model's shapes. A picture is scaled to at most `max_pixels` and cut into patches of
+    `patch_size` pixels, four to an image token: 8 and 256x256 give 1,024 patches, 256 tokens. A
+    patch a 32nd of the picture is what let shapes be learnt at all (docs/demo-model.md)."""
+    tokens = max_pixels // (2 * patch_size) ** 2
+    if not 4 <= patch_size <= 16 or not 16 <= tokens <= 256:
+        raise InvalidConfig(f"--patch-size {patch_size} and --max-pixels {max_pixels} give {tokens} image tokens; "
+                            "allowed: patch 4 to 16 pixels, 16 to 256 tokens")  # fmt: skip
     return TinySpec(
         hidden_size=128,
         num_hidden_layers=4,
@@ -96,11 +123,12 @@ def demo_spec() -> TinySpec:
         vision_hidden_size=128,
         vision_heads=4,
         vision_intermediate_size=512,
-        rope_theta=1000.0,  # the image grids are at most 16 positions wide: frequencies must turn within them
-        num_position_embeddings=256,
+        patch_size=patch_size,
+        rope_theta=1000.0,  # the image grids are at most 32 positions wide: frequencies must turn within them
+        num_position_embeddings=1024,
         deepstack_visual_indexes=(1, 2),
-        min_pixels=128 * 128,
-        max_pixels=256 * 256,
+        min_pixels=max_pixels // 4,
+        max_pixels=max_pixels,
         initializer_range=0.02,
         bpe_vocab_size=640,
         corpus=scenes.corpus(),
@@ -127,55 +155,86 @@ def text_exchange(rng: np.random.Generator, cfg: TrainConfig) -> scenes.Exchange
     return scenes.sum_exchange(int(a), int(b), int(phrasing))
 
 
-def picture_exchanges(scene: scenes.Scene, rng: np.random.Generator, cfg: TrainConfig) -> list[scenes.Exchange]:
-    """`cfg.questions` questions of distinct kinds about `scene` (now and then an unrelated text one)."""
+def picture_exchanges(scene: scenes.Scene, rng: np.random.Generator, cfg: TrainConfig) -> tuple[scenes.Exchange, ...]:
+    """A conversation about `scene`: 1 to `cfg.questions` questions of distinct kinds in a random
+    order (now and then an unrelated text one)."""
     kinds = [k for k in scenes.IMAGE_KINDS if scenes.askable(k, scene)]
     weights = np.array([KIND_WEIGHTS[k] for k in kinds])
-    chosen = rng.choice(kinds, size=min(cfg.questions, len(kinds)), replace=False, p=weights / weights.sum())
-    return [text_exchange(rng, cfg) if rng.random() < cfg.text_with_image else scenes.ask(str(k), scene, rng) for k in chosen]
+    size = min(int(rng.integers(1, cfg.questions + 1)), len(kinds))
+    chosen = rng.choice(kinds, size=size, replace=False, p=weights / weights.sum())
+    return tuple(text_exchange(rng, cfg) if rng.random() < cfg.text_with_image else scenes.ask(str(k), scene, rng) for k in chosen)
 
 
 def sample_step(rng: np.random.Generator, cfg: TrainConfig) -> tuple[list[scenes.Scene], list[Example]]:
-    """The pictures of one step and its rows: questions about each picture, then text-only rows."""
+    """The pictures of one step and its rows: a conversation about each picture, then text-only ones."""
     pictures = [scenes.random_scene(rng) for _ in range(cfg.pictures)]
-    rows = [Example(e, i) for i, scene in enumerate(pictures) for e in picture_exchanges(scene, rng, cfg)]
-    rows += [Example(text_exchange(rng, cfg), None) for _ in range(cfg.text_rows)]
+    rows = [Example(picture_exchanges(scene, rng, cfg), i) for i, scene in enumerate(pictures)]
+    for _ in range(cfg.text_rows):
+        rows.append(Example(tuple(text_exchange(rng, cfg) for _ in range(int(rng.integers(1, 3)))), None))
     return pictures, rows
 
 
-def row_text(processor, example: Example, image_tokens: list[int]) -> str:
-    """Prompt + answer + `END`, with the picture's pads already expanded to its token count."""
-    pictured = example.picture is not None
-    prompt = chat_prompt(processor, example.exchange.question, pictured)
-    if pictured:
-        prompt = prompt.replace(processor.image_token, processor.image_token * image_tokens[example.picture])
-    return prompt + example.exchange.answer + END
+def row_segments(processor, example: Example, image_tokens: list[int]) -> list[str]:
+    """Prompt, answer, prompt, answer ... of one row, the picture's pads expanded to its token count."""
+    questions = [e.question for e in example.exchanges]
+    answers = [e.answer for e in example.exchanges]
+    segments = conversation_segments(processor, questions, answers, example.picture is not None)
+    if example.picture is not None:
+        segments[0] = segments[0].replace(processor.image_token, processor.image_token * image_tokens[example.picture])
+    return segments
 
 
-def collate(processor, pictures: list[scenes.Scene], rows: list[Example]) -> dict[str, torch.Tensor]:
-    """Pixels of each distinct picture once; token ids, labels and grids per row (right-padded)."""
+def shape_token_ids(tokenizer) -> frozenset[int]:
+    """The token ids of the shape words; answers always have them after a space ("A star.", "red star")."""
+    ids: set[int] = set()
+    for shape in scenes.SHAPES:
+        ids.update(tokenizer(f" {shape}", add_special_tokens=False)["input_ids"])
+    return frozenset(ids)
+
+
+def tokenize_row(tokenizer, segments: list[str], shape_ids: frozenset[int], shape_weight: float) -> tuple[list[int], list[int], list[float], list[tuple[int, int]]]:
+    """Token ids of the whole row, its labels (-100 outside answers), the answer tokens' loss
+    weights and each answer's `(start, end)`; every piece must tokenise as it does in the whole."""
+    ids, labels, weights, spans = [], [], [], []
+    for i, text in enumerate(segments):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if i % 2:
+            spans.append((len(ids), len(ids) + len(piece)))
+            labels += piece
+            weights += [shape_weight if t in shape_ids else 1.0 for t in piece]
+        else:
+            labels += [-100] * len(piece)
+            weights += [0.0] * len(piece)
+        ids += piece
+    if tokenizer("".join(segments), add_special_tokens=False)["input_ids"] != ids:
+        raise ValueError(f"the conversation {segments[1::2]!r} does not tokenise the same in pieces; change its wording")
+    return ids, labels, weights, spans
+
+
+def collate(processor, pictures: list[scenes.Scene], rows: list[Example], shape_weight: float = 1.0) -> dict:
+    """Pixels of each distinct picture once; token ids, labels, loss weights and answer spans per
+    row (right-padded)."""
     images = processor.image_processor(images=[p.render() for p in pictures], return_tensors="pt")
     merge = processor.image_processor.merge_size
     tokens = (images["image_grid_thw"].prod(-1) // merge**2).tolist()
-    texts = [row_text(processor, row, tokens) for row in rows]
-    batch = dict(processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt"))
+    tokenizer, shape_ids = processor.tokenizer, shape_token_ids(processor.tokenizer)
+    encoded = [tokenize_row(tokenizer, row_segments(processor, row, tokens), shape_ids, shape_weight) for row in rows]
+    width = max(len(ids) for ids, *_ in encoded)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, *_ in encoded]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, *_ in encoded]),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels, _, _ in encoded]),
+        "weights": torch.tensor([w + [0.0] * (width - len(w)) for _, _, w, _ in encoded]),
+    }
     batch["mm_token_type_ids"] = (batch["input_ids"] == processor.image_token_id).int()
-    batch["labels"] = answer_labels(processor.tokenizer, batch, [r.exchange.answer + END for r in rows])
+    batch["spans"] = [
+        Span(r, start, end, exchange.kind, k > 0)
+        for r, (row, (_, _, _, spans)) in enumerate(zip(rows, encoded))
+        for k, (exchange, (start, end)) in enumerate(zip(row.exchanges, spans))
+    ]
     batch["pixel_values"], batch["picture_grid_thw"] = images["pixel_values"], images["image_grid_thw"]
     return batch
-
-
-def answer_labels(tokenizer, batch: dict[str, torch.Tensor], answers: list[str]) -> torch.Tensor:
-    """Labels `(B, S)`: the answer's token ids at the end of each row, -100 on prompt and padding."""
-    input_ids, lengths = batch["input_ids"], batch["attention_mask"].sum(dim=1)
-    labels = torch.full_like(input_ids, -100)
-    for row, (text, length) in enumerate(zip(answers, lengths.tolist())):
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-        start = length - len(ids)
-        if not torch.equal(input_ids[row, start:length], ids):
-            raise ValueError(f"answer {text!r} does not tokenise the same inside the prompt; change its wording")
-        labels[row, start:length] = ids
-    return labels
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -204,12 +263,16 @@ class VisionProbe(torch.nn.Module):
         """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids.
         Returns the loss and the share of shape tokens whose shape the probe names."""
         shapes, colours, boxes, covered = zip(*(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist())))
-        shapes, colours, boxes, covered = torch.cat(shapes), torch.cat(colours), torch.cat(boxes), torch.cat(covered)
+        device = image_embeds.device
+        shapes, colours, boxes, covered = (torch.cat(t).to(device) for t in (shapes, colours, boxes, covered))
         out = self.head(image_embeds)  # (tokens, 5 + 7 + 4)
         n_shape = 1 + len(scenes.SHAPES)
         loss = torch.nn.functional.cross_entropy(out[:, :n_shape], shapes)
         loss = loss + torch.nn.functional.cross_entropy(out[:, n_shape:-4], colours)
         if covered.any():
+            # the shape under a covered token among the four alone: background tokens outnumber
+            # them, and without this term the probe's shape signal is mostly "not background"
+            loss = loss + torch.nn.functional.cross_entropy(out[covered, 1:n_shape], shapes[covered] - 1)
             loss = loss + 5 * torch.nn.functional.l1_loss(out[covered, -4:].sigmoid(), boxes[covered])
         return loss, (out[covered, 1:n_shape].argmax(-1) + 1 == shapes[covered]).float().mean().item()
 
@@ -231,21 +294,33 @@ def probe_targets(scene: scenes.Scene, rows: int, cols: int) -> tuple[torch.Tens
     return torch.from_numpy(shape_ids), torch.from_numpy(colour_ids), torch.from_numpy(boxes), torch.from_numpy(shape_ids > 0)
 
 
-def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed per row `(B,)`, and the answer tokens per row `(B,)`."""
-    targets = labels[:, 1:]  # (B, S-1): position t predicts token t+1
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return losses.sum(dim=1), (targets != -100).sum(dim=1)
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy `(B, S)`: entry t is the loss of predicting token t from t-1 (0 at
+    the first position and wherever the label is -100)."""
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    return torch.nn.functional.pad(losses, (1, 0))
+
+
+@dataclass
+class Curves:
+    """What the log shows, kept for `training.json`: per logged step, the phase, the probe's shape
+    accuracy and the answer loss per kind (first questions and follow-ups apart)."""
+
+    points: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # training time over every run of a resumed training
 
 
 class Trainer:
-    """The model, its processor, the optimiser and the vision probe, stepped one batch at a time:
+    """The model, its processor, the optimisers and the vision probe, stepped one batch at a time:
     `tower_step` trains the tower and the probe alone, `step` everything."""
 
     def __init__(self, model, processor, cfg: TrainConfig) -> None:
         self.model, self.processor, self.cfg = model, processor, cfg
+        self.device = torch.device(cfg.device)
         self.merge = processor.image_processor.merge_size
         self.probe = VisionProbe(model.config.vision_config.out_hidden_size)
+        model.to(self.device)
+        self.probe.to(self.device)
         self.tower_trainable = [*model.model.visual.parameters(), *self.probe.parameters()]
         self.tower_optimizer, self.tower_schedule = self._optimiser(self.tower_trainable, cfg.tower_steps)
         self.trainable = [*model.parameters(), *self.probe.parameters()]
@@ -255,12 +330,23 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, self.cfg))
 
+    def state_dict(self) -> dict:
+        parts = ("model", "probe", "tower_optimizer", "tower_schedule", "optimizer", "schedule")
+        return {name: getattr(self, name).state_dict() for name in parts}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            getattr(self, name).load_state_dict(value)
+
+    def vision(self, pixel_values: torch.Tensor, grids: torch.Tensor):
+        return self.model.model.visual(pixel_values.to(self.device), grid_thw=grids.to(self.device), return_dict=True)
+
     def tower_step(self, pictures: list[scenes.Scene]) -> tuple[float, float]:
         """One optimiser step of the tower and the probe on the probe's loss; returns that loss and
         the share of shape tokens the probe names right."""
         images = self.processor.image_processor(images=[p.render() for p in pictures], return_tensors="pt")
         grids = images["image_grid_thw"]
-        vision = self.model.model.visual(images["pixel_values"], grid_thw=grids, return_dict=True)
+        vision = self.vision(images["pixel_values"], grids)
         loss, shape_accuracy = self.probe.loss(vision.pooler_output, pictures, grids, self.merge)
         self._update(loss, self.tower_optimizer, self.tower_schedule, self.tower_trainable)
         return loss.item(), shape_accuracy
@@ -272,44 +358,49 @@ class Trainer:
         optimizer.step()
         schedule.step()
 
-    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[torch.Tensor, float, float]:
-        """One optimiser step on the answer tokens' mean loss (+ probe); returns per-row losses `(B,)`,
-        the probe's loss and its shape accuracy."""
-        batch = collate(self.processor, pictures, rows)
-        grids = batch.pop("picture_grid_thw")
-        vision = self.model.model.visual(batch.pop("pixel_values"), grid_thw=grids, return_dict=True)
+    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[dict[tuple[str, bool], list[float]], float, float]:
+        """One optimiser step on the answer tokens' weighted mean loss (+ probe); returns each
+        answer's mean token loss by (kind, follow-up), the probe's loss and its shape accuracy."""
+        batch = collate(self.processor, pictures, rows, self.cfg.shape_weight)
+        grids, spans = batch.pop("picture_grid_thw"), batch.pop("spans")
+        vision = self.vision(batch.pop("pixel_values"), grids)
         per_picture = _per_picture(vision, grids, self.merge)
-        sums, counts = self.row_losses(batch, rows, per_picture, grids)
-        loss = sums.sum() / counts.sum()
+        weights = batch.pop("weights").to(self.device)
+        losses = self.row_losses(batch, rows, per_picture, grids)
+        loss = (losses * weights).sum() / weights.sum()
         probe, shape_accuracy = self.probe.loss(vision.pooler_output, pictures, grids, self.merge)
         self._update(loss + self.cfg.probe_weight * probe, self.optimizer, self.schedule, self.trainable)
-        return (sums / counts).detach(), probe.item(), shape_accuracy
+        by_kind: dict[tuple[str, bool], list[float]] = defaultdict(list)
+        detached = losses.detach().cpu()
+        for span in spans:
+            by_kind[span.kind, span.follow_up].append(float(detached[span.row, span.start : span.end].mean()))
+        return by_kind, probe.item(), shape_accuracy
 
-    def row_losses(self, batch, rows: list[Example], per_picture, grids) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's per-row losses, short rows and long rows in two passes (less padding);
-        `per_picture`: the tower's output split per picture, handed to the rows that show it."""
+    def row_losses(self, batch: dict[str, torch.Tensor], rows: list[Example], per_picture, grids) -> torch.Tensor:
+        """The decoder's token losses `(B, S)` (see `token_losses`), short rows and long rows in two
+        passes (less padding); `per_picture`: the tower's output split per picture, handed to the
+        rows that show it."""
         lengths = batch["attention_mask"].sum(dim=1)
         order = torch.argsort(lengths)
-        sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
+        losses = torch.zeros(batch["input_ids"].shape, device=self.device)
         for part in (order[: len(rows) // 2], order[len(rows) // 2 :]):
             part = part.sort().values  # keep the rows' order: the image features follow it
             width = int(lengths[part].max())
-            sub = {k: v[part, :width] for k, v in batch.items()}
+            sub = {k: v[part, :width].to(self.device) for k, v in batch.items()}
             labels = sub.pop("labels")
             shown = [rows[i].picture for i in part.tolist() if rows[i].picture is not None]
             extra = {}
             if shown:
                 extra = {
-                    "image_grid_thw": grids[shown],
+                    "image_grid_thw": grids[shown].to(self.device),
                     "mm_encoder_outputs": {"image": BaseModelOutputWithDeepstackFeatures(
                         pooler_output=tuple(per_picture[0][i] for i in shown),
                         deepstack_features=[tuple(level[i] for i in shown) for level in per_picture[1]],
                     )},
                 }  # fmt: skip
-            part_sums, part_counts = answer_losses(self.model(**sub, **extra).logits, labels)
-            sums = sums.index_put((part,), part_sums)
-            counts[part] = part_counts
-        return sums, counts
+            rows_losses = token_losses(self.model(**sub, **extra).logits, labels)
+            losses = losses.index_put((part.to(self.device),), torch.nn.functional.pad(rows_losses, (0, losses.shape[1] - width)))
+        return losses
 
 
 def _per_picture(vision, grids: torch.Tensor, merge: int) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
@@ -318,52 +409,151 @@ def _per_picture(vision, grids: torch.Tensor, merge: int) -> tuple[tuple[torch.T
     return torch.split(vision.pooler_output, sizes), [torch.split(f, sizes) for f in vision.deepstack_features]
 
 
-def fit(model, processor, cfg: TrainConfig) -> float:
-    """Run `cfg.tower_steps` steps of the tower alone, then `cfg.steps` of the whole model, in place,
-    logging the losses; returns the seconds spent."""
-    rng = np.random.default_rng(cfg.seed)
-    trainer = Trainer(model, processor, cfg)
-    model.train()
-    start, window, probes = time.perf_counter(), defaultdict(list), []
-    for step in range(1, cfg.tower_steps + 1):
-        probes.append(trainer.tower_step([scenes.random_scene(rng) for _ in range(cfg.pictures)]))
-        if step % cfg.log_every == 0 or step == cfg.tower_steps:
-            loss, accuracy = np.mean(probes, axis=0)
-            log.info("tower step %d/%d probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs", step, cfg.tower_steps,
-                     loss, accuracy, trainer.tower_schedule.get_last_lr()[0], time.perf_counter() - start)  # fmt: skip
-            probes.clear()
-    for step in range(1, cfg.steps + 1):
-        pictures, rows = sample_step(rng, cfg)
-        losses, *probe = trainer.step(pictures, rows)
-        probes.append(probe)
-        for row, loss in zip(rows, losses.tolist()):
-            window[row.exchange.kind].append(loss)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            per_kind = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
-            loss, accuracy = np.mean(probes, axis=0)
-            log.info("step %d/%d loss %s probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs", step, cfg.steps,
-                     per_kind, loss, accuracy, trainer.schedule.get_last_lr()[0], time.perf_counter() - start)  # fmt: skip
-            window.clear()
-            probes.clear()
-    model.eval()
-    return time.perf_counter() - start
+@dataclass
+class Run:
+    """One training in progress: where it stands and where its state is kept."""
+
+    trainer: Trainer
+    rng: np.random.Generator
+    spec: TinySpec
+    out: Path
+    state_dir: Path
+    phase: str = "tower"
+    step: int = 0  # steps done in `phase`
+    curves: Curves = field(default_factory=Curves)
+
+    def save(self) -> None:
+        """The whole state to `state_dir/state.pt`, atomically (a kill mid-write keeps the old one)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "trainer": self.trainer.state_dict(), "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "config": asdict(self.trainer.cfg), "spec": asdict(self.spec),
+            "out": str(self.out), "phase": self.phase, "step": self.step, "curves": asdict(self.curves),
+        }  # fmt: skip
+        partial = self.state_dir / (STATE_FILE + ".partial")
+        torch.save(state, partial)
+        partial.replace(self.state_dir / STATE_FILE)
+        log.info("saved the training state at %s step %d to %s", self.phase, self.step, self.state_dir)
 
 
-def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), spec: TinySpec | None = None) -> Path:
-    """Train from scratch and write the checkpoint (plus `training.json`) to `out_dir`."""
-    spec = spec or demo_spec()
+def _phases(cfg: TrainConfig) -> tuple[tuple[str, int], ...]:
+    return (("tower", cfg.tower_steps), ("joint", cfg.steps))
+
+
+def total_of(cfg: TrainConfig, phase: str) -> int:
+    return dict(_phases(cfg))[phase]
+
+
+def fit(run: Run, max_steps: int | None = None) -> None:
+    """Step `run` through what is left of its tower phase and its joint phase (at most `max_steps`
+    steps in this call), in place, logging the losses and saving the state every
+    `checkpoint_minutes` and at the end."""
+    cfg, trainer = run.trainer.cfg, run.trainer
+    trainer.model.train()
+    saved = started = time.perf_counter()
+    elapsed = run.curves.seconds
+    window: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    probes: list[tuple[float, float]] = []
+    names = [name for name, _ in _phases(cfg)]
+    left = math.inf if max_steps is None else max_steps
+    for phase, total in _phases(cfg):
+        if names.index(phase) < names.index(run.phase) or left <= 0:
+            continue
+        if phase != run.phase and run.step >= total_of(cfg, run.phase):
+            run.phase, run.step = phase, 0
+        while run.step < total and left > 0:
+            left -= 1
+            if phase == "tower":
+                probes.append(trainer.tower_step([scenes.random_scene(run.rng) for _ in range(cfg.pictures)]))
+            else:
+                by_kind, *probe = trainer.step(*sample_step(run.rng, cfg))
+                probes.append(tuple(probe))
+                for key, values in by_kind.items():
+                    window[key] += values
+            run.step += 1
+            run.curves.seconds = elapsed + time.perf_counter() - started
+            if run.step % cfg.log_every == 0 or run.step == total:
+                _log_point(run, total, window, probes)
+            if time.perf_counter() - saved >= 60 * cfg.checkpoint_minutes:
+                run.save()
+                saved = time.perf_counter()
+    run.save()
+    trainer.model.eval()
+
+
+def _log_point(run: Run, total: int, window: dict[tuple[str, bool], list[float]], probes: list) -> None:
+    loss, accuracy = np.mean(probes, axis=0)
+    point = {"phase": run.phase, "step": run.step, "seconds": round(run.curves.seconds), "probe_loss": round(float(loss), 4),
+             "probe_shape_accuracy": round(float(accuracy), 4)}  # fmt: skip
+    if window:
+        point["first"] = {k: round(float(np.mean(v)), 4) for (k, follow), v in sorted(window.items()) if not follow}
+        point["follow_up"] = {k: round(float(np.mean(v)), 4) for (k, follow), v in sorted(window.items()) if follow}
+    run.curves.points.append(point)
+    per_kind = " ".join(f"{k} {v:.3f}" for k, v in point.get("first", {}).items())
+    follow = " ".join(f"{k} {v:.3f}" for k, v in point.get("follow_up", {}).items())
+    schedule = run.trainer.tower_schedule if run.phase == "tower" else run.trainer.schedule
+    log.info("%s step %d/%d loss %s | follow-ups %s | probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs",
+             run.phase, run.step, total, per_kind or "-", follow or "-", loss, accuracy, schedule.get_last_lr()[0],
+             run.curves.seconds)  # fmt: skip
+    window.clear()
+    probes.clear()
+
+
+def start(out_dir: str | Path, state_dir: str | Path, cfg: TrainConfig, spec: TinySpec) -> Run:
+    """A new training of a randomly initialised model of `spec`."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, processor = new_model(spec)
-    shapes = {k: v for k, v in asdict(spec).items() if k != "corpus"}
-    log.info("model: %d parameters, spec %s", parameter_count(model), shapes)
-    seconds = fit(model, processor, cfg)
-    out = build_checkpoint(out_dir, spec, model=model)
-    check_saved_tokenizer(out, processor.tokenizer)
-    record = {"spec": shapes, "config": asdict(cfg), "parameters": parameter_count(model), "train_seconds": round(seconds, 1)}
+    log.info("model: %d parameters, spec %s", parameter_count(model), _shapes(spec))
+    return Run(Trainer(model, processor, cfg), np.random.default_rng(cfg.seed), spec, Path(out_dir), Path(state_dir))
+
+
+def resume(state_dir: str | Path, **overrides) -> Run:
+    """The training saved in `state_dir`, ready to go on; `overrides` may change settings that do
+    not change the recipe (`device`, `threads`, `checkpoint_minutes`, `log_every`)."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        raise InvalidConfig(f"no training state in {state_dir} (expected {path})")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = replace(TrainConfig(**state["config"]), **overrides)
+    spec_fields = state["spec"]
+    spec = TinySpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_fields.items()})
+    torch.set_num_threads(cfg.threads)
+    model, processor = new_model(spec)
+    trainer = Trainer(model, processor, cfg)
+    trainer.load_state_dict(state["trainer"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    curves = Curves(**state["curves"])
+    log.info("resuming %s at %s step %d (%.0f s trained so far)", state_dir, state["phase"], state["step"], curves.seconds)
+    return Run(trainer, rng, spec, Path(state["out"]), Path(state_dir), state["phase"], state["step"], curves)
+
+
+def _shapes(spec: TinySpec) -> dict:
+    return {k: v for k, v in asdict(spec).items() if k != "corpus"}
+
+
+def finish(run: Run) -> Path:
+    """Train what is left of `run`, then write the checkpoint and `training.json` to its `out`."""
+    fit(run)
+    model = run.trainer.model.to("cpu")
+    out = build_checkpoint(run.out, run.spec, model=model)
+    check_saved_tokenizer(out, run.trainer.processor.tokenizer)
+    record = {
+        "spec": _shapes(run.spec), "config": asdict(run.trainer.cfg), "parameters": parameter_count(model),
+        "train_seconds": round(run.curves.seconds, 1), "curves": run.curves.points,
+    }  # fmt: skip
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    log.info("trained %d steps in %.0fs; wrote %s", cfg.steps, seconds, out)
+    log.info("trained in %.0fs; wrote %s", run.curves.seconds, out)
     return out
+
+
+def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), spec: TinySpec | None = None, state_dir: str | Path | None = None) -> Path:
+    """Train from scratch and write the checkpoint (plus `training.json`) to `out_dir`; the state is
+    kept in `state_dir` (default: `out_dir` + `.state`) for `resume`."""
+    state_dir = state_dir or Path(str(out_dir).rstrip("/") + ".state")
+    return finish(start(out_dir, state_dir, cfg, spec or demo_spec()))
 
 
 def check_saved_tokenizer(out: Path, tokenizer) -> None:
