@@ -64,7 +64,8 @@ def test_random_scenes_cover_the_ranges_of_uploads():
     aspects = [s.width / s.height for s in drawn]
     assert scenes.MIN_LONG <= min(long_sides) < 400 and 900 < max(long_sides) <= scenes.MAX_LONG
     assert 9 / 16 - 0.01 <= min(aspects) < 0.7 and 1.5 < max(aspects) <= 16 / 9 + 0.01
-    assert min(i.size for i in items) < 0.15 and max(i.size for i in items) > 0.4
+    sizes = [i.size for i in items]
+    assert scenes.MIN_SIZE <= min(sizes) < scenes.MIN_SIZE + 0.02 and 0.4 < max(sizes) <= scenes.MAX_SIZE
     assert len({s.quality for s in drawn}) > 20
 
 
