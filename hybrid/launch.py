@@ -1,5 +1,5 @@
-"""What the app needs before it can serve: a model source, a bundle exported from it, and a plain
-description of that model for the page header.
+"""What the app needs before it can serve: a model source, a bundle exported from it, and the facts
+about the loaded pipeline that the page words (`describe`).
 
 `ensure_bundle` exports on the first start (progress in the log) and reuses the bundle afterwards,
 as long as its manifest names the same source, the checkpoint is not newer, and the files verify.
@@ -7,11 +7,13 @@ as long as its manifest names the same source, the checkpoint is not newer, and 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
-from typing import Literal
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from hybrid.config import MANIFEST_NAME, Manifest, Precision, RuntimeConfig
 from hybrid.errors import BundleError
@@ -19,6 +21,8 @@ from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import DECODER_GRAPH, VISION_DIR, verify_parts, vision_graph
 from hybrid.pipeline import Pipeline
+from hybrid.routes.hybrid import HybridRoute
+from hybrid.types import RouteName
 from hybrid.tiny import build_checkpoint
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ DEMO_MODEL = REPO / "assets" / "demo-model"
 CACHE = REPO / ".cache"
 TINY_MODEL = CACHE / "tiny-model"
 BUNDLES = CACHE / "bundles"
-REAL_MODEL_HINT = "`python app.py --model Qwen/Qwen3-VL-2B-Instruct` (or `--model /path/to/checkpoint`)"
+TRAINING_RECORD = "training.json"  # beside a trained demo model: its recipe and eval figures
 
 
 def default_model() -> Path:
@@ -118,33 +122,54 @@ def _newest_mtime(checkpoint: Path) -> float:
     return max((p.stat().st_mtime for p in checkpoint.iterdir() if p.is_file()), default=0.0)
 
 
-def describe_model(manifest: Manifest) -> str:
-    """Markdown for the page header: which model is loaded and what it can be expected to do."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What can be said of the loaded model: where it came from, its size, and (the demo model)
+    its training record with the eval figures kept in it (`training.json`)."""
+
+    source: str
+    kind: Literal["demo", "tiny", "checkpoint"]
+    parameters: int
+    layers: int | None
+    precision: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name or self.source
+
+
+@dataclass(frozen=True)
+class PipelineFacts:
+    """What a loaded pipeline serves: its model, the routes that loaded (`lazy`: those loaded on
+    first use), why each other one did not, and how the hybrid route runs its vision tower."""
+
+    model: ModelFacts
+    routes: tuple[RouteName, ...]
+    unavailable: dict[RouteName, str]
+    lazy: tuple[RouteName, ...]
+    vision_backend: str | None  # "onnx" or "torch"; None without the hybrid route
+    takes_videos: bool
+
+
+def model_facts(manifest: Manifest) -> ModelFacts:
     source = Path(manifest.source)
-    size = _model_size(manifest)
-    if source == DEMO_MODEL:
-        return (
-            f"**Demo model** (`assets/demo-model`, {size}): a tiny Qwen3-VL trained from scratch on this "
-            "machine on photo-like synthetic pictures of one to three coloured shapes. It tells colours, "
-            "places and how many shapes there are, and boxes them (\"Locate every shape.\"), but it has not "
-            "learnt to tell circles, squares, triangles and stars apart: its shape names are guesses. It "
-            "knows nothing else but greetings and small sums, and it learned one question per picture: "
-            f"clear the conversation before asking about the next one. For a real model start {REAL_MODEL_HINT}."
-        )
-    if source == TINY_MODEL:
-        return (
-            f"**Untrained tiny model** ({size}, random weights): its answers are noise. It is here to "
-            "show the pipeline and its timings. Train the demo model with `python -m hybrid.demo train "
-            f"--out assets/demo-model`, or start a real one with {REAL_MODEL_HINT}."
-        )
-    return f"**{source.name or manifest.source}** (`{manifest.source}`, {size})."
+    kind = "demo" if source == DEMO_MODEL else "tiny" if source == TINY_MODEL else "checkpoint"
+    record_file = source / TRAINING_RECORD
+    record = json.loads(record_file.read_text()) if kind == "demo" and record_file.is_file() else {}
+    layers = manifest.model.get("num_hidden_layers")
+    return ModelFacts(manifest.source, kind, int(manifest.model.get("parameters", 0)), layers, manifest.precision, record)
 
 
-def _model_size(manifest: Manifest) -> str:
-    info = manifest.model
-    params = int(info.get("parameters", 0))
-    count = f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.1f} M"
-    return f"{count} parameters, {info.get('num_hidden_layers', '?')} layers, {manifest.precision}"
+def describe(pipeline: Pipeline) -> PipelineFacts:
+    """The facts the page words (the engine writes no page text)."""
+    hybrid = pipeline.routes.get("hybrid")
+    return PipelineFacts(
+        model=model_facts(pipeline.manifest), routes=tuple(pipeline.routes), unavailable=dict(pipeline.unavailable),
+        lazy=tuple(name for name in ("pytorch",) if name in pipeline.routes),
+        vision_backend=hybrid.vision.backend if isinstance(hybrid, HybridRoute) else None,
+        takes_videos=pipeline.processor.takes_videos,
+    )  # fmt: skip
 
 
 AUTO_PRECISION = "auto"

@@ -8,13 +8,18 @@ from typing import Any
 
 import gradio as gr
 
-from app import ChatService, build_page
+from hybrid.launch import describe
+from web.page import build_page
+from web.service import ChatService, Settings
+
+# the sampling controls, in the order the tests give their values
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 def make_service(pipeline, **kwargs) -> ChatService:
     """The service of a page built over `pipeline` (`stream_interval` 0: every chunk is an update)."""
     kwargs.setdefault("stream_interval", 0.0)
-    _, service = build_page(pipeline, "", **kwargs)
+    _, service = build_page(pipeline, describe(pipeline), **kwargs)
     return service
 
 
@@ -27,9 +32,17 @@ def named(service: ChatService, update: dict) -> dict[str, Any]:
 def chat_updates(service: ChatService, message, turns=(), route="auto", sampling=(), history=(), name="s1",
                  detail: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """All the updates of one chat request, by field name."""
-    extra = () if detail is None else (detail,)
-    args = (message, list(turns), route, *sampling, list(history), session(name), *extra)
-    return [named(service, update) for update in service.chat(*args)]
+    chosen = settings(route, sampling, detail)
+    return [named(service, update) for update in service.chat(message, list(turns), chosen, list(history), session(name))]
+
+
+def settings(route: str = "auto", sampling=(), detail: str | None = None, greedy: bool = False) -> Settings:
+    """The `Settings` the page reads from its controls: `sampling` values in `SAMPLING`'s order, as
+    the sliders send them (floats)."""
+    values = {"route": route, "greedy": greedy, **dict(zip(SAMPLING, sampling))}
+    if detail is not None:
+        values["image_detail"] = detail
+    return Settings.read(values)
 
 
 def session(name: str = "s1") -> gr.Request:

@@ -13,21 +13,20 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from app import (
-    CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, LATENCY_COLUMNS, ROUTE_COLOURS, ROUTE_LABELS, ChatService, RouteRun, Turn,
-    box_figure, build_demo, to_chatbot, to_request,
-)
 from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
-from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe_model, ensure_bundle, stale_reason
+from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe, ensure_bundle, model_facts, stale_reason
 from hybrid.layout import DECODER_GRAPH
 from hybrid.limits import RateLimiter
 from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
 from hybrid.types import ROUTE_NAMES
-from tests.page import chat_updates, last, make_service, named, session
+from tests.page import chat_updates, last, make_service, named, session, settings
+from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
+from web.service import ChatService
+from web.view import LATENCY_COLUMNS, ROUTE_COLOURS, ROUTE_LABELS, Figure, Question, Reply, RouteRun, Turn, box_figure, to_chatbot, to_request
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -96,7 +95,7 @@ def test_compare_fills_one_row_per_route(service, pipeline):
 def test_stop_ends_a_generation_early(service):
     message = {"text": "Describe the image in one sentence.", "files": [str(EXAMPLES_DIR / EXAMPLES[1][0])]}
     updates, stopped = [], None
-    for update in service.chat(message, [], "hybrid", 400.0, *GREEDY[1:], [], session("stopper")):
+    for update in service.chat(message, [], settings("hybrid", (400.0, *GREEDY[1:])), [], session("stopper")):
         updates.append(named(service, update))
         turns = updates[-1].get("turns")
         if stopped is None and turns and turns[-1].role == "assistant" and turns[-1].text:
@@ -134,17 +133,17 @@ CAT = '[{"bbox_2d": [100, 100, 500, 900], "label": "cat"}]'
 
 def test_every_routes_boxes_are_drawn_on_the_latest_picture_in_its_colour():
     old, picture = Image.new("RGB", (50, 50), "black"), Image.new("RGB", (400, 200), "white")
-    turns = [Turn("user", "Hi", images=(old,)), Turn("assistant", "Hello"), Turn("user", "Find the cat.", images=(picture,))]
+    turns = [Question("Hi", images=(old,)), Reply("Hello"), Question("Find the cat.", images=(picture,))]
     runs = [RouteRun("pytorch", CAT), RouteRun("hybrid", CAT), RouteRun("genai", "No boxes here.")]
     figure = box_figure(runs, turns)
-    drawn = np.asarray(figure.figure)
+    drawn = np.asarray(figure.picture)
     assert drawn.shape == (200, 400, 3)
     assert tuple(drawn[100, 40]) == ROUTE_COLOURS["pytorch"]  # the left edge of the box, x = 100/1000 * 400
     assert (drawn == ROUTE_COLOURS["hybrid"]).all(axis=-1).any()
     assert not (drawn == ROUTE_COLOURS["genai"]).all(axis=-1).any()
     assert "PyTorch reference: 1 box (cat)" in figure.text and "Hybrid ONNX" in figure.text and "GenAI" not in figure.text
-    answered = [*turns, Turn("assistant", CAT, route="pytorch"), figure]
-    messages = to_request([*answered, Turn("user", "And the dog?")], SamplingConfig()).messages
+    answered = [*turns, Reply(CAT, route="pytorch"), figure]
+    messages = to_request([*answered, Question("And the dog?")], SamplingConfig()).messages
     assert [m.text for m in messages[-2:]] == [CAT, "And the dog?"], "the picture with boxes is not part of the prompt"
     bubbles = to_chatbot(answered)
     assert isinstance(bubbles[-2]["content"], gr.Image) and "Where the model looked" in bubbles[-1]["content"]
@@ -152,8 +151,8 @@ def test_every_routes_boxes_are_drawn_on_the_latest_picture_in_its_colour():
 
 @pytest.mark.parametrize("answer", ["A cat in the top left.", '[{"bbox_2d": [1, 2, 3', '{"bbox_2d": "x", "label": 1}'])
 def test_answers_without_well_formed_boxes_stay_text(answer):
-    assert box_figure([RouteRun("hybrid", answer)], [Turn("user", "Find it.", images=(Image.new("RGB", (9, 9)),))]) is None
-    assert box_figure([RouteRun("hybrid", CAT)], [Turn("user", "Find it.")]) is None, "no picture to draw on"
+    assert box_figure([RouteRun("hybrid", answer)], [Question("Find it.", images=(Image.new("RGB", (9, 9)),))]) is None
+    assert box_figure([RouteRun("hybrid", CAT)], [Question("Find it.")]) is None, "no picture to draw on"
 
 
 @pytest.mark.slow
@@ -163,12 +162,12 @@ def test_the_demo_models_grounding_answer_is_drawn_under_it(demo_bundle):
     sampling = (160.0, *GREEDY[1:])  # room for three boxes
     turns = last(run_chat(service, {"text": question, "files": [str(EXAMPLES_DIR / name)]}, sampling=sampling), "turns")
     assert [t.role for t in turns] == ["user", "assistant", "assistant"]
-    assert turns[-1].figure is not None and "Hybrid ONNX: 3 boxes" in turns[-1].text, turns[-2].text
+    assert isinstance(turns[-1], Figure) and "Hybrid ONNX: 3 boxes" in turns[-1].text, turns[-2].text
 
 
 def test_build_demo_names_the_endpoints_and_describes_the_model(pipeline):
     loaded = pipeline("base")
-    demo = build_demo(loaded, describe_model(loaded.manifest))
+    demo = build_demo(loaded, describe(loaded))
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"chat", "generate", "stop", "clear"} <= names
     chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
@@ -182,7 +181,7 @@ class FailingPipeline:
         self.inner, self.runtime, self.routes = pipeline, pipeline.runtime, pipeline.routes
         self.unavailable, self.sampling = pipeline.unavailable, pipeline.sampling
         self.opens_thinking, self.processor = pipeline.opens_thinking, pipeline.processor
-        self.open_video = pipeline.open_video
+        self.open_video, self.manifest = pipeline.open_video, pipeline.manifest
 
     def plan(self, request, route):
         return self.inner.plan(request, route)
@@ -197,7 +196,7 @@ def test_a_route_failing_mid_answer_is_reported_and_marked(pipeline):
     service = make_service(FailingPipeline(pipeline("base")))
     updates = []
     with pytest.raises(gr.Error, match="boom"):
-        for update in service.chat({"text": "Hello!", "files": []}, [], "hybrid", *GREEDY, [], session("f")):
+        for update in service.chat({"text": "Hello!", "files": []}, [], settings("hybrid", GREEDY), [], session("f")):
             updates.append(named(service, update))
     turns = last(updates, "turns")
     assert turns[-1].status == "hybrid · failed" and turns[-1].done
@@ -239,11 +238,11 @@ def test_a_folder_that_is_not_a_bundle_is_never_replaced(checkpoint, tmp_path):
 
 def test_the_header_says_plainly_what_the_model_is(pipeline):
     manifest = pipeline("base").manifest
-    demo = describe_model(replace(manifest, source=str(DEMO_MODEL)))
+    demo = describe_model(model_facts(replace(manifest, source=str(DEMO_MODEL))))
     assert demo.startswith("**Demo model**") and "synthetic pictures" in demo and "Qwen/Qwen3-VL-2B-Instruct" in demo
-    tiny = describe_model(replace(manifest, source=str(TINY_MODEL)))
+    tiny = describe_model(model_facts(replace(manifest, source=str(TINY_MODEL))))
     assert "random weights" in tiny and "python -m hybrid.demo train" in tiny
-    other = describe_model(replace(manifest, source="Qwen/Qwen3-VL-2B-Instruct"))
+    other = describe_model(model_facts(replace(manifest, source="Qwen/Qwen3-VL-2B-Instruct")))
     assert other.startswith("**Qwen3-VL-2B-Instruct**") and "fp32" in other
 
 
@@ -276,7 +275,7 @@ def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):
     """What a visitor can send: prompts, uploads and sampling values, nothing that names a file
     or folder of the server (uploads are checked by Gradio, see test_client)."""
     loaded = pipeline("base")
-    info = build_demo(loaded, describe_model(loaded.manifest)).get_api_info()
+    info = build_demo(loaded, describe(loaded)).get_api_info()
     assert not info.get("unnamed_endpoints")
     allowed = {"prompt", "message", "image", "route", "max_new_tokens", "temperature", "top_p", "top_k",
                "repetition_penalty", "seed", "image_detail", "greedy"}  # fmt: skip

@@ -15,7 +15,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from app import ChatService
+from web.service import ChatService
 from hybrid.__main__ import main
 from tests.page import chat_updates, last, make_service
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from app import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
-from hybrid.launch import describe_model
+from hybrid.launch import describe
+from web.page import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
 from hybrid.pipeline import Pipeline
 from tests.helpers import free_port
 
@@ -42,7 +42,7 @@ def served(demo_bundle) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def url(served):
-    demo = build_demo(served, describe_model(served.manifest))
+    demo = build_demo(served, describe(served))
     launch_demo(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url

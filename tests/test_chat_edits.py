@@ -5,11 +5,12 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from app import EXAMPLES, EXAMPLES_DIR, to_chatbot, turn_of_bubble
-from tests.page import last, make_service, named, session
+from tests.page import last, make_service, named, session, settings
+from web.page import EXAMPLES, EXAMPLES_DIR
+from web.view import to_chatbot, turn_of_bubble
 
-# route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the controls send them)
-CONTROLS = ("hybrid", 12.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+# the route, and max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the controls send them)
+CONTROLS = ("hybrid", (12.0, 0.0, 1.0, 0.0, 1.0, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def converse(service, name: str) -> list:
     picture = str(EXAMPLES_DIR / EXAMPLES[0][0])
     turns: list = []
     for message in ({"text": "What shape is this?", "files": [picture]}, {"text": "And its colour?", "files": []}):
-        updates = [named(service, u) for u in service.chat(message, turns, *CONTROLS, [], session(name))]
+        updates = [named(service, u) for u in service.chat(message, turns, settings(*CONTROLS), [], session(name))]
         turns = last(updates, "turns")
     return turns
 
@@ -32,7 +33,7 @@ def bubble_of(turns: list, turn: int) -> int:
 
 
 def handler_updates(service, handler, data, turns, name: str) -> list:
-    return [named(service, u) for u in handler(data, turns, *CONTROLS, [], session(name))]
+    return [named(service, u) for u in handler(data, turns, settings(*CONTROLS), [], session(name))]
 
 
 def test_retry_answers_the_question_again_and_drops_what_followed(service):

@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
-from app import build_demo
 from hybrid.config import CheckpointSampling
 from hybrid.errors import BundleError, UserError
-from hybrid.launch import DEMO_MODEL, TINY_MODEL, auto_precision
+from hybrid.launch import DEMO_MODEL, TINY_MODEL, auto_precision, describe
 from hybrid.layout import PROCESSOR_DIR
 from hybrid.pipeline import Pipeline
-from tests.page import make_service, session
+from tests.page import make_service, session, settings
+from web.page import build_demo
 
 QWEN3_VL_INSTRUCT = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0}
 
@@ -53,22 +53,22 @@ def _control(demo, elem_id: str | None = None, label: str | None = None):
 
 
 def test_the_controls_start_from_the_checkpoint(sampling_pipeline, pipeline):
-    demo = build_demo(sampling_pipeline, "")
+    demo = build_demo(sampling_pipeline, describe(sampling_pipeline))
     assert _control(demo, elem_id="greedy").value is False
     assert _control(demo, label="Temperature").value == 0.7
     assert _control(demo, label="Top-p").value == 0.8
     assert _control(demo, label="Top-k").value == 20
-    assert _control(build_demo(pipeline("base"), ""), elem_id="greedy").value is True  # no config: greedy
+    assert _control(build_demo(pipeline("base"), describe(pipeline("base"))), elem_id="greedy").value is True  # no config: greedy
 
 
 def test_greedy_overrides_the_temperature_for_every_route(sampling_pipeline):
     service = make_service(sampling_pipeline)
     asked = []
     prepare = service._prepare
-    service._prepare = lambda message, turns, sampling, *rest: asked.append(sampling) or prepare(message, turns, sampling, *rest)
+    service._prepare = lambda message, turns, chosen, *rest: asked.append(chosen.sampling) or prepare(message, turns, chosen, *rest)
     for greedy in (True, False):
-        updates = service.chat({"text": "Hello!", "files": []}, [], "hybrid", 8.0, 0.7, 0.8, 20.0, 1.0, 3.0, [],
-                               session(f"g{greedy}"), "low", greedy)  # fmt: skip
+        chosen = settings("hybrid", (8.0, 0.7, 0.8, 20.0, 1.0, 3.0), "low", greedy)
+        updates = service.chat({"text": "Hello!", "files": []}, [], chosen, [], session(f"g{greedy}"))
         list(updates)
     assert asked[0].greedy and asked[0].top_k == 20
     assert not asked[1].greedy and asked[1].temperature == 0.7

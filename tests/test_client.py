@@ -11,8 +11,9 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from app import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, RATE_LIMIT, build_demo, launch_demo, parse_args
-from hybrid.launch import describe_model
+from app import RATE_LIMIT, parse_args
+from hybrid.launch import describe
+from web.page import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, build_demo, launch_demo
 from hybrid.limits import RateLimiter
 from tests.helpers import free_port
 
@@ -23,7 +24,7 @@ QUEUE = 8  # smaller than the app's default, so that 16 requests at once overflo
 @pytest.fixture(scope="module")
 def url(pipeline):
     loaded = pipeline("base")
-    demo = build_demo(loaded, describe_model(loaded.manifest), limiter=RateLimiter(RATE_LIMIT, 60.0))
+    demo = build_demo(loaded, describe(loaded), limiter=RateLimiter(RATE_LIMIT, 60.0))
     launch_demo(demo, QUEUE, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url.rstrip("/")
@@ -110,7 +111,7 @@ def test_uploads_over_the_size_limit_are_refused(url):
 
 def test_login_is_required_when_auth_is_set(pipeline):
     loaded = pipeline("base")
-    demo = build_demo(loaded, describe_model(loaded.manifest))
+    demo = build_demo(loaded, describe(loaded))
     port = free_port()
     launch_demo(demo, server_name="127.0.0.1", server_port=port, auth=("ada", "s3cret"), prevent_thread_lock=True,
                 quiet=True)  # fmt: skip

@@ -9,7 +9,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from app import EXAMPLES, EXAMPLES_DIR, Turn, conversation_record
+from web.page import EXAMPLES, EXAMPLES_DIR
+from web.view import Figure, Question, Reply, Turn, conversation_record
 from tests.page import chat_updates, last, make_service, named, session
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
@@ -55,7 +56,7 @@ def test_undo_stop_and_clear_keep_the_download_current(service):
     turns, path = converse(service, "dl-edit")
     undone = named(service, service.undo(gr.UndoData(None, {"index": 2, "value": ""}), turns, session("dl-edit")))
     assert len(json.loads(Path(undone["download"]).read_text())["messages"]) == 2
-    unfinished = [*turns[:2], Turn("assistant", "Half an ans", route="hybrid", done=False)]
+    unfinished = [*turns[:2], Reply("Half an ans", route="hybrid", done=False)]
     stopped = named(service, service.stop(unfinished, session("dl-edit")))
     assert json.loads(Path(stopped["download"]).read_text())["messages"][-1]["text"] == "Half an ans"
     cleared = named(service, service.clear(session("dl-edit")))
@@ -63,8 +64,8 @@ def test_undo_stop_and_clear_keep_the_download_current(service):
 
 
 def test_the_record_leaves_out_the_pictures_with_boxes():
-    figure = Turn("assistant", "Where the model looked: ...", figure=object())
-    turns = [Turn("user", "Find it.", paths=("/srv/uploads/a/cat.png",)), Turn("assistant", "[]", route="genai"), figure]
+    figure = Figure("Where the model looked: ...", picture=object())
+    turns = [Question("Find it.", paths=("/srv/uploads/a/cat.png",)), Reply("[]", route="genai"), figure]
     record = conversation_record(turns, "m")
     assert record["messages"] == [
         {"role": "user", "text": "Find it.", "files": ["cat.png"]},

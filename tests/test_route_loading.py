@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from app import UNAVAILABLE, header, route_choices
+from hybrid.launch import describe
+from web.page import UNAVAILABLE, header, route_choices
 from hybrid.__main__ import main as cli_main
 from hybrid.errors import BundleError, RouteError
 from hybrid.pipeline import Pipeline
@@ -85,9 +86,9 @@ def test_the_cli_says_which_route_is_missing_and_why(broken, capsys, caplog):
 
 
 def test_the_page_shows_genai_unavailable_and_compare_skips_it(loaded):
-    choices = dict((value, label) for label, value in route_choices(loaded))
+    choices = dict((value, label) for label, value in route_choices(describe(loaded)))
     assert choices["genai"] == "GenAI" + UNAVAILABLE and choices["hybrid"] == "Hybrid ONNX"
-    assert "GenAI is unavailable" in header(loaded, "") and REFUSED in header(loaded, "")
+    assert "GenAI is unavailable" in header(describe(loaded)) and REFUSED in header(describe(loaded))
     updates = chat_updates(make_service(loaded), {"text": "Hello!", "files": []}, route="compare",
                            sampling=(6.0, 0.0, 1.0, 0.0, 1.0, 0.0))  # fmt: skip
     assert last(updates, "latency")["route"].tolist() == ["pytorch", "hybrid"]

@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from app import RouteRun, Turn, to_chatbot, to_request
+from web.view import Question, Reply, RouteRun, to_chatbot, to_request
 from hybrid.config import SamplingConfig
 from hybrid.layout import PROCESSOR_DIR
 from hybrid.metrics import Stopwatch
 from hybrid.pipeline import Pipeline
 from hybrid.routes.common import Emitter
 from hybrid.thinking import opens_thinking, split_thinking
-from tests.page import last, make_service, named, session
+from tests.page import last, make_service, named, session, settings
 
 # The test models' template, with Qwen3-VL-Thinking's habits: the generation prompt opens `<think>`,
 # and an earlier answer is sent without its thinking.
@@ -59,15 +59,15 @@ def test_the_pipeline_knows_a_thinking_template(thinking_pipeline, pipeline):
 
 def test_the_thinking_is_shown_collapsed_and_left_out_of_the_next_prompt(thinking_pipeline):
     service = make_service(thinking_pipeline)
-    controls = ("hybrid", 6.0, 0.0, 1.0, 0.0, 1.0, 0.0)
-    updates = [named(service, u) for u in service.chat({"text": "Hello!", "files": []}, [], *controls, [], session("t"))]
+    chosen = settings("hybrid", (6.0, 0.0, 1.0, 0.0, 1.0, 0.0))
+    updates = [named(service, u) for u in service.chat({"text": "Hello!", "files": []}, [], chosen, [], session("t"))]
     answer = last(updates, "turns")[-1]
     assert answer.thinking and answer.text == ""  # a random model never closes its thinking
     bubble = last(updates, "chatbot")[-2]
     assert bubble["metadata"]["title"] == "Thinking" and bubble["content"] == answer.thinking
 
-    turns = [Turn("user", "Hello!"), Turn("assistant", "Hi there.", thinking="They greet me.")]
-    request = to_request([*turns, Turn("user", "Bye?")], SamplingConfig())
+    turns = [Question("Hello!"), Reply("Hi there.", thinking="They greet me.")]
+    request = to_request([*turns, Question("Bye?")], SamplingConfig())
     assert [m.text for m in request.messages] == ["Hello!", "Hi there.", "Bye?"]
     prompt = thinking_pipeline.routes["hybrid"].processor.render(request.messages)
     assert "They greet me." not in prompt and prompt.endswith("<think>\n")

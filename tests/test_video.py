@@ -264,7 +264,7 @@ PAGE_GREEDY = (12.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # max_new_tokens, temperature, to
 
 
 def test_the_page_answers_a_video_and_shows_it_in_the_question(pipeline, clips):
-    from app import to_chatbot
+    from web.view import to_chatbot
     from tests.page import chat_updates, last, make_service
 
     service = make_service(pipeline("base"))

@@ -27,8 +27,9 @@ from hybrid.demo.eval import (
     MAX_NEW_TOKENS, conversation_exchanges, evaluate, evaluate_conversations, load_pipeline, pipeline_answerer,
     record_eval, route_exchanges, zero_deepstack, zero_image_features,
 )
-from hybrid.demo.train import TRAINING_RECORD, InvalidConfig, TrainConfig, demo_spec, finish, resume, start
+from hybrid.demo.train import InvalidConfig, TrainConfig, demo_spec, finish, resume, start
 from hybrid.errors import HybridError
+from hybrid.launch import TRAINING_RECORD
 from hybrid.logs import FORMAT, setup_logging
 from hybrid.types import ROUTE_NAMES
 

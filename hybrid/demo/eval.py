@@ -27,7 +27,7 @@ from PIL import Image
 from hybrid.config import RuntimeConfig, SamplingConfig
 from hybrid.demo import scenes
 from hybrid.errors import UserError
-from hybrid.launch import ensure_bundle
+from hybrid.launch import TRAINING_RECORD, ensure_bundle
 from hybrid.pipeline import Pipeline
 from hybrid.types import ROUTE_NAMES, Message, Request, RouteName
 from hybrid.vision import VisionFeatures
@@ -297,7 +297,7 @@ def eval_key(result: dict) -> str:
 def record_eval(model_dir: Path, result: dict) -> None:
     """Keep `result` (less its examples) in the model's `training.json` under `eval`, so that what
     the app says the model knows comes from the model's own figures."""
-    path = model_dir / "training.json"
+    path = model_dir / TRAINING_RECORD
     record = json.loads(path.read_text()) if path.is_file() else {}
     kept = {k: v for k, v in result.items() if k not in ("examples", "failures", "model")}
     record.setdefault("eval", {})[eval_key(result)] = kept

@@ -31,11 +31,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 
 from hybrid.demo import scenes
 from hybrid.demo.chat import conversation_segments
+from hybrid.launch import TRAINING_RECORD
 from hybrid.tiny import TinySpec, build_checkpoint, build_config, build_processor, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-TRAINING_RECORD = "training.json"
 STATE_FILE = "state.pt"
 # How often each kind is asked about a picture (a kind a picture cannot answer is skipped).
 KIND_WEIGHTS = {
@@ -543,6 +543,7 @@ def finish(run: Run) -> Path:
     record = {
         "spec": _shapes(run.spec), "config": asdict(run.trainer.cfg), "parameters": parameter_count(model),
         "train_seconds": round(run.curves.seconds, 1), "curves": run.curves.points,
+        "shape_sizes": [scenes.MIN_SIZE, scenes.MAX_SIZE],  # of the short side: what the model has seen
     }  # fmt: skip
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("trained in %.0fs; wrote %s", run.curves.seconds, out)
