@@ -5,6 +5,10 @@ the images and videos among them, and the route's own state) under the request's
 The next request of that conversation takes it back and reuses the longest common prefix of token
 ids, cut before any image or video that is not the same picture or the same frames. All kept caches
 together stay within a byte budget; the least recently used go first.
+
+A conversation id that starts with `POOL` names a pool instead: stateless clients (the OpenAI API's)
+send their whole history every time, so each request of the pool takes whichever kept cache of the
+pool holds the longest reusable prefix of its prompt, and keeps its own back beside the others.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numpy as np
 from hybrid.processor import PreparedInputs, pixel_digest
 
 log = logging.getLogger(__name__)
+
+POOL = "pool:"  # the start of a conversation id that names a pool of caches matched by prefix
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class ConversationStore:
         self.budget = budget_mb * 2**20
         self._entries: OrderedDict[tuple[str, str], Kept] = OrderedDict()
         self._lock = threading.Lock()
+        self._serial = 0  # names the caches of a pool apart
 
     @property
     def nbytes(self) -> int:
@@ -99,20 +106,31 @@ class ConversationStore:
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._entries
 
-    def take(self, route: str, conversation_id: str | None) -> Kept | None:
-        """Remove and return the route's kept cache of that conversation (None if there is none)."""
+    def take(
+        self, route: str, conversation_id: str | None, token_ids: np.ndarray, images: tuple[ImageRun, ...] = ()
+    ) -> Kept | None:
+        """Remove and return the route's kept cache of that conversation (None if there is none); in a
+        pool, the one that holds the longest reusable prefix of `token_ids` `(S,)`, if any."""
         if conversation_id is None:
             return None
         with self._lock:
-            return self._entries.pop((conversation_id, route), None)
+            if not conversation_id.startswith(POOL):
+                return self._entries.pop((conversation_id, route), None)
+            pooled = [key for key in self._entries if key[1] == route and key[0].startswith(conversation_id + "#")]
+            scored = [(reusable_prefix(self._entries[key], token_ids, images), key) for key in pooled]
+            best = max(scored, default=(0, None))
+            return self._entries.pop(best[1]) if best[0] > 0 else None
 
     def keep(self, route: str, conversation_id: str, kept: Kept) -> None:
-        """Keep `kept` as the conversation's latest, evicting the least recently used until all fit;
-        a cache larger than the whole budget is not kept."""
+        """Keep `kept` as the conversation's latest (in a pool: beside the others), evicting the
+        least recently used until all fit; a cache larger than the whole budget is not kept."""
         if kept.nbytes > self.budget:
             log.debug("not keeping a %.0f MB cache: the budget is %.0f MB", kept.nbytes / 2**20, self.budget / 2**20)
             return
         with self._lock:
+            if conversation_id.startswith(POOL):
+                self._serial += 1
+                conversation_id = f"{conversation_id}#{self._serial}"
             self._entries.pop((conversation_id, route), None)
             total = sum(k.nbytes for k in self._entries.values()) + kept.nbytes
             while total > self.budget:
@@ -122,9 +140,9 @@ class ConversationStore:
             self._entries[(conversation_id, route)] = kept
 
     def forget(self, conversation_id: str) -> int:
-        """Drop every route's kept cache of that conversation; returns how many there were."""
+        """Drop every route's kept cache of that conversation (or pool); returns how many there were."""
         with self._lock:
-            keys = [key for key in self._entries if key[0] == conversation_id]
+            keys = [key for key in self._entries if key[0] == conversation_id or key[0].startswith(conversation_id + "#")]
             for key in keys:
                 del self._entries[key]
         return len(keys)

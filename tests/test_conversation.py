@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hybrid.conversation import ConversationStore, ImageRun, Kept, reusable_prefix
+from hybrid.conversation import POOL, ConversationStore, ImageRun, Kept, reusable_prefix
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
@@ -68,6 +68,21 @@ def test_hybrid_follow_up_equals_a_fresh_prefill(pipeline, monkeypatch, case):
     assert reused["token_ids"] == run(pipe, second, "pytorch")["token_ids"]
 
 
+@pytest.mark.parametrize("route", ["hybrid", "genai"])
+def test_a_pooled_follow_up_finds_its_own_conversation_among_others(pipeline, route):
+    """Stateless clients: no conversation id of their own, the longest kept prefix is reused."""
+    pipe = pipeline("base")
+    images = (RED,) if route == "hybrid" else ()
+    pool = POOL + f"test-{route}"
+    run(pipe, replace(ask("Hello there, who are you?", ()), conversation_id=pool), route)  # another conversation
+    second, answer = conversation(pipe, route, cid=pool, model_images=images, min_new_tokens=0)
+    reused = run(pipe, second, route)
+    fresh = run(pipe, replace(second, conversation_id=None), route)
+    assert reused["timings"]["reused_tokens"] >= answer["timings"]["prompt_tokens"] - 1
+    assert reused["token_ids"] == fresh["token_ids"] and len(fresh["token_ids"]) > 3
+    pipe.forget(pool)
+
+
 def test_a_different_picture_in_the_same_place_is_not_reused(pipeline):
     """Image tokens share one id: only the pixels tell two pictures apart."""
     pipe = pipeline("base")
@@ -117,11 +132,24 @@ def test_store_evicts_least_recently_used_first():
     entry = lambda mb: Kept(np.zeros(1, dtype=np.int64), (), None, int(mb * 2**20))  # noqa: E731
     store.keep("hybrid", "a", entry(0.4))
     store.keep("hybrid", "b", entry(0.4))
-    store.keep("hybrid", "a", store.take("hybrid", "a"))  # used again: now the most recent
+    store.keep("hybrid", "a", store.take("hybrid", "a", np.zeros(1, dtype=np.int64)))  # used again: now the most recent
     store.keep("genai", "c", entry(0.4))
     assert ("b", "hybrid") not in store and ("a", "hybrid") in store and ("c", "genai") in store
     assert store.nbytes <= store.budget
     assert store.forget("a") == 1 and len(store) == 1
+
+
+def test_a_pool_gives_each_request_the_cache_with_its_longest_prefix():
+    store = ConversationStore(budget_mb=1)
+    pool = POOL + "api"
+    for ids in ([1, 2, 3, 4], [1, 2, 7, 8, 9], [5, 6]):
+        store.keep("hybrid", pool, Kept(np.array(ids), (), tuple(ids), 10))
+    assert len(store) == 3, "a pool keeps every request's cache beside the others"
+    assert store.take("hybrid", pool, np.array([1, 2, 7, 8, 9, 10])).state == (1, 2, 7, 8, 9)
+    assert store.take("genai", pool, np.array([1, 2, 3, 4, 5])) is None, "per route"
+    assert store.take("hybrid", pool, np.array([9, 9])) is None, "nothing shared: no cache taken"
+    assert store.take("hybrid", pool, np.array([1, 2, 3, 4, 5])).state == (1, 2, 3, 4)
+    assert store.forget(pool) == 1 and len(store) == 0
 
 
 def test_reusable_prefix_stops_where_ids_or_pictures_differ():

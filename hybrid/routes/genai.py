@@ -79,7 +79,7 @@ class GenAIRoute:
         inputs = prepare(self.processor, request, watch)
         prompt_ids = inputs.input_ids[0]
         emitter = Emitter(self.name, self.processor, request.sampling, watch, cancel)
-        kept = self.conversations.take(self.name, request.conversation_id)
+        kept = self.conversations.take(self.name, request.conversation_id, prompt_ids)
         made, reused = self._generator(request, kept, prompt_ids)
         watch.reused_tokens = reused
         generator = made.generator

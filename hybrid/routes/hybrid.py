@@ -46,7 +46,7 @@ class HybridRoute:
         watch = Stopwatch()
         inputs = prepare(self.processor, request, watch)
         images = image_runs(inputs) if request.conversation_id else ()  # and videos
-        kept = self.conversations.take(self.name, request.conversation_id)
+        kept = self.conversations.take(self.name, request.conversation_id, inputs.input_ids[0], images)
         reused = reusable_prefix(kept, inputs.input_ids[0], images)
         cache = self.cache_for(kept, reused, inputs.num_tokens + request.sampling.max_new_tokens)
         watch.reused_tokens = reused
