@@ -15,3 +15,11 @@ class BundleError(HybridError):
 
 class RouteError(HybridError):
     """A route cannot serve this request (for example GenAI asked about an image)."""
+
+
+class Busy(UserError):
+    """Too many requests (from one client, or waiting for the CPU): try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

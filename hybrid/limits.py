@@ -1,4 +1,4 @@
-"""Per-session rate limiting for a public demo: at most `max_requests` per `window_s` seconds."""
+"""Rate limiting for a public demo: each key (a client address) at most `max_requests` per `window_s` seconds."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from hybrid.errors import UserError
+from hybrid.errors import Busy
 
 
 class RateLimiter:
@@ -20,7 +20,7 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def check(self, session: str, now: float | None = None) -> None:
-        """Record one request of `session`, or raise `UserError` if it is over its budget."""
+        """Record one request of `session`, or raise `Busy` if it is over its budget."""
         now = time.monotonic() if now is None else now
         with self._lock:
             stamps = self._sessions.setdefault(session, deque())
@@ -29,8 +29,8 @@ class RateLimiter:
                 stamps.popleft()
             if len(stamps) >= self.max_requests:
                 wait = self.window_s - (now - stamps[0])
-                raise UserError(
-                    f"too many requests: {self.max_requests} per {self.window_s:.0f} s; try again in {wait:.0f} s"
+                raise Busy(
+                    f"too many requests: {self.max_requests} per {self.window_s:.0f} s; try again in {wait:.0f} s", wait
                 )
             stamps.append(now)
             while len(self._sessions) > self.max_sessions:  # forget the least recent sessions

@@ -30,10 +30,10 @@ def named(service: ChatService, update: dict) -> dict[str, Any]:
 
 
 def chat_updates(service: ChatService, message, turns=(), route="auto", sampling=(), history=(), name="s1",
-                 detail: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                 detail: str | None = None, host: str = "127.0.0.1") -> list[dict[str, Any]]:  # fmt: skip
     """All the updates of one chat request, by field name."""
-    chosen = settings(route, sampling, detail)
-    return [named(service, update) for update in service.chat(message, list(turns), chosen, list(history), session(name))]
+    asked = service.chat(message, list(turns), settings(route, sampling, detail), list(history), session(name, host))
+    return [named(service, update) for update in asked]
 
 
 def settings(route: str = "auto", sampling=(), detail: str | None = None, greedy: bool = False) -> Settings:
@@ -45,8 +45,9 @@ def settings(route: str = "auto", sampling=(), detail: str | None = None, greedy
     return Settings.read(values)
 
 
-def session(name: str = "s1") -> gr.Request:
-    return gr.Request(session_hash=name)
+def session(name: str = "s1", host: str = "127.0.0.1") -> gr.Request:
+    """A browser session `name` from the client address `host`."""
+    return gr.Request(session_hash=name, client={"host": host, "port": 50000}, headers={})
 
 
 def last(updates: list[dict], key: str):

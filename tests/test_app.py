@@ -25,6 +25,7 @@ from hybrid.router import ROUTE_CHOICES
 from hybrid.types import ROUTE_NAMES
 from tests.page import chat_updates, last, make_service, named, session, settings
 from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
+from web.admission import Admission
 from web.service import ChatService
 from web.view import LATENCY_COLUMNS, ROUTE_COLOURS, ROUTE_LABELS, Figure, Question, Reply, RouteRun, Turn, box_figure, to_chatbot, to_request
 
@@ -246,15 +247,18 @@ def test_the_header_says_plainly_what_the_model_is(pipeline):
     assert other.startswith("**Qwen3-VL-2B-Instruct**") and "fp32" in other
 
 
-def test_each_session_is_rate_limited_on_its_own(pipeline):
-    limited = make_service(pipeline("base"), limiter=RateLimiter(2, 60.0))
+def test_each_client_address_is_rate_limited_on_its_own(pipeline):
+    limited = make_service(pipeline("base"), admission=Admission(RateLimiter(2, 60.0)))
     for _ in range(2):
         run_chat(limited, {"text": "Hello!", "files": []}, name="busy")
     with pytest.raises(gr.Error, match="too many requests"):
         run_chat(limited, {"text": "Hello!", "files": []}, name="busy")
     with pytest.raises(gr.Error, match="too many requests"):
         limited.generate("Hello!", None, "auto", 4, 0.0, 0, session("busy"))
-    assert last(run_chat(limited, {"text": "Hello!", "files": []}, name="calm"), "latency")["route"].tolist() == ["genai"]
+    with pytest.raises(gr.Error, match="too many requests"):  # a new session from the same address
+        limited.generate("Hello!", None, "auto", 4, 0.0, 0, session("fresh"))
+    calm = chat_updates(limited, {"text": "Hello!", "files": []}, sampling=GREEDY, name="calm", host="10.0.0.2")
+    assert last(calm, "latency")["route"].tolist() == ["genai"]
 
 
 def test_the_app_refuses_to_start_when_no_route_can_load_and_names_the_file(bundle, tmp_path, caplog):

@@ -13,6 +13,7 @@ from gradio_client.exceptions import AppError
 
 from app import RATE_LIMIT, parse_args
 from hybrid.launch import describe
+from web.admission import Admission
 from web.page import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, build_demo, launch_demo
 from hybrid.limits import RateLimiter
 from tests.helpers import free_port
@@ -24,7 +25,7 @@ QUEUE = 8  # smaller than the app's default, so that 16 requests at once overflo
 @pytest.fixture(scope="module")
 def url(pipeline):
     loaded = pipeline("base")
-    demo = build_demo(loaded, describe(loaded), limiter=RateLimiter(RATE_LIMIT, 60.0))
+    demo = build_demo(loaded, describe(loaded), admission=Admission(RateLimiter(RATE_LIMIT, 60.0)))
     launch_demo(demo, QUEUE, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url.rstrip("/")

@@ -16,11 +16,11 @@ import pandas as pd
 
 from hybrid.config import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL
 from hybrid.launch import ModelFacts, PipelineFacts
-from hybrid.limits import RateLimiter
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
 from hybrid.types import ROUTE_NAMES, RouteName
 from hybrid.videos import VIDEO_SUFFIXES
+from web.admission import Admission
 from web.service import ChatService, Page, Settings
 from web.view import LATENCY_COLUMNS, ROUTE_LABELS, RUN_COLUMNS
 
@@ -148,15 +148,15 @@ class Controls:
 
 
 def build_demo(
-    pipeline: Pipeline, facts: PipelineFacts, stream_interval: float = 0.05, limiter: RateLimiter | None = None
+    pipeline: Pipeline, facts: PipelineFacts, stream_interval: float = 0.05, admission: Admission | None = None
 ) -> gr.Blocks:
     """The page, wired to `pipeline`; launch it with `launch_demo`."""
-    demo, _ = build_page(pipeline, facts, stream_interval, limiter)
+    demo, _ = build_page(pipeline, facts, stream_interval, admission)
     return demo
 
 
 def build_page(
-    pipeline: Pipeline, facts: PipelineFacts, stream_interval: float = 0.05, limiter: RateLimiter | None = None
+    pipeline: Pipeline, facts: PipelineFacts, stream_interval: float = 0.05, admission: Admission | None = None
 ) -> tuple[gr.Blocks, ChatService]:
     """The page and the service whose handlers it calls (tests drive the handlers directly)."""
     with gr.Blocks(title="Qwen3-VL hybrid inference", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
@@ -170,7 +170,7 @@ def build_page(
                 _examples(prompt)
         latency, stages, history_table = _latency_panel()
         page = Page(prompt, chatbot, turns, latency, stages, history, history_table, download)
-        service = ChatService(pipeline, page, stream_interval, limiter)
+        service = ChatService(pipeline, page, stream_interval, admission)
         _wire(service, controls, stop, clear)
         _api_only(service)
         demo.unload(service.end_session)
@@ -306,10 +306,12 @@ def _api_only(service: ChatService) -> None:
     )  # fmt: skip
 
 
-def launch_demo(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, **kwargs: Any) -> Any:
-    """Queue (bounded) and launch; `kwargs` go to `Blocks.launch` (server_name, server_port, ...).
-    Gradio serves uploads and the example pictures, nothing else of this machine."""
+def launch_demo(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, routes: list | None = None, **kwargs: Any) -> Any:
+    """Queue (bounded) and launch; `routes` (the API's) join the page's on the same ASGI app;
+    `kwargs` go to `Blocks.launch` (server_name, server_port, ...). Gradio serves uploads and the
+    example pictures, nothing else of this machine."""
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
     return demo.queue(max_size=queue_size).launch(
-        max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)], theme=theme, css=CSS, **kwargs
-    )
+        max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)], theme=theme, css=CSS,
+        app_kwargs={"routes": list(routes or ())}, **kwargs,
+    )  # fmt: skip

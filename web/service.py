@@ -21,11 +21,11 @@ import gradio as gr
 
 from hybrid.config import DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, SamplingConfig
 from hybrid.errors import HybridError
-from hybrid.limits import RateLimiter
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO
 from hybrid.types import Request, RouteName
 from hybrid.videos import is_video_file
+from web.admission import Admission
 from web.view import (
     Question, RouteRun, Turn, as_message, box_figure, conversation_record, history_entries, history_rows,
     latency_rows, message_files, question_of, settle, stage_rows, to_chatbot, to_request, turn_of_bubble,
@@ -98,16 +98,14 @@ class Page:
 
 class ChatService:
     """The page's handlers, over one loaded pipeline. Stop reaches the running request of the
-    session that pressed it, through that request's cancel event. With a `limiter`, each session
-    may send only so many requests per minute."""
+    session that pressed it, through that request's cancel event. `admission` is shared with the
+    API: a client address may send only so many requests per minute, and one request runs at a time."""
 
-    def __init__(
-        self, pipeline: Pipeline, page: Page, stream_interval: float = 0.05, limiter: RateLimiter | None = None
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, page: Page, stream_interval: float = 0.05, admission: Admission | None = None) -> None:
         self.pipeline = pipeline
         self.page = page
         self.stream_interval = stream_interval  # at most one chat update per interval while streaming
-        self.limiter = limiter
+        self.admission = admission or Admission()
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._exports: Path | None = None  # a folder per session holds its conversation.json
@@ -126,13 +124,14 @@ class ChatService:
         runs: list[RouteRun] = []
         try:
             yield {page.prompt: None, **page.conversation(turns)}
-            for name in routes:
-                if cancel.is_set():
-                    break
-                for turns, run in self._answer(full, name, turns, cancel):
-                    yield page.conversation(turns)
-                runs.append(run)
-                yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
+            with self.admission.cpu():
+                for name in routes:
+                    if cancel.is_set():
+                        break
+                    for turns, run in self._answer(full, name, turns, cancel):
+                        yield page.conversation(turns)
+                    runs.append(run)
+                    yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
         except HybridError as exc:
             yield page.conversation(settle(turns, "failed"))
             raise gr.Error(str(exc)) from exc
@@ -264,20 +263,21 @@ class ChatService:
         _, asked, routes = self._prepare(message, [], Settings(route, sampling))
         results = []
         try:
-            for name in routes:
-                run = RouteRun(name)
-                for chunk in self.pipeline.stream(asked, name):
-                    run.add(chunk)
-                results.append(run.to_dict())
+            with self.admission.cpu():
+                for name in routes:
+                    run = RouteRun(name)
+                    for chunk in self.pipeline.stream(asked, name):
+                        run.add(chunk)
+                    results.append(run.to_dict())
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
         return results[0]["text"], results
 
     def _admit(self, request: gr.Request | None) -> None:
-        if self.limiter is None:
-            return
+        """Count the request against its client address's rate (the same limit as the API's)."""
+        client = getattr(request, "client", None)
         try:
-            self.limiter.check(_session(request))
+            self.admission.check(self.admission.client(getattr(client, "host", None), getattr(request, "headers", None)))
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
 
