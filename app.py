@@ -2,7 +2,7 @@
 the page and the OpenAI-compatible API (`web/`) on one server.
 
     python app.py [--model SRC] [--bundle DIR] [--precision auto|fp32|int4] [--share --auth USER:PASSWORD]
-                  [--api-key KEY] [--allow-url-images] [--trust-proxy] ...
+                  [--api-key KEY] [--allow-url-images] [--trust-proxy] [--remote URL [--remote-model NAME]] ...
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hybrid.errors import HybridError
 from hybrid.launch import AUTO_PRECISION, describe, load_pipeline
 from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
+from hybrid.routes.remote import RemoteConfig
 from web.admission import Admission
 from web.api import ApiConfig, ChatApi
 from web.page import build_demo, launch_demo
@@ -26,6 +27,7 @@ log = logging.getLogger("app")
 RATE_LIMIT = 20  # requests per minute and session
 AUTH_ENV = "HYBRID_AUTH"  # USER:PASSWORD, read when --auth is not given
 API_KEY_ENV = "HYBRID_API_KEY"  # the Bearer token of /v1, read when --api-key is not given
+REMOTE_KEY_ENV = "HYBRID_REMOTE_KEY"  # the remote server's key, read when --remote-key is not given
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "no key the API is off")  # fmt: skip
     parser.add_argument("--allow-url-images", action="store_true",
                         help="let /v1 fetch http(s) pictures (public addresses only); otherwise data URLs only")
+    parser.add_argument("--remote", metavar="URL", help="add a route to an OpenAI-compatible server (vLLM, llama.cpp, "
+                        "Ollama, another instance of this app), e.g. http://gpu-box:8000/v1")  # fmt: skip
+    parser.add_argument("--remote-model", metavar="NAME", help="the model to ask the remote server for (default: the first it lists)")
+    parser.add_argument("--remote-key", metavar="KEY", default=os.environ.get(REMOTE_KEY_ENV),
+                        help=f"the remote server's API key (default: ${REMOTE_KEY_ENV}, if set)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.auth is not None and not _valid_auth(args.auth):
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads, conversation_cache_mb=args.conversation_cache_mb,
             vision_backend=vision_backend(args.vision),
         )  # fmt: skip
-        pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime)
+        remote = RemoteConfig(args.remote, args.remote_model, args.remote_key) if args.remote else None
+        pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime, remote)
     except HybridError as exc:
         log.error("%s", exc)
         return 2

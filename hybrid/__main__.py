@@ -24,7 +24,7 @@ from hybrid.images import open_image
 from hybrid.logs import setup_logging
 from hybrid.quality import add_quality_arguments, run_quality
 from hybrid.router import AUTO, ROUTE_CHOICES, choose_routes
-from hybrid.types import ROUTE_NAMES, Message, Request, collect
+from hybrid.types import LOCAL_ROUTES, Message, Request, collect
 
 log = logging.getLogger("hybrid")
 
@@ -132,7 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
         messages + (Message("user", args.prompt, images, videos),), sampling, max_image_tokens=args.max_image_tokens
     )
     routes = pipeline.plan(request, args.route)
-    for missing in choose_routes(request, args.route, ROUTE_NAMES):  # what would serve with every route loaded
+    for missing in choose_routes(request, args.route, LOCAL_ROUTES):  # what would serve with every route loaded
         if missing in pipeline.unavailable:
             log.warning("the %s route is unavailable: %s", missing, pipeline.unavailable[missing])
     for route in routes:

@@ -22,6 +22,7 @@ from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import DECODER_GRAPH, VISION_DIR, verify_parts, vision_graph
 from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
+from hybrid.routes.remote import RemoteConfig, RemoteRoute
 from hybrid.types import RouteName
 from hybrid.tiny import build_checkpoint
 
@@ -150,6 +151,7 @@ class PipelineFacts:
     lazy: tuple[RouteName, ...]
     vision_backend: str | None  # "onnx" or "torch"; None without the hybrid route
     takes_videos: bool
+    remote: str | None = None  # the remote route's model and server ("MODEL at URL"), if it loaded
 
 
 def model_facts(manifest: Manifest) -> ModelFacts:
@@ -169,6 +171,7 @@ def describe(pipeline: Pipeline) -> PipelineFacts:
         lazy=tuple(name for name in ("pytorch",) if name in pipeline.routes),
         vision_backend=hybrid.vision.backend if isinstance(hybrid, HybridRoute) else None,
         takes_videos=pipeline.processor.takes_videos,
+        remote=f"{remote.model} at {remote.base}" if isinstance(remote := pipeline.routes.get("remote"), RemoteRoute) else None,
     )  # fmt: skip
 
 
@@ -183,16 +186,17 @@ def auto_precision(model: str | Path) -> Precision:
 
 
 def load_pipeline(
-    model: str | None, bundle: str | None, precision: Precision | Literal["auto"], runtime: RuntimeConfig
+    model: str | None, bundle: str | None, precision: Precision | Literal["auto"], runtime: RuntimeConfig,
+    remote: RemoteConfig | None = None,
 ) -> Pipeline:
     """The app's pipeline: an existing `bundle` alone is served as is; otherwise the bundle of
     `model` (default: `default_model()`) is exported or reused first, at `precision` ("auto": see
-    `auto_precision`)."""
+    `auto_precision`); `remote` adds the route to that server."""
     if bundle is not None and model is None and Path(bundle).exists():
-        return Pipeline.load(bundle, runtime)
+        return Pipeline.load(bundle, runtime, remote=remote)
     source = model if model is not None else default_model()
     if precision == AUTO_PRECISION:
         precision = auto_precision(source)
         log.info("precision %s for %s (--precision fp32 or int4 chooses)", precision, source)
     path = ensure_bundle(source, bundle, precision)
-    return Pipeline.load(path, runtime, verify=False)  # ensure_bundle has just verified or written it
+    return Pipeline.load(path, runtime, verify=False, remote=remote)  # ensure_bundle has just verified or written it

@@ -28,7 +28,8 @@ from hybrid.router import choose_routes
 from hybrid.routes.genai import GenAIRoute
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.routes.pytorch import PyTorchRoute
-from hybrid.types import ROUTE_NAMES, Chunk, Request, Route, RouteName, Video
+from hybrid.routes.remote import RemoteConfig, RemoteRoute
+from hybrid.types import LOCAL_ROUTES, Chunk, Request, Route, RouteName, Video
 from hybrid.vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Loader:
     runtime: RuntimeConfig
     processor: Processor
     conversations: ConversationStore
+    remote_config: RemoteConfig | None = None
 
     def hybrid(self) -> Route:
         return HybridRoute(
@@ -64,6 +66,11 @@ class _Loader:
     def pytorch(self) -> Route:
         return PyTorchRoute(self.manifest.checkpoint, self.processor, self.runtime.threads)
 
+    def remote(self) -> Route:
+        if self.remote_config is None:
+            raise RouteError("no remote server is configured: start with --remote URL")
+        return RemoteRoute(self.remote_config)
+
 
 @dataclass
 class Pipeline:
@@ -84,10 +91,12 @@ class Pipeline:
         bundle: str | Path,
         runtime: RuntimeConfig = RuntimeConfig(),
         verify: bool = True,
-        only: tuple[RouteName, ...] = ROUTE_NAMES,
+        only: tuple[RouteName, ...] | None = None,
+        remote: RemoteConfig | None = None,
     ) -> "Pipeline":
-        """Load the shared parts (a fault there stops everything), then each route of `only` on
-        its own; raises `BundleError` only when none of them loads."""
+        """Load the shared parts (a fault there stops everything), then each route of `only` (default:
+        all the bundle's) on its own, and the route to `remote` if one is given; raises `BundleError`
+        only when none of them loads."""
         start = time.perf_counter()
         bundle = Path(bundle)
         if not bundle.is_dir():
@@ -98,7 +107,8 @@ class Pipeline:
         max_context = int(manifest.model.get("max_position_embeddings", 32768))
         processor = Processor(bundle / PROCESSOR_DIR, max_context=max_context)
         conversations = ConversationStore(runtime.conversation_cache_mb)
-        loader = _Loader(bundle, manifest, runtime, processor, conversations)
+        loader = _Loader(bundle, manifest, runtime, processor, conversations, remote)
+        only = (only if only is not None else LOCAL_ROUTES) + (("remote",) if remote is not None else ())
         pipeline = cls(
             bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations, processor=processor,
             sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR), opens_thinking=processor.opens_thinking,
@@ -116,7 +126,7 @@ class Pipeline:
         """Build one route, or record why it cannot serve; the other routes load regardless."""
         try:
             if verify:
-                verify_parts(self.bundle, self.manifest, ROUTE_PARTS[name])
+                verify_parts(self.bundle, self.manifest, ROUTE_PARTS.get(name, ()))
             self.routes[name] = build()
         except HybridError as exc:
             self.unavailable[name] = str(exc)

@@ -1,6 +1,7 @@
 """Which route serves a request: `auto` sends any image or video to the hybrid route and text to GenAI (or
 to the hybrid route when GenAI is unavailable); a route name forces that route; `compare` lists
-every loaded route that can serve the request, the PyTorch reference first.
+every loaded route that can serve the request, the PyTorch reference first. A remote server is
+asked only by name or in `compare`.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ def choose_routes(
         reason = (unavailable or {}).get(route)
         raise RouteError(f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded")
     if not can_serve(route, request):
-        raise RouteError(
-            f"the GenAI route serves text only: this conversation has {_visual(request)}; use auto or hybrid"
-        )
+        served = "text only" if route == "genai" else "text and pictures"
+        raise RouteError(f"the {route} route serves {served}: this conversation has {_visual(request)}; use auto or hybrid")
     return (route,)
 
 
 def can_serve(route: RouteName, request: Request) -> bool:
-    """Whether `route` can answer `request` at all: GenAI's model takes text only."""
-    return not (route == "genai" and _visual(request))
+    """Whether `route` can answer `request` at all: GenAI's model takes text only, the remote
+    route text and pictures."""
+    return not ((route == "genai" and _visual(request)) or (route == "remote" and request.has_videos))
 
 
 def _visual(request: Request) -> str:

@@ -111,6 +111,7 @@ def header(facts: PipelineFacts) -> str:
         "hybrid": f"**Hybrid ONNX**: vision tower ({tower}) → image features injected into our ONNX decoder",
         "genai": "**GenAI**: onnxruntime-genai, text only",
         "pytorch": f"**PyTorch reference**: transformers `generate`{lazily}",
+        "remote": f"**Remote server**: {facts.remote}, timed as this server sees it (asked by name or in Compare all)",
     }
     listed = " · ".join(text for name, text in routes.items() if name in facts.routes)
     missing = "".join(f"\n\n**{ROUTE_LABELS[name]} is unavailable**: {reason}" for name, reason in facts.unavailable.items())

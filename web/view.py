@@ -21,12 +21,15 @@ from hybrid.thinking import split_thinking
 from hybrid.types import Answer, Message, Request, RouteName, Video
 from hybrid.videos import is_video_file
 
-ROUTE_LABELS: dict[RouteName, str] = {"hybrid": "Hybrid ONNX", "genai": "GenAI", "pytorch": "PyTorch reference"}
+ROUTE_LABELS: dict[RouteName, str] = {
+    "hybrid": "Hybrid ONNX", "genai": "GenAI", "pytorch": "PyTorch reference", "remote": "Remote server",
+}  # fmt: skip
 # each route's colour when its boxes are drawn on the picture (Compare all draws them together)
 ROUTE_COLOURS: dict[RouteName, tuple[int, int, int]] = {
     "hybrid": (79, 70, 229),
     "genai": (22, 163, 74),
     "pytorch": (234, 88, 12),
+    "remote": (219, 39, 119),
 }
 FIGURE_SIDE = 768  # longest side of a picture with boxes, as shown in the chat
 LATENCY_COLUMNS = (
