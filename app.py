@@ -33,34 +33,73 @@ REMOTE_KEY_ENV = "HYBRID_REMOTE_KEY"  # the remote server's key, read when --rem
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen3-VL hybrid inference on the CPU: the web demo")
     parser.add_argument("--model", help="checkpoint folder or hub id (default: the demo model in assets/demo-model)")
-    parser.add_argument("--bundle", help="bundle folder (default: .cache/bundles/<model>-<precision>); "
-                        "an existing bundle given without --model is served as is")  # fmt: skip
-    parser.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
-                        help="auto: INT4 decoder and GenAI model and INT8 vision for a real checkpoint, "
-                        "fp32 for the demo model")  # fmt: skip
+    parser.add_argument(
+        "--bundle",
+        help="bundle folder (default: .cache/bundles/<model>-<precision>); "
+        "an existing bundle given without --model is served as is",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=(AUTO_PRECISION, *PRECISIONS),
+        default=AUTO_PRECISION,
+        help="auto: INT4 decoder and GenAI model and INT8 vision for a real checkpoint, fp32 for the demo model",
+    )
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     add_vision_argument(parser)
-    parser.add_argument("--conversation-cache-mb", type=int, default=RuntimeConfig.conversation_cache_mb, metavar="MB",
-                        help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)")  # fmt: skip
+    parser.add_argument(
+        "--conversation-cache-mb",
+        type=int,
+        default=RuntimeConfig.conversation_cache_mb,
+        metavar="MB",
+        help="memory for the KV caches kept for follow-up questions, all sessions together (0: none)",
+    )
     parser.add_argument("--server-name", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="make a public Gradio link (use --auth with it)")
-    parser.add_argument("--auth", metavar="USER:PASSWORD", default=os.environ.get(AUTH_ENV),
-                        help=f"ask for this login before showing the page (default: ${AUTH_ENV}, if set)")
-    parser.add_argument("--rate-limit", type=int, default=RATE_LIMIT, metavar="N",
-                        help="requests per minute and client address, page and API together (0: no limit)")  # fmt: skip
-    parser.add_argument("--trust-proxy", action="store_true",
-                        help="behind a reverse proxy: limit by the X-Forwarded-For address, not the peer's")
-    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),
-                        help=f"the Bearer token /v1 asks for (default: ${API_KEY_ENV}, if set); with --share and "
-                        "no key the API is off")  # fmt: skip
-    parser.add_argument("--allow-url-images", action="store_true",
-                        help="let /v1 fetch http(s) pictures (public addresses only); otherwise data URLs only")
-    parser.add_argument("--remote", metavar="URL", help="add a route to an OpenAI-compatible server (vLLM, llama.cpp, "
-                        "Ollama, another instance of this app), e.g. http://gpu-box:8000/v1")  # fmt: skip
-    parser.add_argument("--remote-model", metavar="NAME", help="the model to ask the remote server for (default: the first it lists)")
-    parser.add_argument("--remote-key", metavar="KEY", default=os.environ.get(REMOTE_KEY_ENV),
-                        help=f"the remote server's API key (default: ${REMOTE_KEY_ENV}, if set)")
+    parser.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        default=os.environ.get(AUTH_ENV),
+        help=f"ask for this login before showing the page (default: ${AUTH_ENV}, if set)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=RATE_LIMIT,
+        metavar="N",
+        help="requests per minute and client address, page and API together (0: no limit)",
+    )
+    parser.add_argument(
+        "--trust-proxy",
+        action="store_true",
+        help="behind a reverse proxy: limit by the X-Forwarded-For address, not the peer's",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the Bearer token /v1 asks for (default: ${API_KEY_ENV}, if set); with --share and no key the API is off",
+    )
+    parser.add_argument(
+        "--allow-url-images",
+        action="store_true",
+        help="let /v1 fetch http(s) pictures (public addresses only); otherwise data URLs only",
+    )
+    parser.add_argument(
+        "--remote",
+        metavar="URL",
+        help="add a route to an OpenAI-compatible server (vLLM, llama.cpp, "
+        "Ollama, another instance of this app), e.g. http://gpu-box:8000/v1",
+    )
+    parser.add_argument(
+        "--remote-model", metavar="NAME", help="the model to ask the remote server for (default: the first it lists)"
+    )
+    parser.add_argument(
+        "--remote-key",
+        metavar="KEY",
+        default=os.environ.get(REMOTE_KEY_ENV),
+        help=f"the remote server's API key (default: ${REMOTE_KEY_ENV}, if set)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.auth is not None and not _valid_auth(args.auth):
@@ -76,7 +115,9 @@ def api_config(args: argparse.Namespace) -> ApiConfig:
     if off:
         log.warning("--share without --api-key: the OpenAI-compatible API (/v1) is off")
     reason = "this server shares a public link without --api-key" if off else ""
-    return ApiConfig(key=args.api_key or None, enabled=not off, allow_url_images=args.allow_url_images, off_reason=reason)
+    return ApiConfig(
+        key=args.api_key or None, enabled=not off, allow_url_images=args.allow_url_images, off_reason=reason
+    )
 
 
 def _valid_auth(text: str) -> bool:
@@ -89,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         runtime = RuntimeConfig(
-            threads=args.threads, conversation_cache_mb=args.conversation_cache_mb,
+            threads=args.threads,
+            conversation_cache_mb=args.conversation_cache_mb,
             vision_backend=vision_backend(args.vision),
-        )  # fmt: skip
+        )
         remote = RemoteConfig(args.remote, args.remote_model, args.remote_key) if args.remote else None
         pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime, remote)
     except HybridError as exc:
@@ -103,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.share and auth is None:
         log.warning("--share without --auth: anyone with the link can use this machine's CPU")
-    launch_demo(demo, routes=api.routes(), server_name=args.server_name, server_port=args.port, share=args.share,
-                auth=auth)  # fmt: skip
+    launch_demo(
+        demo, routes=api.routes(), server_name=args.server_name, server_port=args.port, share=args.share, auth=auth
+    )
     return 0
 
 

@@ -15,9 +15,16 @@ from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
 from hybrid.config import (
-    DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_VIDEO_FRAMES, MAX_VIDEO_FRAMES, PRECISIONS, RuntimeConfig, SamplingConfig,
-    VideoLimits, add_vision_argument, vision_backend,
-)  # fmt: skip
+    DEFAULT_MAX_IMAGE_TOKENS,
+    DEFAULT_VIDEO_FRAMES,
+    MAX_VIDEO_FRAMES,
+    PRECISIONS,
+    RuntimeConfig,
+    SamplingConfig,
+    VideoLimits,
+    add_vision_argument,
+    vision_backend,
+)
 from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting
 from hybrid.images import open_image
@@ -44,12 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle folder to write")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32")
     export.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai text model")
-    export.add_argument("--int4", default=None,
-                        help="with --precision int4: the decoder layers' QUANTIZER-bBLOCK, quantizer rtn (symmetric), "
-                             "rtn-zp (zero points), mse or mse-zp (each block's scale searched for the least error, "
-                             f"the same bytes) or hqq, block 32, 64 or 128 (default {Int4Scheme().layers.name})")
-    export.add_argument("--int4-head", default=None,
-                        help=f"the LM head's setting (default: --int4's if given, else {Int4Scheme().head.name})")
+    export.add_argument(
+        "--int4",
+        default=None,
+        help="with --precision int4: the decoder layers' QUANTIZER-bBLOCK, quantizer rtn (symmetric), "
+        "rtn-zp (zero points), mse or mse-zp (each block's scale searched for the least error, "
+        f"the same bytes) or hqq, block 32, 64 or 128 (default {Int4Scheme().layers.name})",
+    )
+    export.add_argument(
+        "--int4-head",
+        default=None,
+        help=f"the LM head's setting (default: --int4's if given, else {Int4Scheme().head.name})",
+    )
 
     add_quality_arguments(sub.add_parser("quality", help="INT4 settings' fidelity to fp32, beside their speed"))
 
@@ -58,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
     gen.add_argument("--video", action="append", default=[], help="video file (repeatable, in order, after the images)")
-    gen.add_argument("--video-frames", type=int, default=DEFAULT_VIDEO_FRAMES,
-                     help=f"frames sampled from each video at most (the checkpoint's fps; limit {MAX_VIDEO_FRAMES})")
+    gen.add_argument(
+        "--video-frames",
+        type=int,
+        default=DEFAULT_VIDEO_FRAMES,
+        help=f"frames sampled from each video at most (the checkpoint's fps; limit {MAX_VIDEO_FRAMES})",
+    )
     gen.add_argument("--system", default="", help="optional system message")
     gen.add_argument("--route", choices=ROUTE_CHOICES, default=AUTO)
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -73,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_vision_argument(gen)
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
     gen.add_argument("--max-videos", type=int, default=RuntimeConfig.max_videos, help="refuse more videos than this")
-    gen.add_argument("--max-image-tokens", type=int, default=DEFAULT_MAX_IMAGE_TOKENS,
-                     help="image tokens per picture at most: larger pictures are scaled down")  # fmt: skip
+    gen.add_argument(
+        "--max-image-tokens",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_TOKENS,
+        help="image tokens per picture at most: larger pictures are scaled down",
+    )
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark the routes side by side"))
@@ -119,9 +140,12 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     runtime = RuntimeConfig(
-        threads=args.threads, max_images=args.max_images, max_videos=args.max_videos,
-        video=VideoLimits(max_frames=args.video_frames), vision_backend=vision_backend(args.vision),
-    )  # fmt: skip
+        threads=args.threads,
+        max_images=args.max_images,
+        max_videos=args.max_videos,
+        video=VideoLimits(max_frames=args.video_frames),
+        vision_backend=vision_backend(args.vision),
+    )
     runtime.check_image_count(len(args.image))
     runtime.check_video_count(len(args.video))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)

@@ -46,9 +46,13 @@ class BenchRoute:
 
 ROUTES = {
     r.key: r
-    for r in (BenchRoute("pytorch", "fp32"), BenchRoute("hybrid", "fp32"), BenchRoute("hybrid", "int4"),
-              BenchRoute("genai", "int4"))
-}  # fmt: skip
+    for r in (
+        BenchRoute("pytorch", "fp32"),
+        BenchRoute("hybrid", "fp32"),
+        BenchRoute("hybrid", "int4"),
+        BenchRoute("genai", "int4"),
+    )
+}
 REUSING: frozenset[RouteName] = frozenset({"hybrid", "genai"})  # routes that keep a conversation's KV cache
 CHECKPOINT_DTYPE = "bfloat16"  # as the real checkpoints are stored
 DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
@@ -68,9 +72,15 @@ def preset_spec(preset: str, layers: int | None):
         max_pixels=16384 * 32 * 32,
     )
     text = dict(
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20), vocab_size=151936,
-        tie_word_embeddings=True, initializer_range=0.02, max_position_embeddings=32768,
-    )  # fmt: skip
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        mrope_section=(24, 20, 20),
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        max_position_embeddings=32768,
+    )
     presets = {
         "2b": TinySpec(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144, **text, **vision),
         "4b": replace(
@@ -100,10 +110,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--follow-up", action="store_true",
-                        help="also time a second question on the same picture, with and without conversation reuse")
-    parser.add_argument("--detail", action="store_true",
-                        help="also time the vision tower on a 12-megapixel photo at each image detail level")
+    parser.add_argument(
+        "--follow-up",
+        action="store_true",
+        help="also time a second question on the same picture, with and without conversation reuse",
+    )
+    parser.add_argument(
+        "--detail",
+        action="store_true",
+        help="also time the vision tower on a 12-megapixel photo at each image detail level",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -149,19 +165,29 @@ def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[P
     name = f"{preset}-L{spec.num_hidden_layers}"
     checkpoint = cache / f"checkpoint-{name}"
     if not (checkpoint / "config.json").is_file():
-        log.info("building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint)
+        log.info(
+            "building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint
+        )
         build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
     bundles = {}
     for precision in sorted(precisions):
         # a cached bundle is reused only while it is what an export would write today
-        bundles[precision] = ensure_bundle(checkpoint, cache / f"bundle-{name}-{precision}", precision, genai=precision == "int4")
+        bundles[precision] = ensure_bundle(
+            checkpoint, cache / f"bundle-{name}-{precision}", precision, genai=precision == "int4"
+        )
     return bundles
 
 
 def measure(
-    bundles: dict[str, Path], routes: list[str], width: int, height: int, prompt_tokens: int, new_tokens: int,
-    runs: int, threads: int,
-) -> dict:  # fmt: skip
+    bundles: dict[str, Path],
+    routes: list[str],
+    width: int,
+    height: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    threads: int,
+) -> dict:
     workers = _start_workers(bundles, routes, threads)
     try:
         image_tokens = None
@@ -190,7 +216,7 @@ def round_order(keys: list[str], run: int) -> list[str]:
     return keys if run % 2 == 0 else keys[::-1]
 
 
-def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int) -> dict[str, "_Worker"]:
+def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int) -> dict[str, _Worker]:
     ctx = mp.get_context("spawn")
     return {key: _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key].route, threads) for key in keys}
 
@@ -311,7 +337,7 @@ def _serve(conn, bundle: str, route: RouteName, threads: int) -> None:
         baseline = rss_mb()
         pipeline = Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
         if route == "pytorch":
-            pipeline.routes["pytorch"].model  # load now, not inside the first timed request
+            _ = pipeline.routes["pytorch"].model  # load now, not inside the first timed request
         conn.send({"loaded_mb": _loaded_mb(Path(bundle), route, pipeline), "baseline_rss_mb": baseline})
     except Exception as exc:  # reported to the parent, which raises it
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
@@ -338,9 +364,15 @@ def _loaded_mb(bundle: Path, route: RouteName, pipeline) -> float:
 def format_report(report: dict) -> str:
     routes = report["routes"]
     columns = (
-        "vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "ceiling_share", "peak_rss_mb", "baseline_rss_mb",
+        "vision_ms",
+        "prefill_tok_s",
+        "ttft_ms",
+        "decode_tok_s",
+        "ceiling_share",
+        "peak_rss_mb",
+        "baseline_rss_mb",
         "loaded_mb",
-    )  # fmt: skip
+    )
     lines = [
         f"preset {report['preset']} ({report['layers']} text layers), image {report['image']}, "
         f"{report['new_tokens']} new tokens, median of {report['runs']} runs",
@@ -357,15 +389,23 @@ def format_report(report: dict) -> str:
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
     lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
-    lines.append("peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading")
+    lines.append(
+        "peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading"
+    )
     lines.append(report["note"])
     return "\n".join(lines)
 
 
 def measure_follow_up(
-    bundles: dict[str, Path], routes: list[str], width: int, height: int, prompt_tokens: int, new_tokens: int,
-    runs: int, threads: int,
-) -> dict:  # fmt: skip
+    bundles: dict[str, Path],
+    routes: list[str],
+    width: int,
+    height: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    threads: int,
+) -> dict:
     """Per reusing route: time to first token of a first question, and of a second question in the
     same conversation with the kept cache reused and prefilled from scratch (medians)."""
     keys = [key for key in routes if ROUTES[key].route in REUSING]
@@ -396,9 +436,14 @@ def measure_follow_up(
 
 
 def _first_question(
-    route: RouteName, width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int,
+    route: RouteName,
+    width: int,
+    height: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    seed: int,
     image_prompt_tokens: int | None,
-) -> Request:  # fmt: skip
+) -> Request:
     """A picture and a question (for a text-only route a text prompt as long as the image prompt),
     greedy without a minimum length: the only requests whose generator GenAI can continue."""
     request = _image_request(width, height, prompt_tokens, new_tokens, seed)

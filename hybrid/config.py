@@ -119,7 +119,9 @@ class RuntimeConfig:
         _check_int("conversation_cache_mb", self.conversation_cache_mb, low=0)
         _check_int("max_videos", self.max_videos, low=0)
         if self.vision_backend is not None and self.vision_backend not in VISION_BACKENDS:
-            raise UserError(f"the vision backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}")
+            raise UserError(
+                f"the vision backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}"
+            )
 
     def check_image_count(self, count: int) -> None:
         """Refuse a conversation with more images than `max_images` (before any is opened)."""
@@ -156,14 +158,14 @@ class CheckpointSampling:
     repetition_penalty: float = 1.0
 
     @classmethod
-    def from_generation_config(cls, raw: dict[str, Any]) -> "CheckpointSampling":
+    def from_generation_config(cls, raw: dict[str, Any]) -> CheckpointSampling:
         given = {key: raw[key] for key in asdict(cls()) if raw.get(key) is not None}
         sampling = cls(**{**given, "do_sample": bool(given.get("do_sample", False))})
         SamplingConfig(**sampling.settings(greedy=False))  # refuse values the routes would refuse
         return sampling
 
     @classmethod
-    def read(cls, folder: Path) -> "CheckpointSampling":
+    def read(cls, folder: Path) -> CheckpointSampling:
         """The generation config in `folder`; none there means greedy."""
         path = folder / "generation_config.json"
         if not path.is_file():
@@ -201,7 +203,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def load(cls, bundle: Path) -> "Manifest":
+    def load(cls, bundle: Path) -> Manifest:
         path = bundle / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"{path} is missing: not a bundle (make one with `python -m hybrid export`)")
@@ -225,9 +227,13 @@ def check_max_image_tokens(value: Any) -> int:
 
 def add_vision_argument(parser) -> None:
     """The `--vision` option of `app.py` and `generate` (`vision_backend` reads its value)."""
-    parser.add_argument("--vision", choices=(AUTO_VISION, *VISION_BACKENDS), default=AUTO_VISION,
-                        help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
-                             "auto: onnx where the bundle has it")  # fmt: skip
+    parser.add_argument(
+        "--vision",
+        choices=(AUTO_VISION, *VISION_BACKENDS),
+        default=AUTO_VISION,
+        help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
+        "auto: onnx where the bundle has it",
+    )
 
 
 def vision_backend(choice: str) -> VisionBackend | None:

@@ -142,7 +142,9 @@ class ConversationStore:
     def forget(self, conversation_id: str) -> int:
         """Drop every route's kept cache of that conversation (or pool); returns how many there were."""
         with self._lock:
-            keys = [key for key in self._entries if key[0] == conversation_id or key[0].startswith(conversation_id + "#")]
+            keys = [
+                key for key in self._entries if key[0] == conversation_id or key[0].startswith(conversation_id + "#")
+            ]
             for key in keys:
                 del self._entries[key]
         return len(keys)

@@ -93,7 +93,11 @@ class OnnxDecoder:
             values={},
         )
         no_deepstack = np.zeros((self.num_deepstack, 1, 1, self.hidden_size), dtype=np.float32)
-        for name, array in (("inputs_embeds", step.embeds), ("position_ids", step.positions), ("deepstack_embeds", no_deepstack)):
+        for name, array in (
+            ("inputs_embeds", step.embeds),
+            ("position_ids", step.positions),
+            ("deepstack_embeds", no_deepstack),
+        ):
             step.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
         mask = np.ones((1, capacity), dtype=np.int64)
         return KVCache(buffers=buffers, binding=binding, logits=logits, mask=mask, step=step)

@@ -23,8 +23,8 @@ from hybrid.layout import DECODER_GRAPH, VISION_DIR, verify_parts, vision_graph
 from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.routes.remote import RemoteConfig, RemoteRoute
-from hybrid.types import RouteName
 from hybrid.tiny import build_checkpoint
+from hybrid.types import RouteName
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ def default_model() -> Path:
     """The trained demo model if it is there, else a random-weight tiny checkpoint (built once)."""
     if (DEMO_MODEL / "config.json").is_file():
         return DEMO_MODEL
-    log.warning("no demo model in %s: serving an untrained tiny model (train one with "
-                "`python -m hybrid.demo train --out assets/demo-model`)", DEMO_MODEL)  # fmt: skip
+    log.warning(
+        "no demo model in %s: serving an untrained tiny model (train one with "
+        "`python -m hybrid.demo train --out assets/demo-model`)",
+        DEMO_MODEL,
+    )
     return build_tiny_model(TINY_MODEL)
 
 
@@ -160,19 +163,25 @@ def model_facts(manifest: Manifest) -> ModelFacts:
     record_file = source / TRAINING_RECORD
     record = json.loads(record_file.read_text()) if kind == "demo" and record_file.is_file() else {}
     layers = manifest.model.get("num_hidden_layers")
-    return ModelFacts(manifest.source, kind, int(manifest.model.get("parameters", 0)), layers, manifest.precision, record)
+    return ModelFacts(
+        manifest.source, kind, int(manifest.model.get("parameters", 0)), layers, manifest.precision, record
+    )
 
 
 def describe(pipeline: Pipeline) -> PipelineFacts:
     """The facts the page words (the engine writes no page text)."""
     hybrid = pipeline.routes.get("hybrid")
     return PipelineFacts(
-        model=model_facts(pipeline.manifest), routes=tuple(pipeline.routes), unavailable=dict(pipeline.unavailable),
+        model=model_facts(pipeline.manifest),
+        routes=tuple(pipeline.routes),
+        unavailable=dict(pipeline.unavailable),
         lazy=tuple(name for name in ("pytorch",) if name in pipeline.routes),
         vision_backend=hybrid.vision.backend if isinstance(hybrid, HybridRoute) else None,
         takes_videos=pipeline.processor.takes_videos,
-        remote=f"{remote.model} at {remote.base}" if isinstance(remote := pipeline.routes.get("remote"), RemoteRoute) else None,
-    )  # fmt: skip
+        remote=f"{remote.model} at {remote.base}"
+        if isinstance(remote := pipeline.routes.get("remote"), RemoteRoute)
+        else None,
+    )
 
 
 AUTO_PRECISION = "auto"
@@ -186,7 +195,10 @@ def auto_precision(model: str | Path) -> Precision:
 
 
 def load_pipeline(
-    model: str | None, bundle: str | None, precision: Precision | Literal["auto"], runtime: RuntimeConfig,
+    model: str | None,
+    bundle: str | None,
+    precision: Precision | Literal["auto"],
+    runtime: RuntimeConfig,
     remote: RemoteConfig | None = None,
 ) -> Pipeline:
     """The app's pipeline: an existing `bundle` alone is served as is; otherwise the bundle of

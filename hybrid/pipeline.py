@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from hybrid.config import CheckpointSampling, Manifest, RuntimeConfig
 from hybrid.conversation import ConversationStore
@@ -21,8 +21,15 @@ from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
 from hybrid.injection import EmbeddingTable
 from hybrid.layout import (
-    DECODER_FILE, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, ROUTE_PARTS, SHARED_PARTS, VISION_DIR, verify_parts,
-)  # fmt: skip
+    DECODER_FILE,
+    EMBED_FILE,
+    GENAI_DIR,
+    PROCESSOR_DIR,
+    ROUTE_PARTS,
+    SHARED_PARTS,
+    VISION_DIR,
+    verify_parts,
+)
 from hybrid.processor import Processor
 from hybrid.router import choose_routes
 from hybrid.routes.genai import GenAIRoute
@@ -50,7 +57,9 @@ class _Loader:
         return HybridRoute(
             self.processor,
             VisionTower(
-                self.bundle / VISION_DIR, self.runtime.threads, int8=self.manifest.precision == "int4",
+                self.bundle / VISION_DIR,
+                self.runtime.threads,
+                int8=self.manifest.precision == "int4",
                 backend=self.runtime.vision_backend,
             ),
             EmbeddingTable(self.bundle / EMBED_FILE),
@@ -93,7 +102,7 @@ class Pipeline:
         verify: bool = True,
         only: tuple[RouteName, ...] | None = None,
         remote: RemoteConfig | None = None,
-    ) -> "Pipeline":
+    ) -> Pipeline:
         """Load the shared parts (a fault there stops everything), then each route of `only` (default:
         all the bundle's) on its own, and the route to `remote` if one is given; raises `BundleError`
         only when none of them loads."""
@@ -110,9 +119,14 @@ class Pipeline:
         loader = _Loader(bundle, manifest, runtime, processor, conversations, remote)
         only = (only if only is not None else LOCAL_ROUTES) + (("remote",) if remote is not None else ())
         pipeline = cls(
-            bundle=bundle, manifest=manifest, runtime=runtime, conversations=conversations, processor=processor,
-            sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR), opens_thinking=processor.opens_thinking,
-        )  # fmt: skip
+            bundle=bundle,
+            manifest=manifest,
+            runtime=runtime,
+            conversations=conversations,
+            processor=processor,
+            sampling=CheckpointSampling.read(bundle / PROCESSOR_DIR),
+            opens_thinking=processor.opens_thinking,
+        )
         for name in only:
             pipeline._load_route(name, getattr(loader, name), verify)
         if not pipeline.routes:

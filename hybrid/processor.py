@@ -57,9 +57,11 @@ class PreparedInputs:
         """The pictures and videos as transformers' model takes them (`pixel_values`, `image_grid_thw`,
         `pixel_values_videos`, `video_grid_thw`), those present."""
         given = {
-            "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
-            "pixel_values_videos": self.pixel_values_videos, "video_grid_thw": self.video_grid_thw,
-        }  # fmt: skip
+            "pixel_values": self.pixel_values,
+            "image_grid_thw": self.image_grid_thw,
+            "pixel_values_videos": self.pixel_values_videos,
+            "video_grid_thw": self.video_grid_thw,
+        }
         return {name: value for name, value in given.items() if value is not None}
 
     def image_spans(self) -> list[tuple[int, int]]:
@@ -82,7 +84,7 @@ class PreparedInputs:
         """The `pixel_values_videos` rows of video `index` `(patches_i, C * T * P * P)`."""
         return _rows(self.pixel_values_videos, self.video_grid_thw, index)
 
-    def tail(self, start: int) -> "PreparedInputs":
+    def tail(self, start: int) -> PreparedInputs:
         """The prompt from token `start` on, with only the images and videos inside it; `start`
         must not cut one."""
         images, videos = self.image_spans(), self.video_spans()
@@ -235,10 +237,14 @@ class Processor:
             for v in videos
         ]
         batch = self.hf.video_processor(
-            videos=[v.frames for v in videos], video_metadata=metadata, do_sample_frames=False,
-            return_metadata=True, size=self.video_size(max_video_tokens), cap_pixels_per_frame=False,
+            videos=[v.frames for v in videos],
+            video_metadata=metadata,
+            do_sample_frames=False,
+            return_metadata=True,
+            size=self.video_size(max_video_tokens),
+            cap_pixels_per_frame=False,
             return_tensors="pt",
-        )  # fmt: skip
+        )
         placeholders = [self.hf.replace_video_token(batch, i) for i in range(len(videos))]
         return batch["pixel_values_videos"], batch["video_grid_thw"], placeholders
 
@@ -252,8 +258,9 @@ class Processor:
         """The template is rendered around sentinels; template pieces are tokenized with special
         tokens (each image placeholder expanded to its patch count, each video's to its text),
         message texts without."""
-        marked = tuple(replace(m, text=f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}" if m.text else "")
-                       for i, m in enumerate(messages))  # fmt: skip
+        marked = tuple(
+            replace(m, text=f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}" if m.text else "") for i, m in enumerate(messages)
+        )
         pieces = _SENTINEL.split(self.render(marked))
         image, video = self.hf.image_token, self.hf.video_token
         placeholder = re.compile(f"{re.escape(image)}|{re.escape(video)}")
@@ -299,9 +306,13 @@ def _metadata(total_num_frames: int, fps: float, width: int, height: int, frames
     from transformers.video_utils import VideoMetadata
 
     return VideoMetadata(
-        total_num_frames=total_num_frames, fps=fps, width=width, height=height, duration=total_num_frames / fps,
+        total_num_frames=total_num_frames,
+        fps=fps,
+        width=width,
+        height=height,
+        duration=total_num_frames / fps,
         frames_indices=frames_indices,
-    )  # fmt: skip
+    )
 
 
 def _to_hf_message(message: Message) -> dict:

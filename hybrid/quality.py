@@ -63,9 +63,12 @@ class SettingQuality:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--settings", default="rtn-b32,mse-b32,mse-zp-b32,mse-zp-b64+head-mse-zp-b32,mse-zp-b64,rtn-b64,mse-zp-b128",
-                        help="comma-separated INT4 settings QUANTIZER-bBLOCK, each optionally +head-QUANTIZER-bBLOCK "
-                             f"(quantizers: {', '.join(QUANTIZERS)})")  # fmt: skip
+    parser.add_argument(
+        "--settings",
+        default="rtn-b32,mse-b32,mse-zp-b32,mse-zp-b64+head-mse-zp-b32,mse-zp-b64,rtn-b64,mse-zp-b128",
+        help="comma-separated INT4 settings QUANTIZER-bBLOCK, each optionally +head-QUANTIZER-bBLOCK "
+        f"(quantizers: {', '.join(QUANTIZERS)})",
+    )
     parser.add_argument("--head", default=None, help="the LM head's setting for all (default: each setting's own)")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per reference answer")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
@@ -89,12 +92,18 @@ def run_quality(args: argparse.Namespace) -> int:
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     work = Path(args.cache) / hashlib.sha256(str(checkpoint).encode()).hexdigest()[:12]
     decoders = _export_decoders(checkpoint, work, schemes)
-    results = measure(decoders, _prompt_ids(checkpoint, args.prompts), args.new_tokens, args.threads or physical_cores())
+    results = measure(
+        decoders, _prompt_ids(checkpoint, args.prompts), args.new_tokens, args.threads or physical_cores()
+    )
     if args.demo_eval:
         for name, scheme in [(FP32, None), *schemes.items()]:
             results[name] = _with_demo_eval(results[name], checkpoint, work, scheme, args.demo_eval)
-    report = {"model": str(checkpoint), "new_tokens": args.new_tokens, "prompts": args.prompts,
-              "settings": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results.values()]}  # fmt: skip
+    report = {
+        "model": str(checkpoint),
+        "new_tokens": args.new_tokens,
+        "prompts": args.prompts,
+        "settings": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results.values()],
+    }
     print(json.dumps(report, indent=2) if args.json else table(list(results.values())))
     return 0
 
@@ -133,7 +142,9 @@ def _prompt_ids(checkpoint: Path, count: int) -> list[np.ndarray]:
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     prompts = []
     for text in PROMPTS[:count]:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         prompts.append(np.array(tokenizer(chat, add_special_tokens=False)["input_ids"], dtype=np.int64))
     return prompts
 
@@ -161,10 +172,14 @@ def measure(
         prefix = [_common_prefix(a, b) / len(a) for a, b in zip(answers, greedy[name])]
         path = decoders[name][0]
         results[name] = SettingQuality(
-            setting=name, weight_mb=round(path.with_name(path.name + ".data").stat().st_size / 2**20, 3),
-            step_ms=round(1e3 * float(np.median(steps[name])), 4), top1=round(top1, 4), kl=round(kl, 5),
-            greedy_equal=round(float(np.mean(equal)), 3), greedy_prefix=round(float(np.mean(prefix)), 3),
-        )  # fmt: skip
+            setting=name,
+            weight_mb=round(path.with_name(path.name + ".data").stat().st_size / 2**20, 3),
+            step_ms=round(1e3 * float(np.median(steps[name])), 4),
+            top1=round(top1, 4),
+            kl=round(kl, 5),
+            greedy_equal=round(float(np.mean(equal)), 3),
+            greedy_prefix=round(float(np.mean(prefix)), 3),
+        )
     return results
 
 
@@ -228,7 +243,9 @@ def _with_demo_eval(
 
     bundle = work / "bundles" / (FP32 if scheme is None else scheme.name.replace("+", "_"))
     if not bundle.is_dir():
-        export_bundle(str(checkpoint), bundle, FP32 if scheme is None else "int4", genai=False, int4=scheme or Int4Scheme())
+        export_bundle(
+            str(checkpoint), bundle, FP32 if scheme is None else "int4", genai=False, int4=scheme or Int4Scheme()
+        )
     pipeline = Pipeline.load(bundle, RuntimeConfig(), verify=False, only=("hybrid",))
     report = evaluate(pipeline_answerer(pipeline, "hybrid"), eval_exchanges(n, seed=1234, text=False))
     demo = {kind: round(score.accuracy, 3) for kind, score in report.asked.items()}
@@ -240,7 +257,9 @@ def table(results: list[SettingQuality]) -> str:
     head = f"{'setting':24s} {'weights MB':>10s} {'tok/s':>7s} {'top-1':>6s} {'KL':>8s} {'greedy=':>7s} {'prefix':>6s}"
     lines = [head + "".join(f" {k[:10]:>10s}" for k in kinds)]
     for r in results:
-        line = (f"{r.setting:24s} {r.weight_mb:10.1f} {r.tokens_per_s:7.2f} {r.top1:6.3f} {r.kl:8.5f} "
-                f"{r.greedy_equal:7.2f} {r.greedy_prefix:6.2f}")  # fmt: skip
+        line = (
+            f"{r.setting:24s} {r.weight_mb:10.1f} {r.tokens_per_s:7.2f} {r.top1:6.3f} {r.kl:8.5f} "
+            f"{r.greedy_equal:7.2f} {r.greedy_prefix:6.2f}"
+        )
         lines.append(line + "".join(f" {(r.demo or {}).get(k, float('nan')):10.2f}" for k in kinds))
     return "\n".join(lines)

@@ -33,10 +33,12 @@ def choose_routes(
         route = "hybrid" if _visual(request) or "genai" not in available else "genai"
     if route not in available:
         reason = (unavailable or {}).get(route)
-        raise RouteError(f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded")
+        raise RouteError(
+            f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded"
+        )
     if not can_serve(route, request):
-        served = "text only" if route == "genai" else "text and pictures"
-        raise RouteError(f"the {route} route serves {served}: this conversation has {_visual(request)}; use auto or hybrid")
+        served = "GenAI route serves text only" if route == "genai" else "remote route serves text and pictures"
+        raise RouteError(f"the {served}: this conversation has {_visual(request)}; use auto or hybrid")
     return (route,)
 
 

@@ -6,7 +6,7 @@ tokenizer as U+FFFD) is held back, and so is any tail that could still grow into
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"
 

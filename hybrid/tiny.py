@@ -8,9 +8,9 @@ export load like any downloaded one. Tests, the benchmark presets and the demo m
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 # Qwen's special tokens, in the order the real tokenizer assigns them after its byte-level vocabulary.
 SPECIAL_TOKENS = (
@@ -138,9 +138,11 @@ def build_processor(tokenizer, spec: TinySpec):
             "longest_edge": spec.video_max_pixels or defaults["longest_edge"],
         }
     video_processor = Qwen3VLVideoProcessor(
-        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+        patch_size=spec.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
         **{key: value for key, value in own.items() if value is not None},
-    )  # fmt: skip
+    )
     return Qwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -147,9 +147,7 @@ class Answer:
         }
 
 
-def collect(
-    route: RouteName, chunks: Iterable[Chunk], on_text: Callable[[str], None] | None = None
-) -> dict[str, Any]:
+def collect(route: RouteName, chunks: Iterable[Chunk], on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Drain one route's chunk stream into `Answer.to_dict()`'s shape, handing each piece of text
     to `on_text` as it arrives."""
     answer = Answer(route)

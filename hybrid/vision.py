@@ -69,13 +69,17 @@ class VisionTower:
         if backend is None:
             backend = "onnx" if graph.is_file() else "torch"
             if backend == "torch":
-                log.warning("%s has no ONNX vision tower (exported before it existed): running the slower "
-                            "PyTorch tower; export the bundle again for the faster one", folder)  # fmt: skip
+                log.warning(
+                    "%s has no ONNX vision tower (exported before it existed): running the slower "
+                    "PyTorch tower; export the bundle again for the faster one",
+                    folder,
+                )
         if backend not in VISION_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(VISION_BACKENDS)}, got {backend!r}")
         if backend == "onnx" and not graph.is_file():
-            raise BundleError(f"{folder} has no ONNX vision tower ({graph.name}): export the bundle again, "
-                              "or run the PyTorch tower")  # fmt: skip
+            raise BundleError(
+                f"{folder} has no ONNX vision tower ({graph.name}): export the bundle again, or run the PyTorch tower"
+            )
         config = _load_config(folder)
         self.backend = backend
         self.spatial_merge_size = config.spatial_merge_size
@@ -157,4 +161,3 @@ def _int8_linears(model: torch.nn.Module) -> torch.nn.Module:
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     gc.collect()  # the replaced fp32 linears sit in reference cycles: free their weights now
     return model
-

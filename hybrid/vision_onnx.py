@@ -44,9 +44,12 @@ class GridInputs:
 
         # the same calls, with the same arguments, as `Qwen3VLVisionModel.forward`
         indices, weights = get_vision_interpolation_indices_and_weights(
-            grid_thw, num_grid_per_side=self.num_grid_per_side, mode="bilinear", align_corners=True,
+            grid_thw,
+            num_grid_per_side=self.num_grid_per_side,
+            mode="bilinear",
+            align_corners=True,
             spatial_merge_size=self.spatial_merge_size,
-        )  # fmt: skip
+        )
         with torch.inference_mode():
             pos_embeds = (self.pos_embed[indices] * weights[:, :, None]).sum(1)  # (N, H)
             position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)  # (N, 2)
@@ -76,9 +79,13 @@ class OnnxVisionTower:
             raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
         self.grid_inputs = GridInputs(self.config, pos_embed)
         try:
-            self.session = ort.InferenceSession(str(graph_path), session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(graph_path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types for a bad or missing file
-            raise BundleError(f"cannot load the ONNX vision tower {graph_path}: {exc}; export the bundle again") from exc
+            raise BundleError(
+                f"cannot load the ONNX vision tower {graph_path}: {exc}; export the bundle again"
+            ) from exc
         self.has_deepstack = len(self.session.get_outputs()) > 1
 
     def run(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -75,11 +75,13 @@ def checkpoint(workdir):
 def bundle(workdir, checkpoint):
     """`bundle(name, precision[, int4])` -> folder of the exported bundle (GenAI model included);
     `int4`: the INT4 scheme of the decoder, if not the default."""
+
     def get(name: str = "base", precision: str = "fp32", int4: Int4Scheme | None = None) -> Path:
         label = f"{name}-{precision}" + (f"-{int4.name}" if int4 else "")
         options = {"int4": int4} if int4 else {}
         return _memo(
-            ("bundle", label), lambda: export_bundle(str(checkpoint(name)), workdir / f"bundle-{label}", precision, **options)
+            ("bundle", label),
+            lambda: export_bundle(str(checkpoint(name)), workdir / f"bundle-{label}", precision, **options),
         )
 
     return get
@@ -88,6 +90,7 @@ def bundle(workdir, checkpoint):
 @pytest.fixture(scope="session")
 def pipeline(bundle):
     """`pipeline(name, precision[, int4])` -> a loaded `Pipeline`, shared across tests."""
+
     def get(name: str = "base", precision: str = "fp32", int4: Int4Scheme | None = None):
         return _memo(("pipeline", name, precision, int4), lambda: Pipeline.load(bundle(name, precision, int4)))
 
@@ -97,6 +100,7 @@ def pipeline(bundle):
 @pytest.fixture(scope="session")
 def demo_bundle(workdir):
     """`demo_bundle(precision)` -> the shipped demo model (assets/demo-model), exported here."""
+
     def get(precision: str = "fp32") -> Path:
         return _memo(
             ("demo", precision), lambda: export_bundle(str(DEMO_MODEL), workdir / f"demo-{precision}", precision)
@@ -115,9 +119,14 @@ def draw_scene(size: tuple[int, int], colour: tuple[int, int, int], box_frac=(0.
 
 
 def write_video(
-    path: Path, frames: int = 8, size: tuple[int, int] = (96, 64), fps: int = 4, colour=(200, 30, 30),
-    codec: str = "mpeg4", options: dict[str, str] | None = None,
-) -> Path:  # fmt: skip
+    path: Path,
+    frames: int = 8,
+    size: tuple[int, int] = (96, 64),
+    fps: int = 4,
+    colour=(200, 30, 30),
+    codec: str = "mpeg4",
+    options: dict[str, str] | None = None,
+) -> Path:
     """A test clip written with PyAV: a square of `colour` moving left to right on a light background."""
     import av
 

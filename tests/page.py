@@ -29,8 +29,17 @@ def named(service: ChatService, update: dict) -> dict[str, Any]:
     return {names[id(component)]: value for component, value in update.items()}
 
 
-def chat_updates(service: ChatService, message, turns=(), route="auto", sampling=(), history=(), name="s1",
-                 detail: str | None = None, host: str = "127.0.0.1") -> list[dict[str, Any]]:  # fmt: skip
+def chat_updates(
+    service: ChatService,
+    message,
+    turns=(),
+    route="auto",
+    sampling=(),
+    history=(),
+    name="s1",
+    detail: str | None = None,
+    host: str = "127.0.0.1",
+) -> list[dict[str, Any]]:
     """All the updates of one chat request, by field name."""
     asked = service.chat(message, list(turns), settings(route, sampling, detail), list(history), session(name, host))
     return [named(service, update) for update in asked]

@@ -8,9 +8,8 @@ import shutil
 from dataclasses import replace
 
 import gradio as gr
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from app import main as app_main
@@ -24,10 +23,22 @@ from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
 from hybrid.types import ROUTE_NAMES
 from tests.page import chat_updates, last, make_service, named, session, settings
-from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
 from web.admission import Admission
+from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
 from web.service import ChatService
-from web.view import LATENCY_COLUMNS, ROUTE_COLOURS, ROUTE_LABELS, Figure, Question, Reply, RouteRun, Turn, box_figure, to_chatbot, to_request
+from web.view import (
+    LATENCY_COLUMNS,
+    ROUTE_COLOURS,
+    ROUTE_LABELS,
+    Figure,
+    Question,
+    Reply,
+    RouteRun,
+    Turn,
+    box_figure,
+    to_chatbot,
+    to_request,
+)
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (24.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -142,7 +153,9 @@ def test_every_routes_boxes_are_drawn_on_the_latest_picture_in_its_colour():
     assert tuple(drawn[100, 40]) == ROUTE_COLOURS["pytorch"]  # the left edge of the box, x = 100/1000 * 400
     assert (drawn == ROUTE_COLOURS["hybrid"]).all(axis=-1).any()
     assert not (drawn == ROUTE_COLOURS["genai"]).all(axis=-1).any()
-    assert "PyTorch reference: 1 box (cat)" in figure.text and "Hybrid ONNX" in figure.text and "GenAI" not in figure.text
+    assert (
+        "PyTorch reference: 1 box (cat)" in figure.text and "Hybrid ONNX" in figure.text and "GenAI" not in figure.text
+    )
     answered = [*turns, Reply(CAT, route="pytorch"), figure]
     messages = to_request([*answered, Question("And the dog?")], SamplingConfig()).messages
     assert [m.text for m in messages[-2:]] == [CAT, "And the dog?"], "the picture with boxes is not part of the prompt"
@@ -281,8 +294,20 @@ def test_no_endpoint_takes_a_model_bundle_or_server_path(pipeline):
     loaded = pipeline("base")
     info = build_demo(loaded, describe(loaded)).get_api_info()
     assert not info.get("unnamed_endpoints")
-    allowed = {"prompt", "message", "image", "route", "max_new_tokens", "temperature", "top_p", "top_k",
-               "repetition_penalty", "seed", "image_detail", "greedy"}  # fmt: skip
+    allowed = {
+        "prompt",
+        "message",
+        "image",
+        "route",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "image_detail",
+        "greedy",
+    }
     for name, endpoint in info["named_endpoints"].items():
         params = {p["parameter_name"]: p["component"] for p in endpoint["parameters"]}
         assert set(params) <= allowed, (name, params)

@@ -19,8 +19,11 @@ ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_r
 def test_presets_have_the_real_shapes():
     spec = preset_spec("2b", None)
     assert (spec.hidden_size, spec.num_hidden_layers, spec.num_attention_heads, spec.num_key_value_heads) == (
-        2048, 28, 16, 8,
-    )  # fmt: skip
+        2048,
+        28,
+        16,
+        8,
+    )
     assert spec.vocab_size == 151936 and spec.tie_word_embeddings
     assert preset_spec("4b", 6).num_hidden_layers == 6 and preset_spec("4b", None).hidden_size == 2560
 
@@ -39,9 +42,26 @@ def test_the_routes_take_turns_going_first():
 
 def test_tiny_bench_report(tmp_path):
     command = [
-        sys.executable, "-m", "hybrid", "bench", "--preset", "tiny", "--image", "64x64", "--new-tokens", "6",
-        "--runs", "1", "--prompt-tokens", "8", "--cache", str(tmp_path), "--json", "--follow-up", "--detail",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "hybrid",
+        "bench",
+        "--preset",
+        "tiny",
+        "--image",
+        "64x64",
+        "--new-tokens",
+        "6",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--cache",
+        str(tmp_path),
+        "--json",
+        "--follow-up",
+        "--detail",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

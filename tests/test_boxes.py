@@ -78,6 +78,8 @@ def test_boxes_are_drawn_where_the_scale_says_in_each_groups_colour():
 
 def test_labels_and_points_are_drawn():
     image = Image.new("RGB", (300, 300), (255, 255, 255))
-    drawn = np.asarray(draw_boxes(image, [([Box("dog", None, (500, 500)), Box("cat", (100, 500, 300, 900))], (0, 128, 0))]))
+    drawn = np.asarray(
+        draw_boxes(image, [([Box("dog", None, (500, 500)), Box("cat", (100, 500, 300, 900))], (0, 128, 0))])
+    )
     assert tuple(drawn[150, 150]) == (0, 128, 0), "a point is a filled dot"
     assert np.all(drawn[130:148, 30:60] == (255, 255, 255), axis=-1).sum() < 18 * 30, "a label sits above the box"

@@ -17,17 +17,21 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from hybrid.launch import describe
-from web.page import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
 from hybrid.pipeline import Pipeline
 from tests.helpers import free_port
+from web.page import EXAMPLES, EXAMPLES_DIR, build_demo, launch_demo
 
 pytestmark = pytest.mark.slow  # exports the demo model and drives Chromium
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 120_000  # generous: the machine may be busy; every wait is on a condition
 
 

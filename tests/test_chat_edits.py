@@ -39,18 +39,24 @@ def handler_updates(service, handler, data, turns, name: str) -> list:
 def test_retry_answers_the_question_again_and_drops_what_followed(service):
     turns = converse(service, "retry")
     first_question = bubble_of(turns, 0)
-    updates = handler_updates(service, service.retry, gr.RetryData(None, {"index": first_question, "value": ""}), turns, "retry")
+    updates = handler_updates(
+        service, service.retry, gr.RetryData(None, {"index": first_question, "value": ""}), turns, "retry"
+    )
     again = last(updates, "turns")
     assert [t.role for t in again] == ["user", "assistant"]
     assert again[0] == turns[0] and again[1].text == turns[1].text  # greedy: the same answer
     last_question = bubble_of(turns, 2)
-    updates = handler_updates(service, service.retry, gr.RetryData(None, {"index": last_question, "value": ""}), turns, "retry")
+    updates = handler_updates(
+        service, service.retry, gr.RetryData(None, {"index": last_question, "value": ""}), turns, "retry"
+    )
     assert [t.text for t in last(updates, "turns")[:3]] == [t.text for t in turns[:3]]
 
 
 def test_edit_asks_the_new_question_with_the_same_pictures(service):
     turns = converse(service, "edit")
-    data = gr.EditData(None, {"index": bubble_of(turns, 0), "value": "How many shapes are there?", "previous_value": ""})
+    data = gr.EditData(
+        None, {"index": bubble_of(turns, 0), "value": "How many shapes are there?", "previous_value": ""}
+    )
     edited = last(handler_updates(service, service.edit, data, turns, "edit"), "turns")
     assert [t.role for t in edited] == ["user", "assistant"]
     assert edited[0].text == "How many shapes are there?" and edited[0].paths == turns[0].paths
@@ -59,7 +65,9 @@ def test_edit_asks_the_new_question_with_the_same_pictures(service):
 
 def test_undo_takes_the_question_back_into_the_textbox(service):
     turns = converse(service, "undo")
-    update = named(service, service.undo(gr.UndoData(None, {"index": bubble_of(turns, 2), "value": ""}), turns, session("undo")))
+    update = named(
+        service, service.undo(gr.UndoData(None, {"index": bubble_of(turns, 2), "value": ""}), turns, session("undo"))
+    )
     assert update["turns"] == turns[:2]
     assert update["prompt"] == {"text": "And its colour?", "files": []}
 

@@ -25,7 +25,11 @@ def test_a_generation_config_becomes_sampling_settings():
     assert own.settings(greedy=False)["temperature"] == 0.7
     assert own.settings(greedy=True)["temperature"] == 0.0
     plain = CheckpointSampling.from_generation_config({"eos_token_id": 5})
-    assert not plain.do_sample and (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 50)  # transformers' defaults
+    assert not plain.do_sample and (plain.temperature, plain.top_p, plain.top_k) == (
+        1.0,
+        1.0,
+        50,
+    )  # transformers' defaults
     with pytest.raises(UserError, match="top_p"):
         CheckpointSampling.from_generation_config({**QWEN3_VL_INSTRUCT, "top_p": 0.0})
 
@@ -47,7 +51,11 @@ def sampling_pipeline(bundle, tmp_path_factory):
 
 
 def _control(demo, elem_id: str | None = None, label: str | None = None):
-    found = [b for b in demo.blocks.values() if (elem_id and b.elem_id == elem_id) or (label and getattr(b, "label", None) == label)]
+    found = [
+        b
+        for b in demo.blocks.values()
+        if (elem_id and b.elem_id == elem_id) or (label and getattr(b, "label", None) == label)
+    ]
     assert len(found) == 1
     return found[0]
 
@@ -58,14 +66,18 @@ def test_the_controls_start_from_the_checkpoint(sampling_pipeline, pipeline):
     assert _control(demo, label="Temperature").value == 0.7
     assert _control(demo, label="Top-p").value == 0.8
     assert _control(demo, label="Top-k").value == 20
-    assert _control(build_demo(pipeline("base"), describe(pipeline("base"))), elem_id="greedy").value is True  # no config: greedy
+    assert (
+        _control(build_demo(pipeline("base"), describe(pipeline("base"))), elem_id="greedy").value is True
+    )  # no config: greedy
 
 
 def test_greedy_overrides_the_temperature_for_every_route(sampling_pipeline):
     service = make_service(sampling_pipeline)
     asked = []
     prepare = service._prepare
-    service._prepare = lambda message, turns, chosen, *rest: asked.append(chosen.sampling) or prepare(message, turns, chosen, *rest)
+    service._prepare = lambda message, turns, chosen, *rest: asked.append(chosen.sampling) or prepare(
+        message, turns, chosen, *rest
+    )
     for greedy in (True, False):
         chosen = settings("hybrid", (8.0, 0.7, 0.8, 20.0, 1.0, 3.0), "low", greedy)
         updates = service.chat({"text": "Hello!", "files": []}, [], chosen, [], session(f"g{greedy}"))

@@ -13,10 +13,10 @@ from gradio_client.exceptions import AppError
 
 from app import RATE_LIMIT, parse_args
 from hybrid.launch import describe
-from web.admission import Admission
-from web.page import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, build_demo, launch_demo
 from hybrid.limits import RateLimiter
 from tests.helpers import free_port
+from web.admission import Admission
+from web.page import EXAMPLES, EXAMPLES_DIR, MAX_FILE_SIZE, build_demo, launch_demo
 
 REPO = Path(__file__).resolve().parents[1]
 QUEUE = 8  # smaller than the app's default, so that 16 requests at once overflow it
@@ -114,8 +114,9 @@ def test_login_is_required_when_auth_is_set(pipeline):
     loaded = pipeline("base")
     demo = build_demo(loaded, describe(loaded))
     port = free_port()
-    launch_demo(demo, server_name="127.0.0.1", server_port=port, auth=("ada", "s3cret"), prevent_thread_lock=True,
-                quiet=True)  # fmt: skip
+    launch_demo(
+        demo, server_name="127.0.0.1", server_port=port, auth=("ada", "s3cret"), prevent_thread_lock=True, quiet=True
+    )
     try:
         with pytest.raises(Exception, match="(?i)login|auth|401|403"):
             Client(demo.local_url, verbose=False)

@@ -101,7 +101,9 @@ def test_served_prompts_are_the_training_prompts(demo_bundle):
     scene = scenes.random_scene(np.random.default_rng(5))
     asked = scenes.Exchange("text", "How many shapes are there?", "Two shapes.", scene)
     for history, question, picture in (
-        ((), "Locate every shape.", scene), ((), "What is 3 plus 4?", None), ((asked,), "Locate every shape.", scene)
+        ((), "Locate every shape.", scene),
+        ((), "What is 3 plus 4?", None),
+        ((asked,), "Locate every shape.", scene),
     ):
         images = (scene.render(),) if picture else ()
         messages = [m for e in history for m in (Message("user", e.question, images), Message("assistant", e.answer))]

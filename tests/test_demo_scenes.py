@@ -109,7 +109,9 @@ def test_answers_name_the_scene():
     assert scenes.ask("colour", one, rng).answer == "Purple."
     assert scenes.ask("position", one, rng).answer == "In the bottom right."
     assert scenes.ask("count", one, rng).answer == "One shape."
-    three = scene_of(item("star", "purple", 0.8, 0.8), item("circle", "orange", 0.5, 0.5), item("star", "red", 0.1, 0.1))
+    three = scene_of(
+        item("star", "purple", 0.8, 0.8), item("circle", "orange", 0.5, 0.5), item("star", "red", 0.1, 0.1)
+    )
     assert scenes.ask("describe", three, rng).answer == (
         "A red star in the top left, an orange circle in the centre and a purple star in the bottom right."
     )

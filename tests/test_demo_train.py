@@ -33,7 +33,9 @@ def test_shared_vision_rows_equal_the_standard_forward():
         assert {row.picture for row in rows} == {0, 1, 2, None}
         for i, row in enumerate(rows):
             questions, answers = [e.question for e in row.exchanges], [e.answer for e in row.exchanges]
-            text = "".join(train.row_segments(processor, row, [1, 1, 1])).replace(processor.image_token * 1, processor.image_token)
+            text = "".join(train.row_segments(processor, row, [1, 1, 1])).replace(
+                processor.image_token * 1, processor.image_token
+            )
             # the whole conversation is the template's prompt for one more question, less that question
             assert conversation_prompt(processor, [*questions, "?"], answers, row.picture is not None).startswith(text)
             images = [pictures[row.picture].render()] if row.picture is not None else None
@@ -82,7 +84,10 @@ def test_a_resumed_training_ends_where_an_unbroken_one_does(tmp_path):
     assert (resumed.phase, resumed.step) == ("joint", 2)
     for (name, a), b in zip(whole.trainer.model.state_dict().items(), resumed.trainer.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(whole.trainer.model.lm_head.weight, train.start(tmp_path / "x", tmp_path / "x.state", cfg, spec).trainer.model.lm_head.weight)
+    assert not torch.equal(
+        whole.trainer.model.lm_head.weight,
+        train.start(tmp_path / "x", tmp_path / "x.state", cfg, spec).trainer.model.lm_head.weight,
+    )
 
 
 def test_bad_training_settings_are_refused_with_what_is_wrong():

@@ -9,9 +9,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from tests.page import chat_updates, last, make_service, named, session
 from web.page import EXAMPLES, EXAMPLES_DIR
 from web.view import Figure, Question, Reply, Turn, conversation_record
-from tests.page import chat_updates, last, make_service, named, session
 
 # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed (as the sliders send them)
 GREEDY = (8.0, 0.0, 1.0, 0.0, 1.0, 0.0)
@@ -41,7 +41,9 @@ def test_the_download_holds_messages_routes_and_timings(service):
     assert roles == ["user", "assistant", "user", "assistant"]
     first, answer = record["messages"][:2]
     assert first == {"role": "user", "text": "What shape is this?", "files": [EXAMPLES[0][0]]}, "names, no folders"
-    assert answer["route"] == "hybrid" and answer["text"] == turns[1].text and answer["finish_reason"] in ("eos", "length")
+    assert (
+        answer["route"] == "hybrid" and answer["text"] == turns[1].text and answer["finish_reason"] in ("eos", "length")
+    )
     assert answer["timings"]["ttft_ms"] > 0 and answer["timings"]["decode_tokens"] > 0
     assert record["messages"][3]["route"] == "hybrid", "the conversation has a picture: the follow-up too"
 

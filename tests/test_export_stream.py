@@ -34,7 +34,11 @@ def decoder_feeds(session: ort.InferenceSession, seed: int = 0, past: int = 2, s
     """A prefill of `seq` tokens after `past` cached ones, distinct t/h/w positions and DeepStack maps."""
     rng = np.random.default_rng(seed)
     inputs = {i.name: i.shape for i in session.get_inputs()}
-    hidden, kv_heads, head_dim = inputs["inputs_embeds"][2], inputs["past_key_values.0.key"][1], inputs["past_key_values.0.key"][3]
+    hidden, kv_heads, head_dim = (
+        inputs["inputs_embeds"][2],
+        inputs["past_key_values.0.key"][1],
+        inputs["past_key_values.0.key"][3],
+    )
     steps = np.arange(past, past + seq)
     feeds = {
         "inputs_embeds": rng.standard_normal((1, seq, hidden), dtype=np.float32),
@@ -100,9 +104,15 @@ def test_bundle_parts_are_the_checkpoint_widened(bf16_checkpoint, tmp_path):
 # largest tensor an eighth of them, as in the real models)
 MEMORY_SPEC = replace(
     TinySpec(),
-    hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-    mrope_section=(12, 10, 10), intermediate_size=2048, vocab_size=8000,
-)  # fmt: skip
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    mrope_section=(12, 10, 10),
+    intermediate_size=2048,
+    vocab_size=8000,
+)
 
 # Exports a tiny model first (every import and lazy code path), resets the peak (Linux's clear_refs),
 # then exports the measured one and reports the peak it added over the resident memory before.
@@ -133,8 +143,11 @@ def test_export_peak_memory_stays_below_the_weights(checkpoint, workdir, tmp_pat
     out = tmp_path / "bundle"
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, str(checkpoint("base")), str(source), str(out), precision],
-        capture_output=True, text=True, cwd=ROOT, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     added_mb = measured["peak_mb"] - measured["before_mb"]
     fp32_mb = sum(p.stat().st_size for p in source.glob("*.safetensors")) * 2 / 2**20  # bf16 on disk
@@ -157,11 +170,28 @@ def test_genai_int4_is_the_builders_own_int4(bf16_checkpoint, tmp_path):
     build_genai(bf16_checkpoint, ours, "int4", AutoProcessor.from_pretrained(str(bf16_checkpoint)))
     builders = tmp_path / "builder"
     subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(bf16_checkpoint), "-o", str(builders),
-         "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options", "exclude_embeds=false",
-         "shared_embeddings=false", f"int4_accuracy_level={ACCURACY_LEVEL}"],
-        capture_output=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(bf16_checkpoint),
+            "-o",
+            str(builders),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(tmp_path / "cache"),
+            "--extra_options",
+            "exclude_embeds=false",
+            "shared_embeddings=false",
+            f"int4_accuracy_level={ACCURACY_LEVEL}",
+        ],
+        capture_output=True,
+        check=True,
+    )
     a, b = (onnx.load(str(folder / "model.onnx")) for folder in (ours, builders))
     assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
     assert any(n.op_type == "MatMulNBits" for n in a.graph.node)

@@ -74,8 +74,20 @@ def test_a_large_picture_is_scaled_not_refused(pipeline, large_picture):
 
 
 def test_cli_takes_max_image_tokens(bundle, large_picture, capsys):
-    argv = ["generate", "--bundle", str(bundle("base")), "--prompt", "What is this?", "--image", large_picture,
-            "--route", "hybrid", "--max-new-tokens", "3", "--json"]  # fmt: skip
+    argv = [
+        "generate",
+        "--bundle",
+        str(bundle("base")),
+        "--prompt",
+        "What is this?",
+        "--image",
+        large_picture,
+        "--route",
+        "hybrid",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]
     assert cli_main([*argv, "--max-image-tokens", "2"]) == 0
     assert cli_main(argv) == 0
     low, default = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())

@@ -30,8 +30,14 @@ def serve(pipeline, admission: Admission, config: ApiConfig) -> tuple:
     """The page and the API of `pipeline` on a free localhost port: (demo, base URL)."""
     demo = build_demo(pipeline, describe(pipeline), admission=admission)
     api = ChatApi(pipeline, admission, config)
-    launch_demo(demo, routes=api.routes(), server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                quiet=True)  # fmt: skip
+    launch_demo(
+        demo,
+        routes=api.routes(),
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+    )
     return demo, demo.local_url.rstrip("/")
 
 
@@ -60,8 +66,10 @@ def data_url(path_or_image, kind: str = "JPEG") -> str:
 
 
 def picture_message(text: str, url: str, detail: str = "auto") -> dict:
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": detail}},
-                                        {"type": "text", "text": text}]}  # fmt: skip
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url, "detail": detail}}, {"type": "text", "text": text}],
+    }
 
 
 EXAMPLE = str(EXAMPLES_DIR / EXAMPLES[0][0])
@@ -72,23 +80,28 @@ def test_the_model_list_names_auto_and_the_loaded_routes(client):
 
 
 def test_a_picture_is_answered_by_the_hybrid_route_as_the_pipeline_answers_it(client, pipeline):
-    reply = client.chat.completions.create(model="auto", messages=[picture_message("What shape is this?", data_url(EXAMPLE))],
-                                           **GREEDY)  # fmt: skip
+    reply = client.chat.completions.create(
+        model="auto", messages=[picture_message("What shape is this?", data_url(EXAMPLE))], **GREEDY
+    )
     assert reply.object == "chat.completion" and reply.model == "hybrid"
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.role == "assistant"
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > reply.usage.completion_tokens
     timings = reply.model_extra["timings"]
     assert timings["route"] == "hybrid" and timings["vision_ms"] > 0 and timings["image_tokens"]
-    reference = client.chat.completions.create(model="pytorch", messages=[picture_message("What shape is this?", data_url(EXAMPLE))],
-                                               **GREEDY)  # fmt: skip
+    reference = client.chat.completions.create(
+        model="pytorch", messages=[picture_message("What shape is this?", data_url(EXAMPLE))], **GREEDY
+    )
     assert reference.choices[0].message.content == reply.choices[0].message.content, "greedy: the routes agree"
 
 
 def test_streaming_gives_the_same_answer_as_a_whole_one(client):
     messages = [picture_message("Describe the image in one sentence.", data_url(EXAMPLE))]
     whole = client.chat.completions.create(model="hybrid", messages=messages, **GREEDY)
-    chunks = list(client.chat.completions.create(model="hybrid", messages=messages, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="hybrid", messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and len([c for c in chunks if c.choices]) > 3
@@ -99,7 +112,9 @@ def test_streaming_gives_the_same_answer_as_a_whole_one(client):
 
 def test_the_stream_ends_with_done(served):
     body = {"model": "genai", "messages": [{"role": "user", "content": "Hello!"}], "stream": True, **GREEDY}
-    text = httpx.post(f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
+    text = httpx.post(
+        f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ).text
     events = [line for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) > 3
 
@@ -107,8 +122,11 @@ def test_the_stream_ends_with_done(served):
 def test_a_follow_up_reuses_the_kept_prefix_and_equals_a_fresh_answer(client, pipeline):
     first = [picture_message("What colour is the shape?", data_url(EXAMPLE))]
     answer = client.chat.completions.create(model="hybrid", messages=first, **GREEDY)
-    follow = [*first, {"role": "assistant", "content": answer.choices[0].message.content},
-              {"role": "user", "content": "And where is it?"}]  # fmt: skip
+    follow = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "And where is it?"},
+    ]
     reused = client.chat.completions.create(model="hybrid", messages=follow, **GREEDY)
     assert reused.usage.prompt_tokens_details.cached_tokens > answer.usage.prompt_tokens // 2
     pipeline("base").forget("pool:api")  # nothing kept: the same request from scratch
@@ -119,15 +137,21 @@ def test_a_follow_up_reuses_the_kept_prefix_and_equals_a_fresh_answer(client, pi
 
 def test_text_goes_to_genai_with_a_system_message(client):
     reply = client.chat.completions.create(
-        model="genai", messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}],
+        model="genai",
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}],
         **GREEDY,
-    )  # fmt: skip
+    )
     assert reply.model == "genai" and reply.usage.completion_tokens > 0
 
 
 BAD = [
     ("bad base64", {"messages": [picture_message("Hi", "data:image/png;base64,@@@not-base64@@@")]}, 400, "base64"),
-    ("not an image", {"messages": [picture_message("Hi", "data:image/png;base64," + base64.b64encode(b"hello").decode())]}, 400, "not a readable image"),
+    (
+        "not an image",
+        {"messages": [picture_message("Hi", "data:image/png;base64," + base64.b64encode(b"hello").decode())]},
+        400,
+        "not a readable image",
+    ),
     ("a file: URL", {"messages": [picture_message("Hi", "file:///etc/passwd")]}, 400, "not accepted"),
     ("a server URL", {"messages": [picture_message("Hi", "http://127.0.0.1:1/x.png")]}, 400, "data URLs only"),
     ("unknown model", {"model": "gpt-4o"}, 404, "no model"),
@@ -136,20 +160,34 @@ BAD = [
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
     ("unknown field", {"frobnicate": True}, 400, "frobnicate"),
     ("no messages", {"messages": []}, 400, "messages"),
-    ("an oversized data URL", {"messages": [picture_message("Hi", "data:image/png;base64," + "A" * (28 * 2**20))]}, 413, "MB"),
+    (
+        "an oversized data URL",
+        {"messages": [picture_message("Hi", "data:image/png;base64," + "A" * (28 * 2**20))]},
+        413,
+        "MB",
+    ),
     ("temperature as text", {"temperature": "hot"}, 400, "temperature"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case, change, status, words", BAD, ids=[case for case, *_ in BAD])
-def test_each_refused_input_is_a_4xx_in_the_error_shape_and_the_server_keeps_serving(served, case, change, status, words):
+def test_each_refused_input_is_a_4xx_in_the_error_shape_and_the_server_keeps_serving(
+    served, case, change, status, words
+):
     body = {"model": "auto", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, **change}
-    refused = httpx.post(f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    refused = httpx.post(
+        f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
     assert refused.status_code == status, refused.text
     error = refused.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and words in error["message"], error
     fine = {"model": "genai", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4}
-    assert httpx.post(f"{served}/v1/chat/completions", json=fine, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            f"{served}/v1/chat/completions", json=fine, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ).status_code
+        == 200
+    )
 
 
 def test_a_body_that_is_not_json_is_a_400(served):
@@ -166,7 +204,9 @@ def test_the_key_is_required(served):
 
 
 def test_a_shared_link_without_a_key_has_no_api(pipeline):
-    demo, url = serve(pipeline("base"), Admission(), ApiConfig(enabled=False, off_reason="a public link without --api-key"))
+    demo, url = serve(
+        pipeline("base"), Admission(), ApiConfig(enabled=False, off_reason="a public link without --api-key")
+    )
     try:
         refused = httpx.get(f"{url}/v1/models")
         assert refused.status_code == 404 and "the API is off" in refused.json()["error"]["message"]
@@ -195,7 +235,9 @@ def test_a_full_queue_is_a_429_and_the_cpu_is_shared(pipeline):
     body = {"model": "genai", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2}
     try:
         with admission.cpu():  # a page request on the CPU
-            waiting = threading.Thread(target=httpx.post, args=(f"{url}/v1/chat/completions",), kwargs={"json": body, "timeout": 60})
+            waiting = threading.Thread(
+                target=httpx.post, args=(f"{url}/v1/chat/completions",), kwargs={"json": body, "timeout": 60}
+            )
             waiting.start()
             deadline = time.monotonic() + 10
             while admission.refusal() is None and time.monotonic() < deadline:
@@ -209,13 +251,24 @@ def test_a_full_queue_is_a_429_and_the_cpu_is_shared(pipeline):
         demo.close()
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1/x.png", "http://localhost:8080/x.png", "http://10.1.2.3/x.png",
-                                 "https://192.168.0.7/x.png", "http://169.254.169.254/latest", "http://[::1]/x.png"])  # fmt: skip
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x.png",
+        "http://localhost:8080/x.png",
+        "http://10.1.2.3/x.png",
+        "https://192.168.0.7/x.png",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x.png",
+    ],
+)
 def test_url_pictures_are_never_fetched_from_local_or_private_addresses(url):
     """With --allow-url-images: refused on the resolved address, before any connection is made."""
     from web.openai_request import ApiError, Context, read_call
 
-    context = Context({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}, 10**6, None, allow_urls=True)
+    context = Context(
+        {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}, 10**6, None, allow_urls=True
+    )
     body = {"model": "auto", "messages": [picture_message("Hi", url)]}
     with pytest.raises(ApiError, match="not a public address") as refused:
         read_call(body, context, None)

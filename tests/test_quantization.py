@@ -137,7 +137,9 @@ def test_the_fidelity_figures_are_consistent(checkpoint, tmp_path):
     write_npy(embed, tensors.shape(name), lambda rows: tensors.read(name, rows))
     export.export_decoder(tensors, config, tmp_path / "fp32" / "decoder.onnx", "fp32")
     coarse = Int4Setting(128)
-    export.export_decoder(tensors, config, tmp_path / "coarse" / "decoder.onnx", "int4", int4=Int4Scheme(coarse, coarse))
+    export.export_decoder(
+        tensors, config, tmp_path / "coarse" / "decoder.onnx", "int4", int4=Int4Scheme(coarse, coarse)
+    )
     decoders = {
         FP32: (tmp_path / "fp32" / "decoder.onnx", embed),
         "again": (tmp_path / "fp32" / "decoder.onnx", embed),

@@ -32,8 +32,10 @@ def start_app(bundle: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "app.py", "--bundle", str(bundle), "--port", str(port), "--rate-limit", "0"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -69,13 +71,18 @@ def test_the_remote_route_answers_as_the_same_bundles_local_route(with_remote):
     remote, local = run(with_remote, request, "remote"), run(with_remote, request, "hybrid")
     assert remote["text"] == local["text"] and remote["text"], "greedy: the same bundle gives the same answer"
     timings = remote["timings"]
-    assert timings["decode_tokens"] == len(local["token_ids"]) and timings["prompt_tokens"] == local["timings"]["prompt_tokens"]
+    assert (
+        timings["decode_tokens"] == len(local["token_ids"])
+        and timings["prompt_tokens"] == local["timings"]["prompt_tokens"]
+    )
     assert timings["ttft_ms"] > 0 and timings["total_ms"] >= timings["ttft_ms"]
 
 
 def test_compare_all_shows_the_remote_beside_the_local_routes(with_remote):
     service = make_service(with_remote)
-    updates = chat_updates(service, {"text": "Hello!", "files": []}, route="compare", sampling=(8.0, 0.0, 1.0, 0.0, 1.0, 0.0))
+    updates = chat_updates(
+        service, {"text": "Hello!", "files": []}, route="compare", sampling=(8.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+    )
     assert last(updates, "latency")["route"].tolist() == ["hybrid", "genai", "remote"]
     assert f"**Remote server**: hybrid at {with_remote.routes['remote'].base}" in header(describe(with_remote))
     texts = [t.text for t in last(updates, "turns") if t.role == "assistant"]
@@ -115,7 +122,9 @@ def test_a_malformed_stream_ends_in_a_clear_error(bundle):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        loaded = Pipeline.load(bundle("base"), only=("genai",), remote=RemoteConfig(f"http://127.0.0.1:{server.server_port}/v1"))
+        loaded = Pipeline.load(
+            bundle("base"), only=("genai",), remote=RemoteConfig(f"http://127.0.0.1:{server.server_port}/v1")
+        )
         chunks = loaded.stream(ask("Hello!"), "remote")
         assert next(chunks).text == "Hi"
         with pytest.raises(RouteError, match="malformed"):

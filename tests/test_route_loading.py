@@ -9,14 +9,14 @@ import shutil
 
 import pytest
 
-from hybrid.launch import describe
-from web.page import UNAVAILABLE, header, route_choices
 from hybrid.__main__ import main as cli_main
 from hybrid.errors import BundleError, RouteError
+from hybrid.launch import describe
 from hybrid.pipeline import Pipeline
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
 from tests.page import chat_updates, last, make_service
+from web.page import UNAVAILABLE, header, route_choices
 
 REFUSED = "cannot load the GenAI model"  # what GenAI says of a tokenizer it cannot parse
 
@@ -89,6 +89,7 @@ def test_the_page_shows_genai_unavailable_and_compare_skips_it(loaded):
     choices = dict((value, label) for label, value in route_choices(describe(loaded)))
     assert choices["genai"] == "GenAI" + UNAVAILABLE and choices["hybrid"] == "Hybrid ONNX"
     assert "GenAI is unavailable" in header(describe(loaded)) and REFUSED in header(describe(loaded))
-    updates = chat_updates(make_service(loaded), {"text": "Hello!", "files": []}, route="compare",
-                           sampling=(6.0, 0.0, 1.0, 0.0, 1.0, 0.0))  # fmt: skip
+    updates = chat_updates(
+        make_service(loaded), {"text": "Hello!", "files": []}, route="compare", sampling=(6.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+    )
     assert last(updates, "latency")["route"].tolist() == ["pytorch", "hybrid"]

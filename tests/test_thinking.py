@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-from web.view import Question, Reply, RouteRun, to_chatbot, to_request
 from hybrid.config import SamplingConfig
 from hybrid.layout import PROCESSOR_DIR
 from hybrid.metrics import Stopwatch
@@ -16,6 +15,7 @@ from hybrid.pipeline import Pipeline
 from hybrid.routes.common import Emitter
 from hybrid.thinking import opens_thinking, split_thinking
 from tests.page import last, make_service, named, session, settings
+from web.view import Question, Reply, RouteRun, to_chatbot, to_request
 
 # The test models' template, with Qwen3-VL-Thinking's habits: the generation prompt opens `<think>`,
 # and an earlier answer is sent without its thinking.
@@ -31,7 +31,10 @@ THINKING_TEMPLATE = (
 
 
 def test_a_reply_splits_into_thinking_and_answer():
-    assert split_thinking("The shape has 3 corners.</think>\n\nA triangle.", True) == ("The shape has 3 corners.", "A triangle.")
+    assert split_thinking("The shape has 3 corners.</think>\n\nA triangle.", True) == (
+        "The shape has 3 corners.",
+        "A triangle.",
+    )
     assert split_thinking("<think>hmm</think>Yes.", False) == ("hmm", "Yes.")
     assert split_thinking("still going", True) == ("still going", "")  # not closed yet: all thinking
     assert split_thinking("A plain answer.", False) == (None, "A plain answer.")

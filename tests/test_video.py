@@ -74,20 +74,31 @@ def test_prompt_equals_the_hf_processors(processors, clips, name, clip):
     video = processor.open_video(clips[clip], VideoLimits())
     messages = (Message("user", "What happens?", (draw_scene((64, 64), (30, 160, 30)),), (video,)),)
     ours = processor.prepare(messages)
-    metadata = [{"total_num_frames": video.total_num_frames, "fps": video.fps, "frames_indices": list(video.frames_indices),
-                 "width": video.frames.shape[2], "height": video.frames.shape[1]}]  # fmt: skip
+    metadata = [
+        {
+            "total_num_frames": video.total_num_frames,
+            "fps": video.fps,
+            "frames_indices": list(video.frames_indices),
+            "width": video.frames.shape[2],
+            "height": video.frames.shape[1],
+        }
+    ]
     theirs = processor.hf(
-        text=[processor.render(messages)], images=list(messages[0].images), videos=[video.frames],
-        video_metadata=metadata, do_sample_frames=False, return_tensors="pt",
+        text=[processor.render(messages)],
+        images=list(messages[0].images),
+        videos=[video.frames],
+        video_metadata=metadata,
+        do_sample_frames=False,
+        return_tensors="pt",
         images_kwargs={"size": processor.image_size(1024)},
         videos_kwargs={"size": processor.video_size(1024), "cap_pixels_per_frame": False},
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(ours.input_ids, theirs["input_ids"].numpy())
     np.testing.assert_array_equal(ours.mm_token_type_ids, theirs["mm_token_type_ids"].numpy())
     assert torch.equal(ours.pixel_values_videos, theirs["pixel_values_videos"])
     assert torch.equal(ours.video_grid_thw, theirs["video_grid_thw"])
     assert "seconds>" in processor.tokenizer.decode(ours.input_ids[0]), "per-frame timestamps in the prompt"
-    (start, end), = ours.video_spans()
+    ((start, end),) = ours.video_spans()
     assert ours.video_tokens == (int((ours.input_ids[0, start:end] == processor.video_token_id).sum()),)
 
 
@@ -113,9 +124,11 @@ def test_positions_match_transformers(checkpoint, processors, clips, name, clip)
         inputs.mm_token_type_ids, inputs.image_grid_thw.numpy(), 2, inputs.video_grid_thw.numpy()
     )
     reference, reference_delta = model.model.get_rope_index(
-        torch.from_numpy(inputs.input_ids), mm_token_type_ids=torch.from_numpy(inputs.mm_token_type_ids),
-        image_grid_thw=inputs.image_grid_thw, video_grid_thw=inputs.video_grid_thw,
-    )  # fmt: skip
+        torch.from_numpy(inputs.input_ids),
+        mm_token_type_ids=torch.from_numpy(inputs.mm_token_type_ids),
+        image_grid_thw=inputs.image_grid_thw,
+        video_grid_thw=inputs.video_grid_thw,
+    )
     np.testing.assert_array_equal(ours, reference.numpy())
     assert delta == int(reference_delta[0, 0]) < 0
 
@@ -138,7 +151,10 @@ def test_hybrid_tokens_equal_pytorch(pipeline, clips, case):
     reference = run(pipe, request, "pytorch")
     assert len(set(reference["token_ids"])) > NEW_TOKENS // 3, "greedy output should be varied"
     assert ours["token_ids"] == reference["token_ids"] and ours["text"] == reference["text"]
-    assert ours["timings"]["video_tokens"] == reference["timings"]["video_tokens"] and ours["timings"]["video_tokens"][0] > 0
+    assert (
+        ours["timings"]["video_tokens"] == reference["timings"]["video_tokens"]
+        and ours["timings"]["video_tokens"][0] > 0
+    )
     assert ours["timings"]["vision_ms"] > 0
 
 
@@ -234,7 +250,10 @@ def follow_up(pipe, first_video, second_video, cid: str) -> Request:
     `second_video` (the same clip, or another one in its place)."""
     first = replace(video_request(pipe, first_video), conversation_id=cid)
     answer = run(pipe, first, "hybrid")
-    history = (replace(first.messages[-1], videos=(pipe.open_video(second_video),)), Message("assistant", answer["text"]))
+    history = (
+        replace(first.messages[-1], videos=(pipe.open_video(second_video),)),
+        Message("assistant", answer["text"]),
+    )
     return replace(ask("And where does it go?", history=history), conversation_id=cid)
 
 
@@ -264,12 +283,13 @@ PAGE_GREEDY = (12.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # max_new_tokens, temperature, to
 
 
 def test_the_page_answers_a_video_and_shows_it_in_the_question(pipeline, clips):
-    from web.view import to_chatbot
     from tests.page import chat_updates, last, make_service
+    from web.view import to_chatbot
 
     service = make_service(pipeline("base"))
-    updates = chat_updates(service, {"text": "What happens?", "files": [clips["short"]]}, (), "auto", PAGE_GREEDY,
-                           name="video")  # fmt: skip
+    updates = chat_updates(
+        service, {"text": "What happens?", "files": [clips["short"]]}, (), "auto", PAGE_GREEDY, name="video"
+    )
     turns = last(updates, "turns")
     assert len(turns[0].videos) == 1 and not turns[0].images and turns[0].videos[0].frames_indices == (0, 2, 5, 7)
     assert to_chatbot(turns)[0]["content"][0] == {"path": clips["short"]}, "the question shows the video"
@@ -284,12 +304,17 @@ def test_the_page_refuses_bad_videos_and_keeps_serving(pipeline, clips, bad):
     from tests.page import chat_updates, last, make_service
 
     service = make_service(pipeline("base"))
-    for clip, message in ((bad["truncated"], "truncated or corrupt"), (bad["not_video"], "not a readable video"),
-                          (bad["too_long"], "the limit is 120 s")):  # fmt: skip
+    for clip, message in (
+        (bad["truncated"], "truncated or corrupt"),
+        (bad["not_video"], "not a readable video"),
+        (bad["too_long"], "the limit is 120 s"),
+    ):
         with pytest.raises(gr.Error, match=message):
             chat_updates(service, {"text": "What happens?", "files": [clip]}, (), "auto", PAGE_GREEDY, name="bad")
-    turns = last(chat_updates(service, {"text": "What?", "files": [clips["short"]] * 2}, (), "auto", PAGE_GREEDY,
-                              name="bad"), "turns")  # fmt: skip
+    turns = last(
+        chat_updates(service, {"text": "What?", "files": [clips["short"]] * 2}, (), "auto", PAGE_GREEDY, name="bad"),
+        "turns",
+    )
     with pytest.raises(gr.Error, match="3 videos in the conversation, the limit is 2"):
         chat_updates(service, {"text": "And this?", "files": [clips["blue"]]}, turns, "auto", PAGE_GREEDY, name="bad")
 
@@ -300,12 +325,26 @@ CLI_BAD = [
     ("too long", ["--video", "{too_long}"], "is 121 s long, the limit is 120 s"),
     ("too many frames asked", ["--video", "{short}", "--video-frames", "65"], "too many frames: 65 asked per video"),
     ("too many videos", ["--video", "{short}"] * 3, "3 videos in the conversation, the limit is 2"),
-    ("a video to the text route", ["--video", "{short}", "--route", "genai"], "serves text only: this conversation has a video"),
+    (
+        "a video to the text route",
+        ["--video", "{short}", "--route", "genai"],
+        "serves text only: this conversation has a video",
+    ),
 ]
 
 
 def cli(bundle_dir, extra: list[str]) -> list[str]:
-    return ["generate", "--bundle", str(bundle_dir), "--prompt", "What happens?", "--max-new-tokens", "6", "--json", *extra]
+    return [
+        "generate",
+        "--bundle",
+        str(bundle_dir),
+        "--prompt",
+        "What happens?",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("case, extra, message", CLI_BAD, ids=[case[0] for case in CLI_BAD])

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hybrid.config import MANIFEST_NAME, RuntimeConfig
-from hybrid.layout import VISION_DIR, vision_graph
 from hybrid.launch import stale_reason
+from hybrid.layout import VISION_DIR, vision_graph
 from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.types import collect
@@ -95,10 +95,13 @@ def test_int8_onnx_tower_is_close_to_fp32(bundle):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
-@pytest.mark.parametrize("model_name, images", [
-    ("base", [draw_scene((96, 96), (200, 30, 30)), draw_scene((64, 128), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))]),
-    ("wide", [draw_scene((192, 64), (30, 160, 30), (0.6, 0.1, 0.9, 0.9))]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_name, images",
+    [
+        ("base", [draw_scene((96, 96), (200, 30, 30)), draw_scene((64, 128), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))]),
+        ("wide", [draw_scene((192, 64), (30, 160, 30), (0.6, 0.1, 0.9, 0.9))]),
+    ],
+)
 def test_hybrid_tokens_equal_pytorch_with_either_tower(pipeline, bundle, model_name, images, backend):
     pipe = pipeline(model_name)
     route = pipe.routes["hybrid"]

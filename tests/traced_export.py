@@ -31,9 +31,19 @@ class _GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, k, v, past_key, past_value, seqlens_k, total_length, num_heads, kv_heads, scale):
         out, key, value = g.op(
-            f"{CONTRIB}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total_length,
-            num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3,
-        )  # fmt: skip
+            f"{CONTRIB}::GroupQueryAttention",
+            q,
+            k,
+            v,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            num_heads_i=num_heads,
+            kv_num_heads_i=kv_heads,
+            scale_f=scale,
+            outputs=3,
+        )
         # the exporter cannot infer a contrib op's outputs (and warns per layer): they are shaped
         # like the query and the buffers
         for output, like in ((out, q), (key, past_key), (value, past_value)):
@@ -56,7 +66,9 @@ class DecoderForExport(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         # one matmul for q, k and v, one for gate and up: fewer, larger INT4 kernels per step
-        self.qkv = nn.ModuleList(_fused(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in self.layers))
+        self.qkv = nn.ModuleList(
+            _fused(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in self.layers)
+        )
         self.gate_up = nn.ModuleList(_fused(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
@@ -68,9 +80,16 @@ class DecoderForExport(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             attn, key, value = self._attention(
-                i, layer.self_attn, layer.input_layernorm(hidden), cos, sin, seqlens_k, total_length,
-                past[2 * i], past[2 * i + 1],
-            )  # fmt: skip
+                i,
+                layer.self_attn,
+                layer.input_layernorm(hidden),
+                cos,
+                sin,
+                seqlens_k,
+                total_length,
+                past[2 * i],
+                past[2 * i + 1],
+            )
             hidden = residual + attn
             hidden = hidden + self._mlp(i, layer.mlp, layer.post_attention_layernorm(hidden))
             if i < deepstack_embeds.shape[0]:
@@ -98,9 +117,17 @@ class DecoderForExport(nn.Module):
         k = k.transpose(1, 2).reshape(batch, seq, -1)  # (B, S, kv * d)
         v = v.transpose(1, 2).reshape(batch, seq, -1)
         out, key, value = _GroupQueryAttention.apply(
-            q, k, v, past_key, past_value, seqlens_k, total_length, self.num_heads, self.num_kv_heads,
+            q,
+            k,
+            v,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            self.num_heads,
+            self.num_kv_heads,
             self.head_dim**-0.5,
-        )  # fmt: skip
+        )
         return attn.o_proj(out), key, value
 
 
@@ -166,9 +193,13 @@ def save_with_external_data(proto, path: Path) -> None:
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
     onnx.save_model(
-        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=path.name + ".data", size_threshold=1024,
-    )  # fmt: skip
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
     for written in path.parent.glob(path.name + "*"):
         written.chmod(0o644)
 

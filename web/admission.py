@@ -22,9 +22,12 @@ class Admission:
     """Admit a client's request (`check`), then hold the CPU while it runs (`cpu`)."""
 
     def __init__(
-        self, limiter: RateLimiter | None = None, max_waiting: int = QUEUE_SIZE, wait_s: float = WAIT_S,
+        self,
+        limiter: RateLimiter | None = None,
+        max_waiting: int = QUEUE_SIZE,
+        wait_s: float = WAIT_S,
         trust_proxy: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.limiter = limiter
         self.max_waiting = max_waiting
         self.wait_s = wait_s

@@ -58,10 +58,11 @@ class ChatApi:
         self.created = int(time.time())
         sampling = pipeline.sampling
         self.context = Context(
-            defaults=sampling.settings(greedy=not sampling.do_sample), max_pixels=pipeline.runtime.max_image_pixels,
+            defaults=sampling.settings(greedy=not sampling.do_sample),
+            max_pixels=pipeline.runtime.max_image_pixels,
             open_video=pipeline.open_video if pipeline.processor.takes_videos else None,
             allow_urls=config.allow_url_images,
-        )  # fmt: skip
+        )
 
     def routes(self) -> list[Route]:
         return [
@@ -92,8 +93,12 @@ class ChatApi:
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.config.key.encode()):
-            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", kind="authentication_error",
-                           code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "a valid API key is required: Authorization: Bearer KEY",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def models(self, request: HttpRequest) -> Response:
         created = self.created
@@ -109,8 +114,9 @@ class ChatApi:
             refusal = self.admission.refusal()
             if refusal is not None:  # the stream's headers go out before its turn: refuse a full queue now
                 raise _busy(refusal)
-            return StreamingResponse(self._events(call, route), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+            return StreamingResponse(
+                self._events(call, route), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         answer = await run_in_threadpool(self._answer, call, route)
         return JSONResponse(completion(answer, _new_id()))
 
@@ -125,8 +131,13 @@ class ChatApi:
         """The one route that serves the call (`auto` picks as the page does); 404 for a name that is
         no route, 503 with the reason for one that could not load."""
         if call.model in self.pipeline.unavailable:
-            raise ApiError(503, f"{call.model} is unavailable: {self.pipeline.unavailable[call.model]}", "model",
-                           "model_unavailable", kind="server_error")  # fmt: skip
+            raise ApiError(
+                503,
+                f"{call.model} is unavailable: {self.pipeline.unavailable[call.model]}",
+                "model",
+                "model_unavailable",
+                kind="server_error",
+            )
         if call.model != AUTO and call.model not in self.pipeline.routes:
             names = ", ".join([AUTO, *self.pipeline.routes])
             raise ApiError(404, f"no model {call.model!r}: this server has {names}", "model", "model_not_found")
@@ -169,7 +180,13 @@ def _chunk_events(ident: str, created: int, route: RouteName, chunk: Chunk, incl
         return
     yield _event(chunk_body(ident, created, route, {}, FINISH.get(chunk.finish_reason, "stop")))
     if include_usage and chunk.timings is not None:
-        yield _event({**chunk_body(ident, created, route, None), "usage": usage(chunk.timings), "timings": _timings(route, chunk)})
+        yield _event(
+            {
+                **chunk_body(ident, created, route, None),
+                "usage": usage(chunk.timings),
+                "timings": _timings(route, chunk),
+            }
+        )
 
 
 def chunk_body(ident: str, created: int, model: str, delta: dict | None, finish: str | None = None) -> dict[str, Any]:
@@ -180,10 +197,19 @@ def chunk_body(ident: str, created: int, model: str, delta: dict | None, finish:
 def completion(answer: Answer, ident: str) -> dict[str, Any]:
     """An answer as OpenAI's `chat.completion`, with the route's timings as `timings`."""
     message = {"role": "assistant", "content": answer.text}
-    choice = {"index": 0, "message": message, "finish_reason": FINISH.get(answer.finish_reason or "", "stop"),
-              "logprobs": None}  # fmt: skip
-    body = {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": answer.route,
-            "choices": [choice]}  # fmt: skip
+    choice = {
+        "index": 0,
+        "message": message,
+        "finish_reason": FINISH.get(answer.finish_reason or "", "stop"),
+        "logprobs": None,
+    }
+    body = {
+        "id": ident,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.route,
+        "choices": [choice],
+    }
     if answer.timings is not None:
         body["usage"] = usage(answer.timings)
         body["timings"] = {"route": answer.route, **answer.timings.to_dict()}
@@ -192,8 +218,12 @@ def completion(answer: Answer, ident: str) -> dict[str, Any]:
 
 def usage(timings) -> dict[str, Any]:
     prompt, completion_tokens = timings.prompt_tokens, timings.decode_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": timings.reused_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": timings.reused_tokens},
+    }
 
 
 def _timings(route: RouteName, chunk: Chunk) -> dict[str, Any]:

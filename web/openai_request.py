@@ -34,23 +34,54 @@ DETAIL = {"low": "low", "high": "high", "auto": DEFAULT_IMAGE_DETAIL}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # fields of features this server lacks, each with the values that ask for nothing
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1, None), "tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
-    "function_call": ("none", None), "logprobs": (False, None), "top_logprobs": (0, None),
-    "response_format": ({"type": "text"}, None), "logit_bias": ({}, None), "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None), "modalities": (["text"], None), "audio": (None,), "prediction": (None,),
-    "parallel_tool_calls": (True, False, None), "reasoning_effort": (None,), "web_search_options": (None,),
-}  # fmt: skip
+    "n": (1, None),
+    "tools": ([], None),
+    "tool_choice": ("none", None),
+    "functions": ([], None),
+    "function_call": ("none", None),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "response_format": ({"type": "text"}, None),
+    "logit_bias": ({}, None),
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "modalities": (["text"], None),
+    "audio": (None,),
+    "prediction": (None,),
+    "parallel_tool_calls": (True, False, None),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}  # no effect here
-READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
-        "stream_options", "top_k", "repetition_penalty"}  # fmt: skip
+READ = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "top_k",
+    "repetition_penalty",
+}
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
 class ApiError(Exception):
     """A request the API refuses: the HTTP status and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", retry_after: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.retry_after = retry_after
@@ -105,8 +136,12 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     for name, value in body.items():
         if name in NEUTRAL:
             if value not in NEUTRAL[name]:
-                raise ApiError(400, f"{name} is not supported by this server (only {NEUTRAL[name][0]!r})", name,
-                               "unsupported_parameter")  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"{name} is not supported by this server (only {NEUTRAL[name][0]!r})",
+                    name,
+                    "unsupported_parameter",
+                )
         elif name not in READ and name not in IGNORED:
             raise ApiError(400, f"unrecognised request field {name!r}", name, "unknown_parameter")
 
@@ -134,14 +169,19 @@ def _sampling(body: dict[str, Any], defaults: dict[str, Any]) -> SamplingConfig:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+    if stop is not None and not (
+        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+    ):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
     values = {
         "max_new_tokens": (name, _number(body, name, SamplingConfig.max_new_tokens, int)),
         "temperature": ("temperature", _number(body, "temperature", defaults["temperature"], float)),
         "top_p": ("top_p", _number(body, "top_p", defaults["top_p"], float)),
         "top_k": ("top_k", _number(body, "top_k", defaults["top_k"], int)),
-        "repetition_penalty": ("repetition_penalty", _number(body, "repetition_penalty", defaults["repetition_penalty"], float)),
+        "repetition_penalty": (
+            "repetition_penalty",
+            _number(body, "repetition_penalty", defaults["repetition_penalty"], float),
+        ),
         "seed": ("seed", _number(body, "seed", 0, int)),
     }
     try:
@@ -212,8 +252,13 @@ def _fetch(url: str, at: str, allow_urls: bool) -> bytes:
         return _data_url(url, at)
     if scheme in ("http", "https"):
         if not allow_urls:
-            raise ApiError(400, f"{at}: this server takes pictures as data URLs only (start it with "
-                           "--allow-url-images to fetch http(s) URLs)", at, "url_not_allowed")  # fmt: skip
+            raise ApiError(
+                400,
+                f"{at}: this server takes pictures as data URLs only (start it with "
+                "--allow-url-images to fetch http(s) URLs)",
+                at,
+                "url_not_allowed",
+            )
         return _download(url, at)
     raise ApiError(400, f"{at}: a {scheme or 'relative'}: URL is not accepted; send a data URL", at, "url_not_allowed")
 
@@ -239,20 +284,32 @@ def _download(url: str, at: str) -> bytes:
     if not host:
         raise ApiError(400, f"{at}: the URL has no host", at)
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(
+            host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
     except OSError as exc:
         raise ApiError(400, f"{at}: cannot resolve {host}", at) from exc
     addresses = {ipaddress.ip_address(info[4][0]) for info in infos}
     if not addresses or any(not address.is_global for address in addresses):
-        raise ApiError(400, f"{at}: {host} is not a public address; this server fetches from public ones only", at,
-                       "url_not_allowed")  # fmt: skip
+        raise ApiError(
+            400,
+            f"{at}: {host} is not a public address; this server fetches from public ones only",
+            at,
+            "url_not_allowed",
+        )
     address = sorted(addresses, key=str)[0]
     literal = f"[{address}]" if address.version == 6 else str(address)
     pinned = parts._replace(netloc=literal + (f":{parts.port}" if parts.port else "")).geturl()
     chunks, size = [], 0
     try:
-        with httpx.stream("GET", pinned, headers={"Host": parts.netloc}, timeout=URL_TIMEOUT,
-                          extensions={"sni_hostname": host}, follow_redirects=False) as response:  # fmt: skip
+        with httpx.stream(
+            "GET",
+            pinned,
+            headers={"Host": parts.netloc},
+            timeout=URL_TIMEOUT,
+            extensions={"sni_hostname": host},
+            follow_redirects=False,
+        ) as response:
             if response.status_code != 200:
                 raise ApiError(400, f"{at}: the URL answered HTTP {response.status_code}", at)
             for chunk in response.iter_bytes():

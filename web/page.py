@@ -7,9 +7,10 @@ queues and serves it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -38,7 +39,12 @@ QUEUE_SIZE = 16  # requests waiting for the CPU; more are refused with Gradio's 
 MAX_FILE_SIZE = "20mb"  # per uploaded file
 REAL_MODEL_HINT = "`python app.py --model Qwen/Qwen3-VL-2B-Instruct` (or `--model /path/to/checkpoint`)"
 # what the header reports of the demo model's own eval, in this order: (kind, words, chance)
-DEMO_KINDS = (("shape", "shape", 0.25), ("colour", "colour", 1 / 6), ("position", "place", 0.2), ("count", "count", 1 / 3))
+DEMO_KINDS = (
+    ("shape", "shape", 0.25),
+    ("colour", "colour", 1 / 6),
+    ("position", "place", 0.2),
+    ("count", "count", 1 / 3),
+)
 CSS = """
 .route-mark { display: block; margin-top: 0.4em; font-size: 0.8em; font-style: italic; opacity: 0.7; }
 #chatbot img, #chatbot video { max-height: 160px; width: auto; }
@@ -82,8 +88,10 @@ def _demo_figures(record: dict[str, Any]) -> str:
     evals = record.get("eval", {})
     report = evals.get("hybrid-fp32-train-conversation") or evals.get("hybrid-fp32-train")
     if report is None:
-        return ("Its eval figures are not recorded: `python -m hybrid.demo eval --model assets/demo-model "
-                "--conversation --record` measures them.")  # fmt: skip
+        return (
+            "Its eval figures are not recorded: `python -m hybrid.demo eval --model assets/demo-model "
+            "--conversation --record` measures them."
+        )
     accuracy = report["accuracy"]
     kinds = ", ".join(
         f"{words} {accuracy[kind]:.0%} (chance {chance:.0%})" for kind, words, chance in DEMO_KINDS if kind in accuracy
@@ -94,8 +102,10 @@ def _demo_figures(record: dict[str, Any]) -> str:
         text += f"; {boxes['hit_rate']:.0%} of the boxes it is asked for land on the right shape with the right label"
     first, follow = report.get("first"), report.get("follow_up")
     if first and follow:
-        text += (f". Follow-up questions in one conversation: {_mean(follow):.0%} right, against {_mean(first):.0%} "
-                 "for first questions")  # fmt: skip
+        text += (
+            f". Follow-up questions in one conversation: {_mean(follow):.0%} right, against {_mean(first):.0%} "
+            "for first questions"
+        )
     return text + "."
 
 
@@ -114,7 +124,9 @@ def header(facts: PipelineFacts) -> str:
         "remote": f"**Remote server**: {facts.remote}, timed as this server sees it (asked by name or in Compare all)",
     }
     listed = " · ".join(text for name, text in routes.items() if name in facts.routes)
-    missing = "".join(f"\n\n**{ROUTE_LABELS[name]} is unavailable**: {reason}" for name, reason in facts.unavailable.items())
+    missing = "".join(
+        f"\n\n**{ROUTE_LABELS[name]} is unavailable**: {reason}" for name, reason in facts.unavailable.items()
+    )
     auto = "text to GenAI" if "genai" in facts.routes else "text to Hybrid ONNX too"
     visual = "image and video" if facts.takes_videos else "image"
     return (
@@ -184,7 +196,9 @@ def _wire(service: ChatService, controls: Controls, stop: gr.Button, clear: gr.B
     asked = {page.prompt, page.turns, page.history, *controls.components}
 
     def chat(values: dict, request: gr.Request) -> Iterator[dict]:
-        yield from service.chat(values[page.prompt], values[page.turns], controls.read(values), values[page.history], request)
+        yield from service.chat(
+            values[page.prompt], values[page.turns], controls.read(values), values[page.history], request
+        )
 
     def retry(data: gr.RetryData, values: dict, request: gr.Request) -> Iterator[dict]:
         yield from service.retry(data, values[page.turns], controls.read(values), values[page.history], request)
@@ -203,20 +217,29 @@ def _wire(service: ChatService, controls: Controls, stop: gr.Button, clear: gr.B
     clear.click(service.clear, None, conversation, cancels=[chat_event], queue=False, api_name="clear")
 
 
-def _chat_column(takes_videos: bool) -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button, gr.DownloadButton]:
+def _chat_column(
+    takes_videos: bool,
+) -> tuple[gr.Chatbot, gr.MultimodalTextbox, gr.Button, gr.Button, gr.DownloadButton]:
     """The chat, its textbox (pictures, and short videos where the checkpoint's template places them),
     Stop, Clear, and the conversation's download."""
     media = "images or a short video" if takes_videos else "images"
     chatbot = gr.Chatbot(
-        label="Conversation", height=500, elem_id="chatbot", buttons=["copy"], editable="user",
+        label="Conversation",
+        height=500,
+        elem_id="chatbot",
+        buttons=["copy"],
+        editable="user",
         placeholder=f"Ask about a picture{' or a video' if takes_videos else ''}: add one below (upload, paste "
         "or drop) or pick an example.",
-    )  # fmt: skip
+    )
     prompt = gr.MultimodalTextbox(
-        file_types=["image", *sorted(VIDEO_SUFFIXES)] if takes_videos else ["image"], file_count="multiple",
-        show_label=False, elem_id="prompt", autofocus=True,
+        file_types=["image", *sorted(VIDEO_SUFFIXES)] if takes_videos else ["image"],
+        file_count="multiple",
+        show_label=False,
+        elem_id="prompt",
+        autofocus=True,
         placeholder=f"Type a question and press Enter; add {media} with the paperclip button, by pasting or by dropping them here",
-    )  # fmt: skip
+    )
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
         clear = gr.Button("Clear conversation", elem_id="clear", size="sm")
@@ -239,22 +262,31 @@ def _controls(pipeline: Pipeline, facts: PipelineFacts) -> Controls:
     own generation config."""
     limit = pipeline.runtime.max_new_tokens_limit
     own = pipeline.sampling
-    route = gr.Radio(route_choices(facts), value=AUTO, label="Route", elem_id="route",
-                     info="Compare all runs every route that can serve the prompt, one after the other.")  # fmt: skip
+    route = gr.Radio(
+        route_choices(facts),
+        value=AUTO,
+        label="Route",
+        elem_id="route",
+        info="Compare all runs every route that can serve the prompt, one after the other.",
+    )
     greedy = gr.Checkbox(
-        value=not own.do_sample, label="Greedy (exact route comparison)", elem_id="greedy",
+        value=not own.do_sample,
+        label="Greedy (exact route comparison)",
+        elem_id="greedy",
         info="The most likely token every time: every route must give the same answer. Off: sampling with "
         "the settings below, which start from the checkpoint's generation config"
         + ("." if own.do_sample else " (it asks for greedy decoding)."),
-    )  # fmt: skip
+    )
     max_new_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens")
     temperature = gr.Slider(0.0, 2.0, value=own.temperature, step=0.05, label="Temperature", info="0 is greedy")
     detail = gr.Radio(
         [(f"{level.capitalize()} ({tokens} tokens)", level) for level, tokens in IMAGE_DETAIL.items()],
-        value=DEFAULT_IMAGE_DETAIL, label="Image detail", elem_id="image-detail",
+        value=DEFAULT_IMAGE_DETAIL,
+        label="Image detail",
+        elem_id="image-detail",
         info="Image tokens per picture at most: larger pictures are scaled down. More detail sees small "
         "things better, and takes longer before the first word.",
-    )  # fmt: skip
+    )
     with gr.Accordion("More sampling settings", open=False):
         top_p = gr.Slider(0.05, 1.0, value=own.top_p, step=0.05, label="Top-p")
         top_k = gr.Slider(0, 200, value=own.top_k, step=1, label="Top-k", info="0 is off")
@@ -273,19 +305,35 @@ def route_choices(facts: PipelineFacts) -> list[tuple[str, str]]:
 def _latency_panel() -> tuple[gr.Dataframe, gr.BarPlot, gr.Dataframe]:
     gr.Markdown("### Latency of the last request")
     latency = gr.Dataframe(
-        pd.DataFrame(columns=list(LATENCY_COLUMNS)), interactive=False, elem_id="latency", show_label=False,
+        pd.DataFrame(columns=list(LATENCY_COLUMNS)),
+        interactive=False,
+        elem_id="latency",
+        show_label=False,
         wrap=True,
-    )  # fmt: skip
+    )
     with gr.Row():
         stages = gr.BarPlot(  # no value until the first answer: the chart's colours come from its first data
-            None, x="route", y="ms", color="stage", elem_id="stages", sort=list(COMPARE_ORDER),
-            title="Where the time went (ms)", y_title="ms", x_title="route", height=260, scale=2,
-        )  # fmt: skip
+            None,
+            x="route",
+            y="ms",
+            color="stage",
+            elem_id="stages",
+            sort=list(COMPARE_ORDER),
+            title="Where the time went (ms)",
+            y_title="ms",
+            x_title="route",
+            height=260,
+            scale=2,
+        )
         with gr.Column(scale=3):
             history = gr.Dataframe(
-                pd.DataFrame(columns=list(RUN_COLUMNS)), interactive=False, label="Runs this session",
-                elem_id="history", max_height=260, wrap=True,
-            )  # fmt: skip
+                pd.DataFrame(columns=list(RUN_COLUMNS)),
+                interactive=False,
+                label="Runs this session",
+                elem_id="history",
+                max_height=260,
+                wrap=True,
+            )
     return latency, stages, history
 
 
@@ -302,9 +350,13 @@ def _api_only(service: ChatService) -> None:
         results = gr.JSON(label="results")
         run = gr.Button("generate")
     run.click(
-        service.generate, [prompt, image, route, max_new_tokens, temperature, seed], [answer, results],
-        api_name="generate", concurrency_id=CPU, concurrency_limit=1,
-    )  # fmt: skip
+        service.generate,
+        [prompt, image, route, max_new_tokens, temperature, seed],
+        [answer, results],
+        api_name="generate",
+        concurrency_id=CPU,
+        concurrency_limit=1,
+    )
 
 
 def launch_demo(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, routes: list | None = None, **kwargs: Any) -> Any:
@@ -313,6 +365,10 @@ def launch_demo(demo: gr.Blocks, queue_size: int = QUEUE_SIZE, routes: list | No
     example pictures, nothing else of this machine."""
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")
     return demo.queue(max_size=queue_size).launch(
-        max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)], theme=theme, css=CSS,
-        app_kwargs={"routes": list(routes or ())}, **kwargs,
-    )  # fmt: skip
+        max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(EXAMPLES_DIR)],
+        theme=theme,
+        css=CSS,
+        app_kwargs={"routes": list(routes or ())},
+        **kwargs,
+    )

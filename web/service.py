@@ -11,11 +11,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 
@@ -27,9 +27,23 @@ from hybrid.types import Request, RouteName
 from hybrid.videos import is_video_file
 from web.admission import Admission
 from web.view import (
-    Question, RouteRun, Turn, as_message, box_figure, conversation_record, history_entries, history_rows,
-    latency_rows, message_files, question_of, settle, stage_rows, to_chatbot, to_request, turn_of_bubble,
-)  # fmt: skip
+    Question,
+    RouteRun,
+    Turn,
+    as_message,
+    box_figure,
+    conversation_record,
+    history_entries,
+    history_rows,
+    latency_rows,
+    message_files,
+    question_of,
+    settle,
+    stage_rows,
+    to_chatbot,
+    to_request,
+    turn_of_bubble,
+)
 
 
 @dataclass(frozen=True)
@@ -47,10 +61,13 @@ class Settings:
         `gr.Error` that says which value is wrong."""
         greedy = bool(values.get("greedy", False))
         sampling = sampling_of(
-            max_new_tokens=values["max_new_tokens"], temperature=0.0 if greedy else values["temperature"],
-            top_p=values.get("top_p", 1.0), top_k=values.get("top_k", 0),
-            repetition_penalty=values.get("repetition_penalty", 1.0), seed=values.get("seed", 0),
-        )  # fmt: skip
+            max_new_tokens=values["max_new_tokens"],
+            temperature=0.0 if greedy else values["temperature"],
+            top_p=values.get("top_p", 1.0),
+            top_k=values.get("top_k", 0),
+            repetition_penalty=values.get("repetition_penalty", 1.0),
+            seed=values.get("seed", 0),
+        )
         detail = values.get("image_detail", DEFAULT_IMAGE_DETAIL)
         if detail not in IMAGE_DETAIL:
             raise gr.Error(f"image detail must be one of {', '.join(IMAGE_DETAIL)}, got {detail!r}")
@@ -101,7 +118,9 @@ class ChatService:
     session that pressed it, through that request's cancel event. `admission` is shared with the
     API: a client address may send only so many requests per minute, and one request runs at a time."""
 
-    def __init__(self, pipeline: Pipeline, page: Page, stream_interval: float = 0.05, admission: Admission | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, page: Page, stream_interval: float = 0.05, admission: Admission | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.page = page
         self.stream_interval = stream_interval  # at most one chat update per interval while streaming
@@ -128,7 +147,8 @@ class ChatService:
                 for name in routes:
                     if cancel.is_set():
                         break
-                    for turns, run in self._answer(full, name, turns, cancel):
+                    run, before = RouteRun(name), turns
+                    for turns in self._answer(full, run, before, cancel):
                         yield page.conversation(turns)
                     runs.append(run)
                     yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
@@ -142,7 +162,11 @@ class ChatService:
         if figure is not None:
             yield page.conversation(done)
         history = [*history, *history_entries(len(history), question, runs)]
-        yield {page.history: history, page.history_table: history_rows(history), page.download: self.export(done, request)}
+        yield {
+            page.history: history,
+            page.history_table: history_rows(history),
+            page.download: self.export(done, request),
+        }
 
     def _prepare(
         self, message: dict | None, turns: list[Turn], settings: Settings, conversation_id: str | None = None
@@ -162,18 +186,18 @@ class ChatService:
             raise gr.Error(str(exc)) from exc
 
     def _answer(
-        self, request: Request, route: RouteName, turns: list[Turn], cancel: threading.Event
-    ) -> Iterator[tuple[list[Turn], RouteRun]]:
-        """The conversation with the route's reply so far, at most once per `stream_interval`."""
-        run = RouteRun(route)
-        yield [*turns, run.turn(self.pipeline.opens_thinking)], run
+        self, request: Request, run: RouteRun, turns: list[Turn], cancel: threading.Event
+    ) -> Iterator[list[Turn]]:
+        """The conversation with `run`'s reply so far (it gathers the route's chunks), at most once
+        per `stream_interval`."""
+        yield [*turns, run.turn(self.pipeline.opens_thinking)]
         shown = time.perf_counter()
-        with closing(self.pipeline.stream(request, route, cancel)) as chunks:
+        with closing(self.pipeline.stream(request, run.route, cancel)) as chunks:
             for chunk in chunks:
                 run.add(chunk)
                 if chunk.finish_reason is not None or time.perf_counter() - shown >= self.stream_interval:
                     shown = time.perf_counter()
-                    yield [*turns, run.turn(self.pipeline.opens_thinking)], run
+                    yield [*turns, run.turn(self.pipeline.opens_thinking)]
 
     def retry(
         self, data: gr.RetryData, turns: list[Turn], settings: Settings, history: list[dict], request: gr.Request
@@ -196,9 +220,10 @@ class ChatService:
         index = self._question(turns, data.index)
         kept = turns[:index]
         return {
-            self.page.prompt: as_message(turns[index], turns[index].text), **self.page.conversation(kept),
+            self.page.prompt: as_message(turns[index], turns[index].text),
+            **self.page.conversation(kept),
             self.page.download: self.export(kept, request),
-        }  # fmt: skip
+        }
 
     @staticmethod
     def _question(turns: list[Turn], bubble: int | tuple[int, int]) -> int:
@@ -252,9 +277,15 @@ class ChatService:
         return self._exports / hashlib.sha256(_session(request).encode()).hexdigest()[:24]
 
     def generate(
-        self, prompt: str, image: str | None, route: str, max_new_tokens: float, temperature: float, seed: float,
+        self,
+        prompt: str,
+        image: str | None,
+        route: str,
+        max_new_tokens: float,
+        temperature: float,
+        seed: float,
         request: gr.Request,
-    ) -> tuple[str, list[dict[str, Any]]]:  # fmt: skip
+    ) -> tuple[str, list[dict[str, Any]]]:
         """One prompt (and at most one image) answered in full: the answer of the first route, and
         one CLI-shaped result per route (`route`, `text`, `token_ids`, `finish_reason`, `timings`)."""
         self._admit(request)
@@ -277,7 +308,9 @@ class ChatService:
         """Count the request against its client address's rate (the same limit as the API's)."""
         client = getattr(request, "client", None)
         try:
-            self.admission.check(self.admission.client(getattr(client, "host", None), getattr(request, "headers", None)))
+            self.admission.check(
+                self.admission.client(getattr(client, "host", None), getattr(request, "headers", None))
+            )
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
 
@@ -296,7 +329,9 @@ class ChatService:
 def _text_of(content: Any) -> str:
     """The text of an edited Chatbot message (a string, or a list of parts)."""
     parts = content if isinstance(content, list) else [content]
-    return " ".join(p if isinstance(p, str) else str(p.get("text", "")) for p in parts if isinstance(p, (str, dict))).strip()
+    return " ".join(
+        p if isinstance(p, str) else str(p.get("text", "")) for p in parts if isinstance(p, (str, dict))
+    ).strip()
 
 
 def _session(request: gr.Request | None) -> str:

@@ -5,9 +5,10 @@ picture with boxes, the download) or for the engine (`to_request`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import gradio as gr
 import pandas as pd
@@ -22,8 +23,11 @@ from hybrid.types import Answer, Message, Request, RouteName, Video
 from hybrid.videos import is_video_file
 
 ROUTE_LABELS: dict[RouteName, str] = {
-    "hybrid": "Hybrid ONNX", "genai": "GenAI", "pytorch": "PyTorch reference", "remote": "Remote server",
-}  # fmt: skip
+    "hybrid": "Hybrid ONNX",
+    "genai": "GenAI",
+    "pytorch": "PyTorch reference",
+    "remote": "Remote server",
+}
 # each route's colour when its boxes are drawn on the picture (Compare all draws them together)
 ROUTE_COLOURS: dict[RouteName, tuple[int, int, int]] = {
     "hybrid": (79, 70, 229),
@@ -33,10 +37,21 @@ ROUTE_COLOURS: dict[RouteName, tuple[int, int, int]] = {
 }
 FIGURE_SIDE = 768  # longest side of a picture with boxes, as shown in the chat
 LATENCY_COLUMNS = (
-    "route", "finish", "preprocess ms", "vision ms", "prefill ms", "TTFT ms",
-    "decode tok/s", "prompt tokens", "reused tokens", "image tokens", "video tokens", "new tokens", "total ms",
+    "route",
+    "finish",
+    "preprocess ms",
+    "vision ms",
+    "prefill ms",
+    "TTFT ms",
+    "decode tok/s",
+    "prompt tokens",
+    "reused tokens",
+    "image tokens",
+    "video tokens",
+    "new tokens",
+    "total ms",
     "peak RSS MB",
-)  # fmt: skip
+)
 RUN_COLUMNS = ("#", "route", "prompt", "tokens", "tok/s", "total ms", "finish")
 PROMPT_CHARS = 40  # of each prompt, in the run history
 STAGE_COLUMNS = ("route", "stage", "ms")
@@ -89,9 +104,14 @@ class RouteRun(Answer):
     def turn(self, opens_thinking: bool = False) -> Reply:
         thinking, answer = split_thinking(self.text, opens_thinking)
         return Reply(
-            answer, route=self.route, status=self.status(), done=self.timings is not None, thinking=thinking,
-            finish_reason=self.finish_reason, timings=self.timings,
-        )  # fmt: skip
+            answer,
+            route=self.route,
+            status=self.status(),
+            done=self.timings is not None,
+            thinking=thinking,
+            finish_reason=self.finish_reason,
+            timings=self.timings,
+        )
 
     def status(self) -> str:
         if self.timings is None:
@@ -153,10 +173,16 @@ def conversation_record(turns: list[Turn], model: str) -> dict[str, Any]:
         if isinstance(turn, Question):
             messages.append({"role": "user", "text": turn.text, "files": [Path(p).name for p in turn.paths]})
         elif isinstance(turn, Reply):
-            messages.append({
-                "role": "assistant", "route": turn.route, "text": turn.text, "thinking": turn.thinking,
-                "finish_reason": turn.finish_reason, "timings": turn.timings.to_dict() if turn.timings else None,
-            })  # fmt: skip
+            messages.append(
+                {
+                    "role": "assistant",
+                    "route": turn.route,
+                    "text": turn.text,
+                    "thinking": turn.thinking,
+                    "finish_reason": turn.finish_reason,
+                    "timings": turn.timings.to_dict() if turn.timings else None,
+                }
+            )
     return {"model": model, "messages": messages}
 
 
@@ -225,12 +251,24 @@ def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
     rows = []
     for run in runs:
         t = run.timings
-        rows.append((
-            run.route, run.finish_reason, round(t.preprocess_ms, 1), round(t.vision_ms, 1), round(t.prefill_ms, 1),
-            round(t.ttft_ms, 1), round(t.decode_tok_s, 1), t.prompt_tokens, t.reused_tokens,
-            ", ".join(map(str, t.image_tokens)), ", ".join(map(str, t.video_tokens)), t.decode_tokens,
-            round(t.total_ms, 1), round(t.peak_rss_mb),
-        ))  # fmt: skip
+        rows.append(
+            (
+                run.route,
+                run.finish_reason,
+                round(t.preprocess_ms, 1),
+                round(t.vision_ms, 1),
+                round(t.prefill_ms, 1),
+                round(t.ttft_ms, 1),
+                round(t.decode_tok_s, 1),
+                t.prompt_tokens,
+                t.reused_tokens,
+                ", ".join(map(str, t.image_tokens)),
+                ", ".join(map(str, t.video_tokens)),
+                t.decode_tokens,
+                round(t.total_ms, 1),
+                round(t.peak_rss_mb),
+            )
+        )
     return pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
 
 
@@ -255,9 +293,13 @@ def history_entries(start: int, question: Question, runs: list[RouteRun]) -> lis
     prompt = question.text if len(question.text) <= PROMPT_CHARS else question.text[: PROMPT_CHARS - 1] + "…"
     return [
         {
-            "#": start + i + 1, "route": run.route, "prompt": prompt, "tokens": run.timings.decode_tokens,
-            "tok/s": round(run.timings.decode_tok_s, 1), "total ms": round(run.timings.total_ms, 1),
+            "#": start + i + 1,
+            "route": run.route,
+            "prompt": prompt,
+            "tokens": run.timings.decode_tokens,
+            "tok/s": round(run.timings.decode_tok_s, 1),
+            "total ms": round(run.timings.total_ms, 1),
             "finish": run.finish_reason,
-        }  # fmt: skip
+        }
         for i, run in enumerate(runs)
     ]

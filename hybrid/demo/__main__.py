@@ -24,8 +24,16 @@ import torch
 from hybrid.config import PRECISIONS
 from hybrid.demo import scenes
 from hybrid.demo.eval import (
-    MAX_NEW_TOKENS, conversation_exchanges, evaluate, evaluate_conversations, load_pipeline, pipeline_answerer,
-    record_eval, route_exchanges, zero_deepstack, zero_image_features,
+    MAX_NEW_TOKENS,
+    conversation_exchanges,
+    evaluate,
+    evaluate_conversations,
+    load_pipeline,
+    pipeline_answerer,
+    record_eval,
+    route_exchanges,
+    zero_deepstack,
+    zero_image_features,
 )
 from hybrid.demo.train import InvalidConfig, TrainConfig, demo_spec, finish, resume, start
 from hybrid.errors import HybridError
@@ -43,15 +51,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--resume", metavar="DIR", help="go on with the training whose state is in DIR")
     fit.add_argument("--state", help="folder of the training state and its checkpoints (default: OUT.state)")
     fit.add_argument("--steps", type=int, default=TrainConfig.steps, help="steps of the whole model")
-    fit.add_argument("--tower-steps", type=int, default=TrainConfig.tower_steps,
-                     help="steps that train the vision tower alone first")
+    fit.add_argument(
+        "--tower-steps", type=int, default=TrainConfig.tower_steps, help="steps that train the vision tower alone first"
+    )
     fit.add_argument("--pictures", type=int, default=TrainConfig.pictures, help="pictures (conversations) per step")
-    fit.add_argument("--questions", type=int, default=TrainConfig.questions,
-                     help="the most questions of one conversation")
+    fit.add_argument(
+        "--questions", type=int, default=TrainConfig.questions, help="the most questions of one conversation"
+    )
     fit.add_argument("--lr", type=float, default=TrainConfig.lr)
     fit.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="warm-up steps of each phase")
-    fit.add_argument("--shape-weight", type=float, default=TrainConfig.shape_weight,
-                     help="weight of the shape words in the answer loss")
+    fit.add_argument(
+        "--shape-weight",
+        type=float,
+        default=TrainConfig.shape_weight,
+        help="weight of the shape words in the answer loss",
+    )
     fit.add_argument("--patch-size", type=int, default=8, help="pixels per patch side")
     fit.add_argument("--max-pixels", type=int, default=256 * 256, help="pixels a picture is scaled to at most")
     fit.add_argument("--device", default=None, help="torch device: cpu (default) or cuda")
@@ -62,18 +76,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check = commands.add_parser("eval", help="grade a checkpoint on fresh scenes")
     check.add_argument("--model", required=True, help="checkpoint folder")
     check.add_argument("--n", type=int, default=300, help="number of scenes (6 to 9 questions each)")
-    check.add_argument("--style", default=scenes.TRAIN, choices=scenes.STYLES,
-                       help="edge: the held-out drawing path and ranges training never drew")
+    check.add_argument(
+        "--style",
+        default=scenes.TRAIN,
+        choices=scenes.STYLES,
+        help="edge: the held-out drawing path and ranges training never drew",
+    )
     check.add_argument("--seed", type=int, default=1234, help="scene seed; use one training did not")
     check.add_argument("--route", default="hybrid", choices=ROUTE_NAMES)
     check.add_argument("--precision", default="fp32", choices=PRECISIONS, help="of the ONNX decoders")
     blank = check.add_mutually_exclusive_group()
     blank.add_argument("--zero-image", action="store_true", help="ablation: blank the vision features")
     blank.add_argument("--zero-deepstack", action="store_true", help="ablation: blank the DeepStack maps only")
-    check.add_argument("--conversation", action="store_true",
-                       help="ask in conversations of 1 to 4 questions; first questions and follow-ups scored apart")
-    check.add_argument("--record", action="store_true",
-                       help=f"also keep the figures in the model's {TRAINING_RECORD} (the app's header reads them)")
+    check.add_argument(
+        "--conversation",
+        action="store_true",
+        help="ask in conversations of 1 to 4 questions; first questions and follow-ups scored apart",
+    )
+    check.add_argument(
+        "--record",
+        action="store_true",
+        help=f"also keep the figures in the model's {TRAINING_RECORD} (the app's header reads them)",
+    )
     check.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     check.add_argument("--threads", type=int, default=2)
     check.add_argument("--json", action="store_true", help="print one JSON object")
@@ -93,10 +117,16 @@ def run_eval(args: argparse.Namespace) -> None:
     else:
         report = evaluate(answer, route_exchanges(args.route, args.n, args.seed, args.style))
     result = {
-        "route": args.route, "precision": args.precision, "model": args.model, "n": args.n, "seed": args.seed,
-        "style": args.style, "conversation": args.conversation, "zero_image": args.zero_image,
+        "route": args.route,
+        "precision": args.precision,
+        "model": args.model,
+        "n": args.n,
+        "seed": args.seed,
+        "style": args.style,
+        "conversation": args.conversation,
+        "zero_image": args.zero_image,
         "zero_deepstack": args.zero_deepstack,
-    } | report.to_json()  # fmt: skip
+    } | report.to_json()
     if args.record:
         record_eval(Path(args.model), result)
     if args.json:
@@ -106,15 +136,27 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    runtime = {"device": args.device, "threads": args.threads, "checkpoint_minutes": args.checkpoint_minutes,
-               "log_every": args.log_every}
+    runtime = {
+        "device": args.device,
+        "threads": args.threads,
+        "checkpoint_minutes": args.checkpoint_minutes,
+        "log_every": args.log_every,
+    }
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.resume:
         run = resume(args.resume, **runtime)
     else:
-        cfg = TrainConfig(steps=args.steps, tower_steps=args.tower_steps, pictures=args.pictures,
-                          questions=args.questions, lr=args.lr, warmup=args.warmup, shape_weight=args.shape_weight,
-                          seed=args.seed, **runtime)  # fmt: skip
+        cfg = TrainConfig(
+            steps=args.steps,
+            tower_steps=args.tower_steps,
+            pictures=args.pictures,
+            questions=args.questions,
+            lr=args.lr,
+            warmup=args.warmup,
+            shape_weight=args.shape_weight,
+            seed=args.seed,
+            **runtime,
+        )
         state = args.state or args.out.rstrip("/") + ".state"
         run = start(args.out, state, cfg, demo_spec(args.patch_size, args.max_pixels))
     log_to_file(run.state_dir / "train.log")

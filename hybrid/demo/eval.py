@@ -129,9 +129,11 @@ class EvalReport:
             "accuracy": {k: round(s.accuracy, 4) for k, s in self.asked.items()},
             "counts": {k: {"total": s.total, "correct": s.correct, "exact": s.exact} for k, s in self.asked.items()},
             "boxes": {
-                "n": len(self.ious), "hit_rate": round(self.box_hit_rate, 4), "mean_iou": round(self.mean_iou, 4),
+                "n": len(self.ious),
+                "hit_rate": round(self.box_hit_rate, 4),
+                "mean_iou": round(self.mean_iou, 4),
                 "any_label_hit_rate": round(self.any_label_hit_rate, 4),
-            },  # fmt: skip
+            },
             "by_background": accuracies(self.by_background),
             "by_shapes": accuracies(self.by_shapes),
             **({"first": accuracies(self.first), "follow_up": accuracies(self.follow_up)} if self.follow_up else {}),
@@ -144,10 +146,16 @@ class EvalReport:
         rows = [f"{'kind':<12} {'accuracy':>8} {'exact':>6} {'n':>5}"]
         rows += [f"{k:<12} {s.accuracy:>8.3f} {s.exact / s.total:>6.3f} {s.total:>5}" for k, s in self.asked.items()]
         if self.ious:
-            rows.append(f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}, "
-                        f"IoU >= {HIT_IOU} whatever the label: {self.any_label_hit_rate:.3f}")
-        for title, scores in (("background", self.by_background), ("shapes", self.by_shapes),
-                              ("first question", self.first), ("follow-up", self.follow_up)):  # fmt: skip
+            rows.append(
+                f"boxes: {len(self.ious)}, IoU >= {HIT_IOU}: {self.box_hit_rate:.3f}, mean IoU {self.mean_iou:.3f}, "
+                f"IoU >= {HIT_IOU} whatever the label: {self.any_label_hit_rate:.3f}"
+            )
+        for title, scores in (
+            ("background", self.by_background),
+            ("shapes", self.by_shapes),
+            ("first question", self.first),
+            ("follow-up", self.follow_up),
+        ):
             if scores:
                 rows.append(f"by {title}: " + ", ".join(f"{k} {s.accuracy:.3f}" for k, s in sorted(scores.items())))
         return "\n".join(rows)
@@ -269,6 +277,7 @@ def _blank(pipeline: Pipeline, route: str, features: bool) -> None:
 
         tower.encode = blank
     elif route == "pytorch":
+
         def blank_output(module, args, output):
             if features:
                 output.pooler_output = torch.zeros_like(output.pooler_output)

@@ -54,13 +54,37 @@ KINDS = (*IMAGE_KINDS, "text")
 QUESTIONS = {
     "shape": ("What shape is this?", "What shape do you see?", "Which shape is in the picture?", "What is the shape?"),
     "colour": ("What colour is the shape?", "What color is it?", "Which colour is the shape?", "What is its colour?"),
-    "position": ("Where is the shape?", "Where is it?", "Where is the shape in the picture?", "In which part of the picture is the shape?"),
-    "count": ("How many shapes are there?", "How many shapes do you see?", "Count the shapes.", "How many shapes are in the picture?"),
+    "position": (
+        "Where is the shape?",
+        "Where is it?",
+        "Where is the shape in the picture?",
+        "In which part of the picture is the shape?",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many shapes do you see?",
+        "Count the shapes.",
+        "How many shapes are in the picture?",
+    ),
     "colour_of": ("What colour is the {shape}?", "What color is the {shape}?", "Which colour is the {shape}?"),
-    "position_of": ("Where is the {label}?", "Where is the {label} in the picture?", "In which part of the picture is the {label}?"),
-    "describe": ("Describe the picture.", "What is in this picture?", "Describe the image in a few words.", "What do you see?"),
+    "position_of": (
+        "Where is the {label}?",
+        "Where is the {label} in the picture?",
+        "In which part of the picture is the {label}?",
+    ),
+    "describe": (
+        "Describe the picture.",
+        "What is in this picture?",
+        "Describe the image in a few words.",
+        "What do you see?",
+    ),
     "find": ("Find the {label}.", "Locate the {label}.", "Show me the {label}.", "Draw a box around the {label}."),
-    "locate_all": ("Locate every shape.", "Find all the shapes.", "Detect every shape.", "Draw boxes around all the shapes."),
+    "locate_all": (
+        "Locate every shape.",
+        "Find all the shapes.",
+        "Detect every shape.",
+        "Draw boxes around all the shapes.",
+    ),
 }
 FIXED_EXCHANGES = {
     "Hello!": "Hello! Show me a picture and ask about it.",

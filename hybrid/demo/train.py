@@ -39,9 +39,16 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 # How often each kind is asked about a picture (a kind a picture cannot answer is skipped).
 KIND_WEIGHTS = {
-    "shape": 2.0, "colour": 1.2, "position": 1.2, "count": 1.0, "colour_of": 1.0, "position_of": 1.2,
-    "describe": 1.4, "find": 1.6, "locate_all": 1.4,
-}  # fmt: skip
+    "shape": 2.0,
+    "colour": 1.2,
+    "position": 1.2,
+    "count": 1.0,
+    "colour_of": 1.0,
+    "position_of": 1.2,
+    "describe": 1.4,
+    "find": 1.6,
+    "locate_all": 1.4,
+}
 
 
 class InvalidConfig(ValueError):
@@ -109,8 +116,10 @@ def demo_spec(patch_size: int = 8, max_pixels: int = 256 * 256) -> TinySpec:
     patch a 32nd of the picture is what let shapes be learnt at all (docs/demo-model.md)."""
     tokens = max_pixels // (2 * patch_size) ** 2
     if not 4 <= patch_size <= 16 or not 16 <= tokens <= 256:
-        raise InvalidConfig(f"--patch-size {patch_size} and --max-pixels {max_pixels} give {tokens} image tokens; "
-                            "allowed: patch 4 to 16 pixels, 16 to 256 tokens")  # fmt: skip
+        raise InvalidConfig(
+            f"--patch-size {patch_size} and --max-pixels {max_pixels} give {tokens} image tokens; "
+            "allowed: patch 4 to 16 pixels, 16 to 256 tokens"
+        )
     return TinySpec(
         hidden_size=128,
         num_hidden_layers=4,
@@ -162,7 +171,10 @@ def picture_exchanges(scene: scenes.Scene, rng: np.random.Generator, cfg: TrainC
     weights = np.array([KIND_WEIGHTS[k] for k in kinds])
     size = min(int(rng.integers(1, cfg.questions + 1)), len(kinds))
     chosen = rng.choice(kinds, size=size, replace=False, p=weights / weights.sum())
-    return tuple(text_exchange(rng, cfg) if rng.random() < cfg.text_with_image else scenes.ask(str(k), scene, rng) for k in chosen)
+    return tuple(
+        text_exchange(rng, cfg) if rng.random() < cfg.text_with_image else scenes.ask(str(k), scene, rng)
+        for k in chosen
+    )
 
 
 def sample_step(rng: np.random.Generator, cfg: TrainConfig) -> tuple[list[scenes.Scene], list[Example]]:
@@ -192,7 +204,9 @@ def shape_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def tokenize_row(tokenizer, segments: list[str], shape_ids: frozenset[int], shape_weight: float) -> tuple[list[int], list[int], list[float], list[tuple[int, int]]]:
+def tokenize_row(
+    tokenizer, segments: list[str], shape_ids: frozenset[int], shape_weight: float
+) -> tuple[list[int], list[int], list[float], list[tuple[int, int]]]:
     """Token ids of the whole row, its labels (-100 outside answers), the answer tokens' loss
     weights and each answer's `(start, end)`; every piece must tokenise as it does in the whole."""
     ids, labels, weights, spans = [], [], [], []
@@ -207,7 +221,9 @@ def tokenize_row(tokenizer, segments: list[str], shape_ids: frozenset[int], shap
             weights += [0.0] * len(piece)
         ids += piece
     if tokenizer("".join(segments), add_special_tokens=False)["input_ids"] != ids:
-        raise ValueError(f"the conversation {segments[1::2]!r} does not tokenise the same in pieces; change its wording")
+        raise ValueError(
+            f"the conversation {segments[1::2]!r} does not tokenise the same in pieces; change its wording"
+        )
     return ids, labels, weights, spans
 
 
@@ -262,7 +278,9 @@ class VisionProbe(torch.nn.Module):
     ) -> tuple[torch.Tensor, float]:
         """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids.
         Returns the loss and the share of shape tokens whose shape the probe names."""
-        shapes, colours, boxes, covered = zip(*(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist())))
+        shapes, colours, boxes, covered = zip(
+            *(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist()))
+        )
         device = image_embeds.device
         shapes, colours, boxes, covered = (torch.cat(t).to(device) for t in (shapes, colours, boxes, covered))
         out = self.head(image_embeds)  # (tokens, 5 + 7 + 4)
@@ -291,13 +309,20 @@ def probe_targets(scene: scenes.Scene, rows: int, cols: int) -> tuple[torch.Tens
         shape_ids[near] = 1 + scenes.SHAPES.index(item.shape)
         colour_ids[near] = 1 + list(scenes.COLOURS).index(item.colour)
         boxes[near] = np.array(scene.box_2d(item), np.float32) / scenes.SCALE
-    return torch.from_numpy(shape_ids), torch.from_numpy(colour_ids), torch.from_numpy(boxes), torch.from_numpy(shape_ids > 0)
+    return (
+        torch.from_numpy(shape_ids),
+        torch.from_numpy(colour_ids),
+        torch.from_numpy(boxes),
+        torch.from_numpy(shape_ids > 0),
+    )
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy `(B, S)`: entry t is the loss of predicting token t from t-1 (0 at
     the first position and wherever the label is -100)."""
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
     return torch.nn.functional.pad(losses, (1, 0))
 
 
@@ -358,7 +383,9 @@ class Trainer:
         optimizer.step()
         schedule.step()
 
-    def step(self, pictures: list[scenes.Scene], rows: list[Example]) -> tuple[dict[tuple[str, bool], list[float]], float, float]:
+    def step(
+        self, pictures: list[scenes.Scene], rows: list[Example]
+    ) -> tuple[dict[tuple[str, bool], list[float]], float, float]:
         """One optimiser step on the answer tokens' weighted mean loss (+ probe); returns each
         answer's mean token loss by (kind, follow-up), the probe's loss and its shape accuracy."""
         batch = collate(self.processor, pictures, rows, self.cfg.shape_weight)
@@ -393,17 +420,23 @@ class Trainer:
             if shown:
                 extra = {
                     "image_grid_thw": grids[shown].to(self.device),
-                    "mm_encoder_outputs": {"image": BaseModelOutputWithDeepstackFeatures(
-                        pooler_output=tuple(per_picture[0][i] for i in shown),
-                        deepstack_features=[tuple(level[i] for i in shown) for level in per_picture[1]],
-                    )},
-                }  # fmt: skip
+                    "mm_encoder_outputs": {
+                        "image": BaseModelOutputWithDeepstackFeatures(
+                            pooler_output=tuple(per_picture[0][i] for i in shown),
+                            deepstack_features=[tuple(level[i] for i in shown) for level in per_picture[1]],
+                        )
+                    },
+                }
             rows_losses = token_losses(self.model(**sub, **extra).logits, labels)
-            losses = losses.index_put((part.to(self.device),), torch.nn.functional.pad(rows_losses, (0, losses.shape[1] - width)))
+            losses = losses.index_put(
+                (part.to(self.device),), torch.nn.functional.pad(rows_losses, (0, losses.shape[1] - width))
+            )
         return losses
 
 
-def _per_picture(vision, grids: torch.Tensor, merge: int) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+def _per_picture(
+    vision, grids: torch.Tensor, merge: int
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
     """The tower's merged tokens and DeepStack maps split per picture."""
     sizes = (grids.prod(-1) // merge**2).tolist()
     return torch.split(vision.pooler_output, sizes), [torch.split(f, sizes) for f in vision.deepstack_features]
@@ -426,10 +459,16 @@ class Run:
         """The whole state to `state_dir/state.pt`, atomically (a kill mid-write keeps the old one)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {
-            "trainer": self.trainer.state_dict(), "numpy_rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "config": asdict(self.trainer.cfg), "spec": asdict(self.spec),
-            "out": str(self.out), "phase": self.phase, "step": self.step, "curves": asdict(self.curves),
-        }  # fmt: skip
+            "trainer": self.trainer.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "config": asdict(self.trainer.cfg),
+            "spec": asdict(self.spec),
+            "out": str(self.out),
+            "phase": self.phase,
+            "step": self.step,
+            "curves": asdict(self.curves),
+        }
         partial = self.state_dir / (STATE_FILE + ".partial")
         torch.save(state, partial)
         partial.replace(self.state_dir / STATE_FILE)
@@ -483,8 +522,13 @@ def fit(run: Run, max_steps: int | None = None) -> None:
 
 def _log_point(run: Run, total: int, window: dict[tuple[str, bool], list[float]], probes: list) -> None:
     loss, accuracy = np.mean(probes, axis=0)
-    point = {"phase": run.phase, "step": run.step, "seconds": round(run.curves.seconds), "probe_loss": round(float(loss), 4),
-             "probe_shape_accuracy": round(float(accuracy), 4)}  # fmt: skip
+    point = {
+        "phase": run.phase,
+        "step": run.step,
+        "seconds": round(run.curves.seconds),
+        "probe_loss": round(float(loss), 4),
+        "probe_shape_accuracy": round(float(accuracy), 4),
+    }
     if window:
         point["first"] = {k: round(float(np.mean(v)), 4) for (k, follow), v in sorted(window.items()) if not follow}
         point["follow_up"] = {k: round(float(np.mean(v)), 4) for (k, follow), v in sorted(window.items()) if follow}
@@ -492,9 +536,18 @@ def _log_point(run: Run, total: int, window: dict[tuple[str, bool], list[float]]
     per_kind = " ".join(f"{k} {v:.3f}" for k, v in point.get("first", {}).items())
     follow = " ".join(f"{k} {v:.3f}" for k, v in point.get("follow_up", {}).items())
     schedule = run.trainer.tower_schedule if run.phase == "tower" else run.trainer.schedule
-    log.info("%s step %d/%d loss %s | follow-ups %s | probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs",
-             run.phase, run.step, total, per_kind or "-", follow or "-", loss, accuracy, schedule.get_last_lr()[0],
-             run.curves.seconds)  # fmt: skip
+    log.info(
+        "%s step %d/%d loss %s | follow-ups %s | probe %.3f shape accuracy %.2f lr %.2e elapsed %.0fs",
+        run.phase,
+        run.step,
+        total,
+        per_kind or "-",
+        follow or "-",
+        loss,
+        accuracy,
+        schedule.get_last_lr()[0],
+        run.curves.seconds,
+    )
     window.clear()
     probes.clear()
 
@@ -526,7 +579,9 @@ def resume(state_dir: str | Path, **overrides) -> Run:
     rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(state["torch_rng"])
     curves = Curves(**state["curves"])
-    log.info("resuming %s at %s step %d (%.0f s trained so far)", state_dir, state["phase"], state["step"], curves.seconds)
+    log.info(
+        "resuming %s at %s step %d (%.0f s trained so far)", state_dir, state["phase"], state["step"], curves.seconds
+    )
     return Run(trainer, rng, spec, Path(state["out"]), Path(state_dir), state["phase"], state["step"], curves)
 
 
@@ -541,16 +596,24 @@ def finish(run: Run) -> Path:
     out = build_checkpoint(run.out, run.spec, model=model)
     check_saved_tokenizer(out, run.trainer.processor.tokenizer)
     record = {
-        "spec": _shapes(run.spec), "config": asdict(run.trainer.cfg), "parameters": parameter_count(model),
-        "train_seconds": round(run.curves.seconds, 1), "curves": run.curves.points,
+        "spec": _shapes(run.spec),
+        "config": asdict(run.trainer.cfg),
+        "parameters": parameter_count(model),
+        "train_seconds": round(run.curves.seconds, 1),
+        "curves": run.curves.points,
         "shape_sizes": [scenes.MIN_SIZE, scenes.MAX_SIZE],  # of the short side: what the model has seen
-    }  # fmt: skip
+    }
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("trained in %.0fs; wrote %s", run.curves.seconds, out)
     return out
 
 
-def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), spec: TinySpec | None = None, state_dir: str | Path | None = None) -> Path:
+def train(
+    out_dir: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    spec: TinySpec | None = None,
+    state_dir: str | Path | None = None,
+) -> Path:
     """Train from scratch and write the checkpoint (plus `training.json`) to `out_dir`; the state is
     kept in `state_dir` (default: `out_dir` + `.state`) for `resume`."""
     state_dir = state_dir or Path(str(out_dir).rstrip("/") + ".state")

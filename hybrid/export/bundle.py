@@ -23,9 +23,18 @@ from hybrid.export.int4 import Int4Scheme
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
-    DECODER_DIR, DECODER_FILE, DECODER_GRAPH, EMBED_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_CONFIG, VISION_DIR,
-    VISION_WEIGHTS, sha256, vision_graph,
-)  # fmt: skip
+    DECODER_DIR,
+    DECODER_FILE,
+    DECODER_GRAPH,
+    EMBED_FILE,
+    GENAI_DIR,
+    PROCESSOR_DIR,
+    VISION_CONFIG,
+    VISION_DIR,
+    VISION_WEIGHTS,
+    sha256,
+    vision_graph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,10 @@ def resolve_checkpoint(source: str) -> Path:
 
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
     except Exception as exc:  # the hub client raises many network error types
-        raise UserError(f"cannot download {source} from the Hugging Face Hub ({type(exc).__name__}): "
-                        "check the network, or pass a local checkpoint folder") from exc
+        raise UserError(
+            f"cannot download {source} from the Hugging Face Hub ({type(exc).__name__}): "
+            "check the network, or pass a local checkpoint folder"
+        ) from exc
 
 
 def export_bundle(
@@ -164,7 +175,11 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
     try:
         import onnxruntime_genai
 

@@ -33,8 +33,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
-from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
 from hybrid.export.graph import GraphWriter, write_graph
+from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def export_decoder(
 class _Writer(GraphWriter):
     """Builds the graph and writes the weights it references, layer by layer."""
 
-    def __init__(self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: Int4Scheme | None) -> None:
+    def __init__(
+        self, data: ExternalData, tensors: CheckpointTensors, shapes: DecoderShapes, int4: Int4Scheme | None
+    ) -> None:
         super().__init__(data)
         self.tensors, self.shapes, self.int4 = tensors, shapes, int4
 
@@ -132,8 +134,10 @@ class _Writer(GraphWriter):
         for i in range(s.num_layers):
             residual, branch = self._layer(i, residual, branch, rotary, seqlens_k, total_length)
             on_layer(i + 1, s.num_layers)
-        residual, branch = (self.op("Slice", x, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
-                            for x in (residual, branch))  # the last position only: it alone gives logits
+        residual, branch = (
+            self.op("Slice", x, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
+            for x in (residual, branch)
+        )  # the last position only: it alone gives logits
         normed, _ = self._add_norm(TEXT + "norm.weight", residual, branch)
         head = TEXT + "embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         self._linear("lm_head", normed, self.tensors.read(head), output="logits")
@@ -147,7 +151,9 @@ class _Writer(GraphWriter):
             helper.make_tensor_value_info("inputs_embeds", float_, ["batch", "sequence", s.hidden_size]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
             helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, "batch", "sequence"]),
-            helper.make_tensor_value_info("deepstack_embeds", float_, [s.num_deepstack, "batch", "sequence", s.hidden_size]),
+            helper.make_tensor_value_info(
+                "deepstack_embeds", float_, [s.num_deepstack, "batch", "sequence", s.hidden_size]
+            ),
         ]
         outputs = [helper.make_tensor_value_info("logits", float_, ["batch", 1, s.vocab_size])]
         input_names, output_names = decoder_io_names(s.num_layers)
@@ -173,8 +179,13 @@ class _Writer(GraphWriter):
         angles = self.op("Reshape", self.op("Mul", chosen, self.const(s.inv_freq())), self.const([-1, s.head_dim // 2]))
         new = self.op("Gather", self.op("Shape", "inputs_embeds"), self.const(1), axis=0)
         total = self.op("Gather", self.op("Shape", "attention_mask"), self.const(1), axis=0)
-        padding = self.op("Concat", self.const([0, 0]), self.op("Unsqueeze", self.op("Sub", total, new), self.const([0])),
-                          self.const([0]), axis=0)  # fmt: skip
+        padding = self.op(
+            "Concat",
+            self.const([0, 0]),
+            self.op("Unsqueeze", self.op("Sub", total, new), self.const([0])),
+            self.const([0]),
+            axis=0,
+        )
         cos, sin = (self.op("Pad", self.op(f, angles), padding) for f in ("Cos", "Sin"))
         rows = self.op("Unsqueeze", self.op("Range", self.const(0), new, self.const(1)), self.const([0]))
         return cos, sin, rows
@@ -196,11 +207,24 @@ class _Writer(GraphWriter):
         # the new keys and values are written straight into the graph's present outputs, so a buffer
         # bound as both past and present is updated in place; q and k are rotated inside
         attn, key, value = self.op(
-            "GroupQueryAttention", q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k,
-            total_length, *rotary, domain=CONTRIB, outputs=3, output=[None, f"present.{i}.key", f"present.{i}.value"],
-            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, scale=float(s.head_dim**-0.5), do_rotary=1,
+            "GroupQueryAttention",
+            q,
+            k,
+            v,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            seqlens_k,
+            total_length,
+            *rotary,
+            domain=CONTRIB,
+            outputs=3,
+            output=[None, f"present.{i}.key", f"present.{i}.value"],
+            num_heads=s.num_heads,
+            kv_num_heads=s.num_kv_heads,
+            scale=float(s.head_dim**-0.5),
+            do_rotary=1,
             rotary_interleaved=0,
-        )  # fmt: skip
+        )
         o_proj = self.tensors.read(prefix + "self_attn.o_proj.weight")
         attn = self._linear(f"layers.{i}.o_proj", attn, o_proj)
         x, residual = self._add_norm(prefix + "post_attention_layernorm.weight", residual, attn)
@@ -219,9 +243,15 @@ class _Writer(GraphWriter):
             return self._norm(weight_name, residual), residual
         weight = self.initializer(weight_name, self.tensors.read(weight_name))
         normed, _, _, total = self.op(
-            "SkipSimplifiedLayerNormalization", residual, branch, weight, domain=CONTRIB, outputs=4,
-            output=[None, "", "", None], epsilon=float(self.shapes.rms_norm_eps),
-        )  # fmt: skip
+            "SkipSimplifiedLayerNormalization",
+            residual,
+            branch,
+            weight,
+            domain=CONTRIB,
+            outputs=4,
+            output=[None, "", "", None],
+            epsilon=float(self.shapes.rms_norm_eps),
+        )
         return normed, total
 
     def _norm(self, weight_name: str, x: str) -> str:
@@ -250,6 +280,10 @@ class _Writer(GraphWriter):
         quantized = quantize_int4(weight, setting)
         self.initializers += [self.data.add(key, array) for key, array in int4_arrays(name + ".weight", quantized)]
         return self.op(
-            "MatMulNBits", x, *int4_names(name + ".weight", setting), domain=CONTRIB, output=output,
+            "MatMulNBits",
+            x,
+            *int4_names(name + ".weight", setting),
+            domain=CONTRIB,
+            output=output,
             **matmul_nbits_attributes(setting, k, n),
-        )  # fmt: skip
+        )

@@ -31,10 +31,21 @@ def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
     weights to disk, then (for `int4`) quantized MatMul by MatMul. The builder's own INT4 pass would
     first hold every weight in fp32 at once (14.5 GiB for the 2B); this gives the same bytes."""
     command = [
-        sys.executable, "-m", "hybrid.export.genai_builder",
-        "-i", str(checkpoint), "-o", str(out), "-p", "fp32", "-e", "cpu",
-        "--extra_options", "exclude_embeds=false", "shared_embeddings=false",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "hybrid.export.genai_builder",
+        "-i",
+        str(checkpoint),
+        "-o",
+        str(out),
+        "-p",
+        "fp32",
+        "-e",
+        "cpu",
+        "--extra_options",
+        "exclude_embeds=false",
+        "shared_embeddings=false",
+    ]
     package_root = str(Path(__file__).resolve().parents[2])  # where `hybrid` is importable from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as cache:

@@ -64,7 +64,7 @@ class Int4Setting:
         return self.quantizer not in SYMMETRIC
 
     @classmethod
-    def parse(cls, name: str) -> "Int4Setting":
+    def parse(cls, name: str) -> Int4Setting:
         """The setting named `QUANTIZER-bBLOCK`, as `name` writes it (for example `rtn-b32`)."""
         quantizer, _, block = name.rpartition("-b")
         if not quantizer or not block.isdigit():
@@ -93,7 +93,7 @@ class Int4Scheme:
         return self.layers.name if self.head == self.layers else f"{self.layers.name}{HEAD_MARK}{self.head.name}"
 
     @classmethod
-    def parse(cls, name: str) -> "Int4Scheme":
+    def parse(cls, name: str) -> Int4Scheme:
         """The scheme `name` writes: `LAYERS` (the head alike) or `LAYERS+head-HEAD`."""
         layers, _, head = name.partition(HEAD_MARK)
         setting = Int4Setting.parse(layers)
@@ -315,10 +315,13 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     targets = {
-        node.input[1] for node in graph.node
-        if node.op_type == "MatMul" and node.input[1] in weights
-        and len(weights[node.input[1]].dims) == 2 and weights[node.input[1]].data_type == TensorProto.FLOAT
-    }  # fmt: skip
+        node.input[1]
+        for node in graph.node
+        if node.op_type == "MatMul"
+        and node.input[1] in weights
+        and len(weights[node.input[1]].dims) == 2
+        and weights[node.input[1]].data_type == TensorProto.FLOAT
+    }
     location = path.name + ".data"
     staged = path.with_name(location + ".int4")
     with open(staged, "wb") as file:
@@ -340,9 +343,13 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
             k, n = weights[node.input[1]].dims
             inputs = [node.input[0], *int4_names(node.input[1], setting)]
             node = helper.make_node(
-                "MatMulNBits", inputs, list(node.output), name=node.name + "_Q4", domain=CONTRIB,
+                "MatMulNBits",
+                inputs,
+                list(node.output),
+                name=node.name + "_Q4",
+                domain=CONTRIB,
                 **matmul_nbits_attributes(setting, k, n),
-            )  # fmt: skip
+            )
         nodes.append(node)
     graph.ClearField("initializer")
     graph.initializer.extend(initializers)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
@@ -110,7 +109,9 @@ def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.view(_NUMPY_DTYPES[dtype]).astype(np.float32, copy=dtype != "F32")
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, tuple[int, ...]]], read: Callable[[str], np.ndarray]) -> None:
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, tuple[int, ...]]], read: Callable[[str], np.ndarray]
+) -> None:
     """A float32 safetensors file of `tensors` (name, shape), each fetched by `read(name)` as it is written."""
     tensors = list(tensors)
     header, offset = {}, 0

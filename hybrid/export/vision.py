@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
-from hybrid.export.int4 import CONTRIB
 from hybrid.export.graph import GraphWriter, write_graph
+from hybrid.export.int4 import CONTRIB
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 LAYER_NORM_EPS = 1e-6  # transformers' `Qwen3VLVisionBlock` and `Qwen3VLVisionPatchMerger` hard-code it
@@ -86,7 +86,9 @@ class _Writer(GraphWriter):
         outputs = [helper.make_tensor_value_info("image_embeds", float_, ["tokens", c.out_hidden_size])]
         if with_deepstack:
             depth = len(c.deepstack_visual_indexes)
-            outputs.append(helper.make_tensor_value_info("deepstack_embeds", float_, [depth, "tokens", c.out_hidden_size]))
+            outputs.append(
+                helper.make_tensor_value_info("deepstack_embeds", float_, [depth, "tokens", c.out_hidden_size])
+            )
         return helper.make_graph(self.nodes, "qwen3_vl_vision_tower", inputs, outputs, self.initializers)
 
     # --- graph pieces -------------------------------------------------------------------------
@@ -120,9 +122,15 @@ class _Writer(GraphWriter):
     def _rotate(self, x: str, positions: str) -> str:
         """Qwen3-VL's vision rotary (`rotate_half` over the whole head) on `(1, N, heads * d)`."""
         return self.op(
-            "RotaryEmbedding", x, positions, "rotary_cos", "rotary_sin", domain=CONTRIB, interleaved=0,
+            "RotaryEmbedding",
+            x,
+            positions,
+            "rotary_cos",
+            "rotary_sin",
+            domain=CONTRIB,
+            interleaved=0,
             num_heads=self.heads,
-        )  # fmt: skip
+        )
 
     def _merger(self, p: str, hidden: str, postshuffle: bool, output: str | None = None) -> str:
         """`(N / merge**2, out)`: groups of `merge**2` neighbouring patches (adjacent rows, as the
@@ -156,4 +164,6 @@ class _Writer(GraphWriter):
         quantized, scale = quantize_int8(weight)
         weight_name = self.initializer(name + ".weight", quantized)
         scale_name = self.initializer(name + ".scale", scale)
-        return self.op("DynamicQuantizeMatMul", x, weight_name, scale_name, "", bias_name, domain=CONTRIB, output=output)
+        return self.op(
+            "DynamicQuantizeMatMul", x, weight_name, scale_name, "", bias_name, domain=CONTRIB, output=output
+        )

@@ -9,7 +9,7 @@ DeepStack rows are those of the whole new prompt, so the result equals a fresh p
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -59,9 +59,7 @@ class HybridRoute:
             self.keep(request.conversation_id, cache, token_ids, images)
         yield emitter.final()
 
-    def prefill(
-        self, cache: KVCache, inputs: PreparedInputs, reused: int, watch: Stopwatch
-    ) -> tuple[np.ndarray, int]:
+    def prefill(self, cache: KVCache, inputs: PreparedInputs, reused: int, watch: Stopwatch) -> tuple[np.ndarray, int]:
         """Encode the images and videos among the prompt's tokens after the first `reused` (those the
         cache holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
         delta that places the tokens generated after the prompt."""
@@ -70,13 +68,20 @@ class HybridRoute:
         video_features = timed(watch, "vision", self.encode_videos, new)
         injected = self.inject(new, features, video_features)
         positions, rope_delta = get_rope_index(
-            inputs.mm_token_type_ids, _numpy(inputs.image_grid_thw), self.vision.spatial_merge_size,
+            inputs.mm_token_type_ids,
+            _numpy(inputs.image_grid_thw),
+            self.vision.spatial_merge_size,
             _numpy(inputs.video_grid_thw),
         )  # (3, 1, S): the whole prompt's, since they depend on every image and video before
         logits = timed(
-            watch, "prefill", self.decoder.forward,
-            cache, injected.inputs_embeds, positions[:, :, reused:], injected.deepstack_embeds,
-        )  # fmt: skip
+            watch,
+            "prefill",
+            self.decoder.forward,
+            cache,
+            injected.inputs_embeds,
+            positions[:, :, reused:],
+            injected.deepstack_embeds,
+        )
         return logits, rope_delta
 
     def feed(self, cache: KVCache, token: int, rope_delta: int) -> np.ndarray:
@@ -118,9 +123,14 @@ class HybridRoute:
         self, inputs: PreparedInputs, features: VisionFeatures | None, video_features: VisionFeatures | None = None
     ) -> InjectedInputs:
         return inject(
-            inputs.input_ids, self.embeddings, self.processor.image_token_id, self.decoder.num_deepstack, features,
-            self.processor.video_token_id, video_features,
-        )  # fmt: skip
+            inputs.input_ids,
+            self.embeddings,
+            self.processor.image_token_id,
+            self.decoder.num_deepstack,
+            features,
+            self.processor.video_token_id,
+            video_features,
+        )
 
     def decode(
         self, emitter: Emitter, cache: KVCache, logits: np.ndarray, token_ids: list[int], rope_delta: int

@@ -83,8 +83,9 @@ class RemoteRoute:
         watch.add("preprocess", time.perf_counter() - started)
         finish: FinishReason | None = None
         try:
-            with httpx.stream("POST", f"{self.base}/chat/completions", json=body, headers=self.headers,
-                              timeout=self.timeout) as response:  # fmt: skip
+            with httpx.stream(
+                "POST", f"{self.base}/chat/completions", json=body, headers=self.headers, timeout=self.timeout
+            ) as response:
                 if response.status_code != 200:
                     response.read()
                     raise RouteError(f"the remote answered HTTP {response.status_code}: {_message(response)}")
@@ -106,10 +107,15 @@ class RemoteRoute:
     def _body(self, request: Request) -> dict[str, Any]:
         s = request.sampling
         body: dict[str, Any] = {
-            "model": self.model, "messages": [_message_body(m) for m in request.messages], "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
-            "top_p": s.top_p, "seed": s.seed,
-        }  # fmt: skip
+            "model": self.model,
+            "messages": [_message_body(m) for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        }
         if s.stop:
             body["stop"] = list(s.stop)
         if s.top_k:  # extensions that vLLM, llama.cpp and this app take; sent only when asked for
@@ -122,7 +128,9 @@ class RemoteRoute:
 def _message_body(message: Message) -> dict[str, Any]:
     if not message.images:
         return {"role": message.role, "content": message.text}
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": _data_url(image)}} for image in message.images]
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": _data_url(image)}} for image in message.images
+    ]
     if message.text:
         parts.append({"type": "text", "text": message.text})
     return {"role": message.role, "content": parts}
@@ -150,7 +158,9 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
             raise RouteError(f"the remote stream is malformed: {data[:80]!r}")
         if "error" in event:
             error = event["error"]
-            raise RouteError(f"the remote failed mid-answer: {error.get('message', error) if isinstance(error, dict) else error}")
+            raise RouteError(
+                f"the remote failed mid-answer: {error.get('message', error) if isinstance(error, dict) else error}"
+            )
         yield event
 
 
