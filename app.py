@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from hybrid.config import PRECISIONS, RuntimeConfig, add_vision_argument, vision_backend
+from hybrid.cli import add_vision_argument, vision_backend
+from hybrid.config import PRECISIONS, RuntimeConfig
 from hybrid.errors import HybridError
 from hybrid.launch import AUTO_PRECISION, describe, load_pipeline
 from hybrid.limits import RateLimiter

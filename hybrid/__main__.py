@@ -14,6 +14,7 @@ import sys
 from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
+from hybrid.cli import add_vision_argument, vision_backend
 from hybrid.config import (
     DEFAULT_MAX_IMAGE_TOKENS,
     DEFAULT_VIDEO_FRAMES,
@@ -22,8 +23,6 @@ from hybrid.config import (
     RuntimeConfig,
     SamplingConfig,
     VideoLimits,
-    add_vision_argument,
-    vision_backend,
 )
 from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting

@@ -1,4 +1,5 @@
-"""Frozen configuration: sampling settings, runtime limits and the bundle manifest.
+"""Frozen configuration: sampling settings, runtime and video limits, image detail, the checkpoint's
+own sampling.
 
 Every value a user can set is checked here, where it is built, and a bad one raises `UserError`
 with a message that says what is allowed.
@@ -14,14 +15,11 @@ from typing import Any, Literal, get_args
 
 from hybrid.errors import BundleError, UserError
 
-MANIFEST_NAME = "manifest.json"
-BUNDLE_FORMAT = 1
 Precision = Literal["fp32", "int4"]  # of a bundle's ONNX text models
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
 VisionBackend = Literal["onnx", "torch"]  # which runtime runs the hybrid route's vision tower
 VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
-AUTO_VISION = "auto"  # the command-line word for "ONNX where the bundle has it"
 
 # Image tokens per picture at each detail level (one token covers (patch * merge)^2 pixels, 32x32 on
 # Qwen3-VL). The checkpoint's own limit (16,384 tokens on the real ones) would let a phone photo
@@ -135,16 +133,6 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
-class PartInfo:
-    """One file of a bundle: its path relative to the bundle, precision and checksum."""
-
-    path: str
-    precision: str
-    sha256: str
-    bytes: int
-
-
-@dataclass(frozen=True)
 class CheckpointSampling:
     """What a checkpoint's `generation_config.json` asks for: sample (with these settings) or not.
 
@@ -185,60 +173,9 @@ class CheckpointSampling:
         }
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """`manifest.json` of a bundle: what each part is and how it was made."""
-
-    format: int
-    source: str
-    checkpoint: str
-    precision: str
-    parts: dict[str, PartInfo]
-    versions: dict[str, str]
-    model: dict[str, Any] = field(default_factory=dict)
-    quantization: str = ""  # the INT4 decoder's `Int4Scheme` name ("" when fp32)
-    decoder_graph: int = 1  # the decoder graph's layout (`hybrid.layout.DECODER_GRAPH`); 1 before it was recorded
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def load(cls, bundle: Path) -> Manifest:
-        path = bundle / MANIFEST_NAME
-        if not path.is_file():
-            raise BundleError(f"{path} is missing: not a bundle (make one with `python -m hybrid export`)")
-        try:
-            raw = json.loads(path.read_text())
-            parts = {name: PartInfo(**info) for name, info in raw.pop("parts").items()}
-            manifest = cls(parts=parts, **raw)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise BundleError(f"{path} is corrupted ({exc}); export the bundle again") from exc
-        if manifest.format != BUNDLE_FORMAT:
-            raise BundleError(
-                f"{path} has bundle format {manifest.format}, this version reads {BUNDLE_FORMAT}; export it again"
-            )
-        return manifest
-
-
 def check_max_image_tokens(value: Any) -> int:
     """An image token budget per picture, as a user may give it."""
     return _check_int("max_image_tokens", value, low=1)
-
-
-def add_vision_argument(parser) -> None:
-    """The `--vision` option of `app.py` and `generate` (`vision_backend` reads its value)."""
-    parser.add_argument(
-        "--vision",
-        choices=(AUTO_VISION, *VISION_BACKENDS),
-        default=AUTO_VISION,
-        help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
-        "auto: onnx where the bundle has it",
-    )
-
-
-def vision_backend(choice: str) -> VisionBackend | None:
-    """The backend a `--vision` choice names; None for `auto`."""
-    return None if choice == AUTO_VISION else choice  # type: ignore[return-value]
 
 
 def _check_int(name: str, value: Any, low: int) -> int:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hybrid.config import MANIFEST_NAME, Manifest, Precision, RuntimeConfig
+from hybrid.config import Precision, RuntimeConfig
 from hybrid.errors import BundleError
 from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import Int4Scheme
-from hybrid.layout import DECODER_GRAPH, VISION_DIR, verify_parts, vision_graph
+from hybrid.layout import VISION_DIR, verify_parts, vision_graph
+from hybrid.manifest import Manifest, checkpoint_fingerprint
 from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.routes.remote import RemoteConfig, RemoteRoute
@@ -88,11 +89,9 @@ def ensure_bundle(model: str | Path, bundle_dir: str | Path | None, precision: P
     return export_bundle(source, bundle, precision, genai=genai)
 
 
-LEGACY_INT4 = "rtn-b32"  # what INT4 bundles were before the manifest named their quantization
-
-
 def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
-    """Why the bundle at `bundle` cannot serve `source` at `precision`, or None if it can."""
+    """Why the bundle at `bundle` cannot serve `source` at `precision`, or None if it can (a bundle
+    of another format is refused by `Manifest.load`)."""
     if not bundle.exists():
         return "first start"
     try:
@@ -104,26 +103,17 @@ def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
     if manifest.precision != precision:
         return f"it is {manifest.precision}, not {precision}"
     default_int4 = Int4Scheme().name
-    if precision == "int4" and (manifest.quantization or LEGACY_INT4) != default_int4:
-        return f"its INT4 decoder is {manifest.quantization or LEGACY_INT4}, the default is now {default_int4}"
-    if manifest.decoder_graph < DECODER_GRAPH:
-        return "its ONNX decoder has an older graph layout (the residual adds not fused into the norms: slower)"
+    if precision == "int4" and manifest.quantization != default_int4:
+        return f"its INT4 decoder is {manifest.quantization}, the default is now {default_int4}"
     if f"{VISION_DIR}/{vision_graph(precision == 'int4')}" not in manifest.parts:
-        return "it has no ONNX vision tower (exported before there was one)"
-    if _newest_mtime(Path(source)) > (bundle / MANIFEST_NAME).stat().st_mtime:
+        return "it has no ONNX vision tower"
+    if checkpoint_fingerprint(source) != manifest.fingerprint:
         return "the checkpoint changed since"
     try:
         verify_parts(bundle, manifest)
     except BundleError as exc:
         return str(exc)
     return None
-
-
-def _newest_mtime(checkpoint: Path) -> float:
-    """Latest modification time of a local checkpoint's files (0 for a hub id)."""
-    if not checkpoint.is_dir():
-        return 0.0
-    return max((p.stat().st_mtime for p in checkpoint.iterdir() if p.is_file()), default=0.0)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid.config import CheckpointSampling, Manifest, RuntimeConfig
+from hybrid.config import CheckpointSampling, RuntimeConfig
 from hybrid.conversation import ConversationStore
 from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
@@ -30,6 +30,7 @@ from hybrid.layout import (
     VISION_DIR,
     verify_parts,
 )
+from hybrid.manifest import Manifest
 from hybrid.processor import Processor
 from hybrid.router import choose_routes
 from hybrid.routes.genai import GenAIRoute

@@ -16,8 +16,8 @@ from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
 from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe, ensure_bundle, model_facts, stale_reason
-from hybrid.layout import DECODER_GRAPH
 from hybrid.limits import RateLimiter
+from hybrid.manifest import BUNDLE_FORMAT, checkpoint_fingerprint
 from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
@@ -218,7 +218,8 @@ def test_a_route_failing_mid_answer_is_reported_and_marked(pipeline):
 
 @pytest.mark.slow  # a bundle export of its own
 def test_the_bundle_is_exported_once_then_reused_until_it_is_stale(checkpoint, tmp_path, caplog):
-    source = checkpoint("base")
+    source = tmp_path / "checkpoint"  # its own copy: the test changes it
+    shutil.copytree(checkpoint("base"), source)
     bundle = tmp_path / "bundle"
     with caplog.at_level(logging.INFO, logger="hybrid"):
         assert ensure_bundle(source, bundle, "fp32") == bundle.resolve()
@@ -231,11 +232,16 @@ def test_the_bundle_is_exported_once_then_reused_until_it_is_stale(checkpoint, t
     assert "made from" in stale_reason(bundle, "/elsewhere/model", "fp32")
     assert "not int4" in stale_reason(bundle, str(source), "int4")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["decoder_graph"] == DECODER_GRAPH
-    older = {key: value for key, value in manifest.items() if key != "decoder_graph"}  # before it was recorded
+    assert manifest["format"] == BUNDLE_FORMAT
+    older = {**manifest, "format": BUNDLE_FORMAT - 1}  # made by an earlier version, with another layout
     (bundle / "manifest.json").write_text(json.dumps(older))
-    assert "older graph layout" in stale_reason(bundle, str(source), "fp32")
+    assert "older layout" in stale_reason(bundle, str(source), "fp32")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    config = source / "config.json"
+    config.write_text(config.read_text())  # the checkpoint changes (a new modification time)
+    assert "checkpoint changed" in stale_reason(bundle, str(source), "fp32")
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": checkpoint_fingerprint(source)}))
+    assert stale_reason(bundle, str(source), "fp32") is None
     with open(bundle / "embed_tokens.npy", "ab") as f:
         f.write(b"x")
     assert "corrupted" in stale_reason(bundle, str(source), "fp32")

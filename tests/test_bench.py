@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from hybrid.bench import REUSING, ROUTES, _prepare_bundles, preset_spec, round_order
-from hybrid.config import IMAGE_DETAIL, MANIFEST_NAME, Manifest
+from hybrid.config import IMAGE_DETAIL
 from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import DECODER_DIR
+from hybrid.manifest import MANIFEST_NAME, Manifest
 
 ROUTE_FIELDS = ("vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb")
 

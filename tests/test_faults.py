@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from hybrid.config import MANIFEST_NAME
 from hybrid.errors import BundleError, RouteError
 from hybrid.export.bundle import export_bundle
+from hybrid.manifest import MANIFEST_NAME
 from hybrid.metrics import rss_mb
 from hybrid.pipeline import Pipeline
 from tests.conftest import draw_scene

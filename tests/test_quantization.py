@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from transformers import AutoConfig
 
-from hybrid.config import Manifest
 from hybrid.decoder import OnnxDecoder
 from hybrid.errors import UserError
 from hybrid.export import decoder as export
 from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import BLOCK_SIZES, QUANTIZERS, Int4Scheme, Int4Setting, quantize_int4
 from hybrid.export.tensors import CheckpointTensors, write_npy
+from hybrid.manifest import Manifest
 from hybrid.quality import FP32, measure
 
 SETTINGS = [Int4Setting(block, quantizer) for quantizer, block in itertools.product(QUANTIZERS, BLOCK_SIZES)]

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid.config import MANIFEST_NAME, RuntimeConfig
+from hybrid.config import RuntimeConfig
 from hybrid.launch import stale_reason
 from hybrid.layout import VISION_DIR, vision_graph
+from hybrid.manifest import MANIFEST_NAME
 from hybrid.pipeline import Pipeline
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.types import collect

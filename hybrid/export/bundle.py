@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybrid.config import BUNDLE_FORMAT, MANIFEST_NAME, PRECISIONS, Manifest, PartInfo
+from hybrid.config import PRECISIONS
 from hybrid.errors import BundleError, UserError
 from hybrid.export import decoder
 from hybrid.export.genai import build_genai
@@ -25,7 +25,6 @@ from hybrid.export.vision import export_vision
 from hybrid.layout import (
     DECODER_DIR,
     DECODER_FILE,
-    DECODER_GRAPH,
     EMBED_FILE,
     GENAI_DIR,
     PROCESSOR_DIR,
@@ -35,6 +34,7 @@ from hybrid.layout import (
     sha256,
     vision_graph,
 )
+from hybrid.manifest import BUNDLE_FORMAT, MANIFEST_NAME, Manifest, PartInfo, checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def export_bundle(
             checkpoint=str(checkpoint),
             precision=precision,
             quantization=int4.name if precision == "int4" else "",
-            decoder_graph=DECODER_GRAPH,
+            fingerprint=checkpoint_fingerprint(source),
             parts=_describe_parts(work, precision),
             versions=_versions(),
             model=model_info,
