@@ -266,6 +266,24 @@ def test_the_header_says_plainly_what_the_model_is(pipeline):
     assert other.startswith("**Qwen3-VL-2B-Instruct**") and "fp32" in other
 
 
+def test_the_demo_models_header_words_its_own_eval_figures(pipeline):
+    manifest = pipeline("base").manifest
+    facts = model_facts(replace(manifest, source=str(DEMO_MODEL)))
+    report = {
+        "n": 300,
+        "accuracy": {"shape": 0.97, "colour": 1.0, "position": 0.99, "count": 0.96},
+        "boxes": {"n": 500, "hit_rate": 0.88},
+        "first": {"count": 0.98, "shape": 0.98},
+        "follow_up": {"count": 0.94, "shape": 0.96},
+    }
+    record = {"shape_sizes": [0.15, 0.45], "eval": {"hybrid-fp32-train-conversation": report}}
+    text = describe_model(replace(facts, record=record))
+    assert "shape 97% (chance 25%)" in text and "count 96%" in text and "300 fresh pictures" in text
+    assert "88% of the boxes" in text and "Follow-up questions in one conversation: 95% right, against 98%" in text
+    assert "15% to 45% of the picture's short side" in text
+    assert "not recorded" in describe_model(replace(facts, record={})), "no figures: it says so, it does not guess"
+
+
 def test_each_client_address_is_rate_limited_on_its_own(pipeline):
     limited = make_service(pipeline("base"), admission=Admission(RateLimiter(2, 60.0)))
     for _ in range(2):

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, fields
@@ -264,6 +265,7 @@ class ChatService:
             return None
         if self._exports is None:
             self._exports = Path(tempfile.mkdtemp(prefix="hybrid-conversations-"))  # Gradio serves the temp folder
+            weakref.finalize(self, shutil.rmtree, self._exports, True)  # gone with the service (at exit at the latest)
         folder = self._export_folder(request)
         folder.mkdir(exist_ok=True)
         model = Path(self.pipeline.manifest.source).name or self.pipeline.manifest.source  # never a server folder

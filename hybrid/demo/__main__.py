@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--out", help="checkpoint folder to write")
     where.add_argument("--resume", metavar="DIR", help="go on with the training whose state is in DIR")
     fit.add_argument("--state", help="folder of the training state and its checkpoints (default: OUT.state)")
-    fit.add_argument("--steps", type=int, default=TrainConfig.steps, help="steps of the whole model")
+    fit.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"steps of the whole model ({TrainConfig.steps}); with --resume: a new end for its schedule",
+    )
     fit.add_argument(
         "--tower-steps", type=int, default=TrainConfig.tower_steps, help="steps that train the vision tower alone first"
     )
@@ -144,10 +149,10 @@ def run_train(args: argparse.Namespace) -> None:
     }
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.resume:
-        run = resume(args.resume, **runtime)
+        run = resume(args.resume, **runtime, **({"steps": args.steps} if args.steps is not None else {}))
     else:
         cfg = TrainConfig(
-            steps=args.steps,
+            steps=args.steps or TrainConfig.steps,
             tower_steps=args.tower_steps,
             pictures=args.pictures,
             questions=args.questions,
