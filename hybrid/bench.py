@@ -14,13 +14,14 @@ import logging
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from hybrid.config import IMAGE_DETAIL, Precision, RuntimeConfig, SamplingConfig
+from hybrid.config import IMAGE_DETAIL, Precision, Precisions, RuntimeConfig, SamplingConfig
 from hybrid.errors import UserError
 from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
@@ -188,31 +189,45 @@ def measure(
     runs: int,
     threads: int,
 ) -> dict:
-    workers = _start_workers(bundles, routes, threads)
+    """Per route: medians of the timings of an image prompt (a text prompt as long, for a text-only
+    route), a new picture every round so that the vision feature cache never answers for the tower."""
+    image_tokens: dict[str, int] = {}
+
+    def one(worker: _Worker, key: str, run: int) -> dict:
+        image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
+        if not can_serve(ROUTES[key].route, image_prompt):
+            return worker.ask(_text_request(image_tokens.get("image", prompt_tokens), new_tokens))
+        result = worker.ask(image_prompt)
+        image_tokens["image"] = result["timings"]["prompt_tokens"]
+        return result
+
+    samples, memory = take_rounds(bundles, routes, threads, runs, one)
+    return _summarise(samples, memory, bundles, new_tokens)
+
+
+def take_rounds(
+    bundles: dict[str, Path], keys: list[str], threads: int, runs: int, one: Callable[[_Worker, str, int], dict]
+) -> tuple[dict[str, list[dict]], dict[str, tuple[float, float]]]:
+    """`one(worker, key, run)` for each route in its own worker process, `runs` rounds after a warm-up
+    round that is left out, the routes taking turns going first (`round_order`). Returns each
+    route's samples and its worker's (loaded MB, baseline RSS MB)."""
+    workers = _start_workers(bundles, keys, threads)
     try:
-        image_tokens = None
-        samples: dict[str, list[dict]] = {key: [] for key in routes}
-        for run in range(runs + 1):  # run 0 warms up and is left out
-            # a new picture every run, so the vision feature cache never answers for the tower
-            image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
-            for key in round_order(routes, run):
-                if can_serve(ROUTES[key].route, image_prompt):
-                    result = workers[key].ask(image_prompt)
-                    image_tokens = result["timings"]["prompt_tokens"]
-                else:
-                    result = workers[key].ask(_text_request(image_tokens or prompt_tokens, new_tokens))
+        samples: dict[str, list[dict]] = {key: [] for key in keys}
+        for run in range(runs + 1):
+            for key in round_order(keys, run):
+                sample = one(workers[key], key, run)
                 if run:
-                    samples[key].append(result)
-        return _summarise(samples, workers, bundles, new_tokens)
+                    samples[key].append(sample)
+        return samples, {key: (worker.loaded_mb, worker.baseline_rss_mb) for key, worker in workers.items()}
     finally:
         for worker in workers.values():
             worker.close()
 
 
 def round_order(keys: list[str], run: int) -> list[str]:
-    """The routes in the order they run in round `run`: as given, then reversed, in turns. A fixed
-    order is not neutral on this machine: asked first in every round, hybrid INT4 decoded at
-    0.96-0.97x GenAI INT4's speed (three 2B runs); asked second, at 1.11x."""
+    """The routes in the order they run in round `run`: as given, then reversed, in turns (a fixed
+    order is not neutral on a 2-core machine: docs/benchmarks.md)."""
     return keys if run % 2 == 0 else keys[::-1]
 
 
@@ -237,7 +252,7 @@ def _text_request(total_tokens: int, new_tokens: int) -> Request:
     return Request((Message("user", text),), sampling)
 
 
-def _summarise(samples: dict, workers: dict, bundles: dict, new_tokens: int) -> dict:
+def _summarise(samples: dict, memory: dict[str, tuple[float, float]], bundles: dict, new_tokens: int) -> dict:
     bandwidth = measure_bandwidth_gb_s()
     weight_bytes = int4_decode_bytes(bundles["int4"]) if "int4" in bundles else None
     ceiling = bandwidth * 1e9 / weight_bytes if weight_bytes else None
@@ -249,8 +264,8 @@ def _summarise(samples: dict, workers: dict, bundles: dict, new_tokens: int) -> 
         row.update(
             prompt_tokens=timings[0]["prompt_tokens"],
             decode_tokens=timings[0]["decode_tokens"],
-            loaded_mb=workers[key].loaded_mb,
-            baseline_rss_mb=workers[key].baseline_rss_mb,
+            loaded_mb=memory[key][0],
+            baseline_rss_mb=memory[key][1],
         )
         if ceiling:
             row["ceiling_share"] = row["decode_tok_s"] / ceiling
@@ -409,30 +424,24 @@ def measure_follow_up(
     """Per reusing route: time to first token of a first question, and of a second question in the
     same conversation with the kept cache reused and prefilled from scratch (medians)."""
     keys = [key for key in routes if ROUTES[key].route in REUSING]
-    workers = _start_workers(bundles, keys, threads)
-    try:
-        image_prompt_tokens = None  # GenAI's text question is as long as the image question
-        samples: dict[str, list[dict]] = {key: [] for key in keys}
-        for run in range(runs + 1):  # run 0 warms up and is left out
-            for key in round_order(keys, run):
-                route = ROUTES[key].route
-                first = _first_question(route, width, height, prompt_tokens, new_tokens, run, image_prompt_tokens)
-                first = replace(first, conversation_id=f"bench-{run}")
-                answer = workers[key].ask(first)
-                if first.has_images:
-                    image_prompt_tokens = answer["timings"]["prompt_tokens"]
-                second = _second_question(first, answer["text"])
-                reused = workers[key].ask(second)
-                fresh = workers[key].ask(replace(second, conversation_id=None))
-                if run:
-                    samples[key].append({"first": answer, "reused": reused, "fresh": fresh})
-        rows = {key: _follow_up_row(rows) for key, rows in samples.items()}
-        for key, row in rows.items():
-            log.info("%s follow-up: %s", key, row)
-        return rows
-    finally:
-        for worker in workers.values():
-            worker.close()
+    image_tokens: dict[str, int] = {}  # GenAI's text question is as long as the image question
+
+    def one(worker: _Worker, key: str, run: int) -> dict:
+        route = ROUTES[key].route
+        first = _first_question(route, width, height, prompt_tokens, new_tokens, run, image_tokens.get("image"))
+        first = replace(first, conversation_id=f"bench-{run}")
+        answer = worker.ask(first)
+        if first.has_images:
+            image_tokens["image"] = answer["timings"]["prompt_tokens"]
+        second = _second_question(first, answer["text"])
+        reused = worker.ask(second)
+        return {"first": answer, "reused": reused, "fresh": worker.ask(replace(second, conversation_id=None))}
+
+    samples, _ = take_rounds(bundles, keys, threads, runs, one)
+    rows = {key: _follow_up_row(rows) for key, rows in samples.items()}
+    for key, row in rows.items():
+        log.info("%s follow-up: %s", key, row)
+    return rows
 
 
 def _first_question(
@@ -483,7 +492,7 @@ def measure_detail(bundles: dict[str, Path], routes: list[str], threads: int) ->
         precision = ROUTES[key].precision
         bundle = bundles[precision]
         processor = Processor(bundle / PROCESSOR_DIR, max_context=1 << 30)  # no prompt here, only pictures
-        tower = VisionTower(bundle / VISION_DIR, threads, int8=precision == "int4")
+        tower = VisionTower(bundle / VISION_DIR, threads, int8=Precisions.of(precision).vision_int8)
         levels = {}
         for seed, (level, tokens) in enumerate([("warm-up", min(IMAGE_DETAIL.values())), *IMAGE_DETAIL.items()]):
             request = _image_request(*DETAIL_IMAGE, 1, 1, seed=1000 + seed)

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from hybrid.errors import BundleError, UserError
 
-Precision = Literal["fp32", "int4"]  # of a bundle's ONNX text models
+Precision = Literal["fp32", "int4"]  # a bundle's, as the CLI and the manifest name it: see `Precisions`
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
 VisionBackend = Literal["onnx", "torch"]  # which runtime runs the hybrid route's vision tower
@@ -39,6 +39,27 @@ DEFAULT_MAX_VIDEO_TOKENS = 1024
 MAX_VIDEO_SECONDS = 120.0  # a short clip: longer ones are refused before they are decoded
 MAX_VIDEO_FILE_FRAMES = 7_200  # frames in the file (decoded up to the last one sampled): 120 s at 60 fps
 MAX_VIDEO_FRAME_PIXELS = 3840 * 2160  # 4K frames at most; the sampled frames are held in memory
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """What each part of a bundle runs in. One word names them all: "fp32" (everything fp32, exact
+    against PyTorch) or "int4" (the vision tower's linear layers in INT8, the hybrid decoder in one
+    of our INT4 schemes, the GenAI model in its builder's INT4)."""
+
+    vision: Literal["fp32", "int8"]
+    decoder: Precision
+    genai: Precision
+
+    @classmethod
+    def of(cls, precision: str) -> Precisions:
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return cls("int8", "int4", "int4") if precision == "int4" else cls("fp32", "fp32", "fp32")
+
+    @property
+    def vision_int8(self) -> bool:
+        return self.vision == "int8"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hybrid.config import Precision, RuntimeConfig
+from hybrid.config import Precision, Precisions, RuntimeConfig
 from hybrid.errors import BundleError
 from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import Int4Scheme
@@ -103,9 +103,9 @@ def stale_reason(bundle: Path, source: str, precision: Precision) -> str | None:
     if manifest.precision != precision:
         return f"it is {manifest.precision}, not {precision}"
     default_int4 = Int4Scheme().name
-    if precision == "int4" and manifest.quantization != default_int4:
+    if Precisions.of(precision).decoder == "int4" and manifest.quantization != default_int4:
         return f"its INT4 decoder is {manifest.quantization}, the default is now {default_int4}"
-    if f"{VISION_DIR}/{vision_graph(precision == 'int4')}" not in manifest.parts:
+    if f"{VISION_DIR}/{vision_graph(Precisions.of(precision).vision_int8)}" not in manifest.parts:
         return "it has no ONNX vision tower"
     if checkpoint_fingerprint(source) != manifest.fingerprint:
         return "the checkpoint changed since"

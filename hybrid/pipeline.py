@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid.config import CheckpointSampling, RuntimeConfig
+from hybrid.config import CheckpointSampling, Precisions, RuntimeConfig
 from hybrid.conversation import ConversationStore
 from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError, HybridError, RouteError, UserError
@@ -60,7 +60,7 @@ class _Loader:
             VisionTower(
                 self.bundle / VISION_DIR,
                 self.runtime.threads,
-                int8=self.manifest.precision == "int4",
+                int8=Precisions.of(self.manifest.precision).vision_int8,
                 backend=self.runtime.vision_backend,
             ),
             EmbeddingTable(self.bundle / EMBED_FILE),

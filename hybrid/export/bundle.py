@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybrid.config import PRECISIONS
+from hybrid.config import Precisions
 from hybrid.errors import BundleError, UserError
 from hybrid.export import decoder
 from hybrid.export.genai import build_genai
@@ -67,8 +67,7 @@ def export_bundle(
 ) -> Path:
     """Export `source` to the bundle `out`; an INT4 decoder is quantized by `int4` (the GenAI model
     keeps its builder's own INT4, so that the comparison between the two stays fair)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    parts = Precisions.of(precision)
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not a bundle: exporting would replace it; choose another folder")
@@ -83,9 +82,9 @@ def export_bundle(
             source=source,
             checkpoint=str(checkpoint),
             precision=precision,
-            quantization=int4.name if precision == "int4" else "",
+            quantization=int4.name if parts.decoder == "int4" else "",
             fingerprint=checkpoint_fingerprint(source),
-            parts=_describe_parts(work, precision),
+            parts=_describe_parts(work, parts),
             versions=_versions(),
             model=model_info,
         )
@@ -110,10 +109,10 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
     with _step(2, steps, "saving the processor, the vision tower and the embedding table"):
         processor.save_pretrained(str(work / PROCESSOR_DIR))
         _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
-        _write_vision_tower(tensors, config, work / VISION_DIR, int8=precision == "int4")
+        _write_vision_tower(tensors, config, work / VISION_DIR, int8=Precisions.of(precision).vision_int8)
         embed = decoder.TEXT + "embed_tokens.weight"
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
-    what = f"int4 {int4.name}" if precision == "int4" else precision
+    what = f"int4 {int4.name}" if Precisions.of(precision).decoder == "int4" else "fp32"
     with _step(3, steps, f"writing the ONNX text decoder ({what})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
     if genai:
@@ -159,14 +158,21 @@ def _model_info(config, tensors) -> dict:
     }
 
 
-def _describe_parts(work: Path, precision: str) -> dict[str, PartInfo]:
+def _describe_parts(work: Path, precisions: Precisions) -> dict[str, PartInfo]:
+    """Every file of the bundle with what it runs in, its checksum and size."""
     parts = {}
     for path in sorted(p for p in work.rglob("*") if p.is_file()):
         rel = path.relative_to(work).as_posix()
-        is_onnx = rel.startswith((DECODER_DIR + "/", GENAI_DIR + "/")) and not rel.endswith(".json")
-        is_int8 = rel.startswith(f"{VISION_DIR}/{vision_graph(True)}")  # the graph and its .data
-        part_precision = precision if is_onnx else "int8" if is_int8 else "fp32"
-        parts[rel] = PartInfo(path=rel, precision=part_precision, sha256=sha256(path), bytes=path.stat().st_size)
+        graph = not rel.endswith(".json")
+        if graph and rel.startswith(DECODER_DIR + "/"):
+            precision = precisions.decoder
+        elif graph and rel.startswith(GENAI_DIR + "/"):
+            precision = precisions.genai
+        elif rel.startswith(f"{VISION_DIR}/{vision_graph(True)}"):  # the INT8 graph and its .data
+            precision = "int8"
+        else:
+            precision = "fp32"
+        parts[rel] = PartInfo(path=rel, precision=precision, sha256=sha256(path), bytes=path.stat().st_size)
     return parts
 
 

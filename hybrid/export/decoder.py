@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from hybrid.config import Precisions
 from hybrid.errors import BundleError
 from hybrid.export.graph import GraphWriter, write_graph
 from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
@@ -113,7 +114,7 @@ def export_decoder(
     """Write `out_path` (the graph) and `out_path.data` (every weight); `on_layer(done, total)` after
     each layer. With `precision` "int4", the linear layers and the LM head are quantized by `int4`."""
     shapes = DecoderShapes.from_config(config)
-    scheme = int4 if precision == "int4" else None
+    scheme = int4 if Precisions.of(precision).decoder == "int4" else None
     write_graph(out_path, lambda data: _Writer(data, tensors, shapes, scheme).build(on_layer))
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hybrid.config import Precisions
 from hybrid.errors import BundleError
 from hybrid.export.int4 import quantize_onnx_file
 from hybrid.layout import GENAI_CONFIG
@@ -54,7 +55,7 @@ def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise BundleError(f"the onnxruntime-genai builder failed:\n{tail}")
-    if precision == "int4":
+    if Precisions.of(precision).genai == "int4":
         quantize_onnx_file(out / "model.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         processor.tokenizer.save_pretrained(tmp)
