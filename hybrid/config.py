@@ -45,17 +45,19 @@ MAX_VIDEO_FRAME_PIXELS = 3840 * 2160  # 4K frames at most; the sampled frames ar
 class Precisions:
     """What each part of a bundle runs in. One word names them all: "fp32" (everything fp32, exact
     against PyTorch) or "int4" (the vision tower's linear layers in INT8, the hybrid decoder in one
-    of our INT4 schemes, the GenAI model in its builder's INT4)."""
+    of our INT4 schemes, the GenAI model in its builder's INT4, the embedding table in fp16: half
+    the bytes of the largest fp32 part, read a row a token)."""
 
     vision: Literal["fp32", "int8"]
     decoder: Precision
     genai: Precision
+    embeddings: Literal["fp32", "fp16"]
 
     @classmethod
     def of(cls, precision: str) -> Precisions:
         if precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        return cls("int8", "int4", "int4") if precision == "int4" else cls("fp32", "fp32", "fp32")
+        return cls("int8", "int4", "int4", "fp16") if precision == "int4" else cls("fp32", "fp32", "fp32", "fp32")
 
     @property
     def vision_int8(self) -> bool:

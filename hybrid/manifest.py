@@ -15,8 +15,8 @@ from hybrid.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 # 2: the residual adds fused into the norms in the decoder graph, the ONNX vision tower, the INT4
-# scheme named, the source checkpoint's fingerprint
-BUNDLE_FORMAT = 2
+# scheme named, the source checkpoint's fingerprint; 3: an INT4 bundle's embedding table in fp16
+BUNDLE_FORMAT = 3
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ leaves a half bundle behind.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from hybrid.config import Precisions
 from hybrid.errors import BundleError, UserError
@@ -37,6 +40,8 @@ from hybrid.layout import (
 from hybrid.manifest import BUNDLE_FORMAT, MANIFEST_NAME, Manifest, PartInfo, checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
+LOCK_FILE = ".export.lock"  # in a partial folder: held by the export writing it
+STALE_UNLOCKED_S = 60.0  # a partial folder without a lock is left alone this long after it was made
 
 BAR_WIDTH = 24
 CHECKPOINT_PREFIX = "model.visual."  # the vision tower's tensors in a Qwen3-VL checkpoint
@@ -73,8 +78,10 @@ def export_bundle(
         raise UserError(f"{out} exists and is not a bundle: exporting would replace it; choose another folder")
     checkpoint = resolve_checkpoint(source)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)
+    lock = _hold(work)
     try:
         model_info = _write_parts(checkpoint, work, precision, genai, int4)
         manifest = Manifest(
@@ -93,8 +100,58 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("bundle ready: %s (%.1f MB)", out, _size(out) / 1e6)
+    finally:
+        lock.close()
+    (out / LOCK_FILE).unlink(missing_ok=True)  # it came along with the folder's rename
+    log.info("bundle ready: %s (%s)", out, _part_sizes(manifest))
     return out
+
+
+def _hold(work: Path):
+    """An exclusive lock on `work/LOCK_FILE` for as long as this export runs: it dies with the
+    process, so a later export can tell a live export's folder from a killed one's."""
+    lock = open(work / LOCK_FILE, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def remove_stale_work(out: Path) -> None:
+    """Remove what killed exports of `out` left beside it (`.NAME.partial-*` folders no live export
+    holds, `.NAME.old-PID` folders of a process that is gone): for a 2B bundle, gigabytes."""
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            with open(folder / LOCK_FILE, "r+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live export is writing it
+        except OSError:
+            if time.time() - folder.stat().st_mtime < STALE_UNLOCKED_S:
+                continue  # made an instant ago, its lock not taken yet
+        log.info("removing %s, left by an export that did not finish", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in out.parent.glob(f".{out.name}.old-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _part_sizes(manifest: Manifest) -> str:
+    """The bundle's bytes in all and per part (the first folder of each file's path)."""
+    sizes: dict[str, int] = {}
+    for rel, part in manifest.parts.items():
+        sizes[rel.split("/")[0]] = sizes.get(rel.split("/")[0], 0) + part.bytes
+    listed = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]))
+    return f"{sum(sizes.values()) / 1e6:.1f} MB: {listed}"
 
 
 def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4: Int4Scheme) -> dict:
@@ -111,7 +168,8 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
         _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
         _write_vision_tower(tensors, config, work / VISION_DIR, int8=Precisions.of(precision).vision_int8)
         embed = decoder.TEXT + "embed_tokens.weight"
-        write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows))
+        dtype = np.float16 if Precisions.of(precision).embeddings == "fp16" else np.float32
+        write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows), dtype=dtype)
     what = f"int4 {int4.name}" if Precisions.of(precision).decoder == "int4" else "fp32"
     with _step(3, steps, f"writing the ONNX text decoder ({what})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
@@ -161,7 +219,7 @@ def _model_info(config, tensors) -> dict:
 def _describe_parts(work: Path, precisions: Precisions) -> dict[str, PartInfo]:
     """Every file of the bundle with what it runs in, its checksum and size."""
     parts = {}
-    for path in sorted(p for p in work.rglob("*") if p.is_file()):
+    for path in sorted(p for p in work.rglob("*") if p.is_file() and p.name != LOCK_FILE):
         rel = path.relative_to(work).as_posix()
         graph = not rel.endswith(".json")
         if graph and rel.startswith(DECODER_DIR + "/"):
@@ -170,6 +228,8 @@ def _describe_parts(work: Path, precisions: Precisions) -> dict[str, PartInfo]:
             precision = precisions.genai
         elif rel.startswith(f"{VISION_DIR}/{vision_graph(True)}"):  # the INT8 graph and its .data
             precision = "int8"
+        elif rel == EMBED_FILE:
+            precision = precisions.embeddings
         else:
             precision = "fp32"
         parts[rel] = PartInfo(path=rel, precision=precision, sha256=sha256(path), bytes=path.stat().st_size)
@@ -203,10 +263,6 @@ def _replace(work: Path, out: Path) -> None:
     work.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class _LayerProgress:

@@ -130,12 +130,15 @@ def write_safetensors(
             f.write(array.data)
 
 
-def write_npy(path: Path, shape: tuple[int, int], read_rows: Callable[[slice], np.ndarray], block: int = 4096) -> None:
-    """A float32 `.npy` of `shape` written `block` rows at a time from `read_rows(slice)`."""
+def write_npy(
+    path: Path, shape: tuple[int, int], read_rows: Callable[[slice], np.ndarray], block: int = 4096, dtype=np.float32
+) -> None:
+    """A `.npy` of `shape` and `dtype` written `block` rows at a time from `read_rows(slice)`."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
         for first in range(0, shape[0], block):
-            f.write(np.ascontiguousarray(read_rows(slice(first, first + block)), dtype=np.float32).data)
+            f.write(np.ascontiguousarray(read_rows(slice(first, first + block)), dtype=dtype).data)
 
 
 class ExternalData:

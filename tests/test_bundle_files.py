@@ -1,0 +1,60 @@
+"""What a bundle holds on disk: an INT4 bundle's embedding table in fp16 (read back as float32, the
+rows the decoder takes), and the folders a killed export left behind removed by the next one."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from hybrid.export.bundle import LOCK_FILE, STALE_UNLOCKED_S, _hold, remove_stale_work
+from hybrid.export.tensors import write_npy
+from hybrid.injection import EmbeddingTable
+from hybrid.layout import EMBED_FILE
+from hybrid.manifest import Manifest
+
+
+def test_an_embedding_table_round_trips_through_fp16(tmp_path):
+    table = np.random.default_rng(0).standard_normal((37, 16)).astype(np.float32)
+    path = tmp_path / "embed.npy"
+    write_npy(path, table.shape, lambda rows: table[rows], block=8, dtype=np.float16)
+    assert np.load(path).dtype == np.float16
+    rows = EmbeddingTable(path)(np.array([[0, 5, 36]]))
+    assert rows.dtype == np.float32 and rows.shape == (1, 3, 16)
+    np.testing.assert_array_equal(rows[0], table[[0, 5, 36]].astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(rows[0], table[[0, 5, 36]], rtol=1e-3, atol=1e-3)
+
+
+def test_an_int4_bundle_keeps_its_embeddings_in_fp16_and_fp32_stays_fp32(bundle):
+    for precision, dtype in (("int4", np.float16), ("fp32", np.float32)):
+        folder = bundle("base", precision)
+        assert np.load(folder / EMBED_FILE, mmap_mode="r").dtype == dtype
+        assert Manifest.load(folder).parts[EMBED_FILE].precision == np.dtype(dtype).name.replace("float", "fp")
+        assert not (folder / LOCK_FILE).exists()
+
+
+def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones_folder(tmp_path):
+    out = tmp_path / "model-int4"
+    killed = tmp_path / ".model-int4.partial-killed"
+    killed.mkdir()
+    (killed / LOCK_FILE).write_text("")  # its lock died with its process
+    (killed / "decoder.onnx.data").write_bytes(b"\0" * 1024)
+    old_unlocked = tmp_path / ".model-int4.partial-older"
+    old_unlocked.mkdir()
+    os.utime(old_unlocked, (time.time() - 2 * STALE_UNLOCKED_S,) * 2)
+    fresh = tmp_path / ".model-int4.partial-fresh"
+    fresh.mkdir()  # an instant old, its lock not taken yet
+    live = tmp_path / ".model-int4.partial-live"
+    live.mkdir()
+    lock = _hold(live)
+    gone = tmp_path / ".model-int4.old-4194303"  # a pid above the kernel's limit: no such process
+    gone.mkdir()
+    other = tmp_path / ".other.partial-killed"
+    other.mkdir()
+    try:
+        remove_stale_work(out)
+    finally:
+        lock.close()
+    assert not killed.exists() and not old_unlocked.exists() and not gone.exists()
+    assert fresh.exists() and live.exists() and other.exists()
