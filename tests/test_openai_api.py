@@ -273,3 +273,34 @@ def test_url_pictures_are_never_fetched_from_local_or_private_addresses(url):
     with pytest.raises(ApiError, match="not a public address") as refused:
         read_call(body, context, None)
     assert refused.value.status == 400 and refused.value.body()["error"]["code"] == "url_not_allowed"
+
+
+def test_a_client_that_goes_away_mid_stream_frees_the_cpu(pipeline):
+    admission = Admission(wait_s=20.0)  # a held CPU would refuse the next request within 20 s
+    demo, url = serve(pipeline("base"), admission, ApiConfig())
+    body = {
+        "model": "hybrid",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 400,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            next(response.iter_lines())  # the first event, then the client hangs up
+        fine = {"model": "genai", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=fine, timeout=60).status_code == 200
+    finally:
+        demo.close()
+
+
+def test_a_page_answer_nobody_reads_on_still_frees_the_cpu(pipeline):
+    from tests.page import make_service, session, settings
+
+    admission = Admission(wait_s=20.0)
+    service = make_service(pipeline("base"), admission=admission)
+    updates = service.chat(
+        {"text": "Tell me everything.", "files": []}, [], settings("hybrid", (300.0, 0.0)), [], session("gone")
+    )
+    next(updates), next(updates)  # the question shown, the first piece of the answer; then the tab is closed
+    text, results = service.generate("Hello!", None, "genai", 2, 0.0, 0, session("next"))
+    assert results[0]["route"] == "genai"

@@ -2,20 +2,25 @@
 the CPU at a time with a bounded wait, and one rate limit per client address.
 
 The page's own Gradio queue already runs its events one at a time; the CPU gate here is what keeps
-an API request and a page request from running together, and what an API request waits on.
+an API request and a page request from running together, and what an API request waits on. A
+request runs in a thread of its own that holds the gate (`on_cpu`): whatever the client does (goes
+away, never reads on), that thread finishes, or stops at its cancel event, and lets the gate go.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TypeVar
 
 from hybrid.errors import Busy
 from hybrid.limits import RateLimiter
 
 QUEUE_SIZE = 16  # requests that may wait for the CPU at once; more are refused
 WAIT_S = 300.0  # the longest a request waits for the CPU before it is refused
+T = TypeVar("T")
 
 
 class Admission:
@@ -75,3 +80,31 @@ class Admission:
             yield
         finally:
             self._gate.release()
+
+    def on_cpu(self, produce: Callable[[threading.Event], Iterator[T]], cancel: threading.Event) -> Iterator[T]:
+        """What `produce(cancel)` yields, produced in a thread of its own that holds the CPU (`cpu`)
+        while it runs; its error, if any, is raised here. Closing this iterator sets `cancel`; an
+        iterator its caller forgets still ends: the thread finishes alone and lets the CPU go."""
+        items: queue.SimpleQueue = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                with self.cpu():
+                    for item in produce(cancel):
+                        items.put((True, item))
+            except BaseException as exc:  # handed to the caller, raised there
+                items.put((False, exc))
+            else:
+                items.put((False, None))
+
+        threading.Thread(target=work, name="cpu-request", daemon=True).start()
+        try:
+            while True:
+                produced, value = items.get()
+                if not produced:
+                    if value is not None:
+                        raise value
+                    return
+                yield value
+        finally:
+            cancel.set()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class ChatApi:
             if refusal is not None:  # the stream's headers go out before its turn: refuse a full queue now
                 raise _busy(refusal)
             return StreamingResponse(
-                self._events(call, route), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                self._stream(call, route), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         answer = await run_in_threadpool(self._answer, call, route)
         return JSONResponse(completion(answer, _new_id()))
@@ -149,24 +149,35 @@ class ChatApi:
     def _answer(self, call: ChatCall, route: RouteName) -> Answer:
         answer = Answer(route)
         try:
-            with self.admission.cpu(), closing(self.pipeline.stream(call.request, route)) as chunks:
-                for chunk in chunks:
-                    answer.add(chunk)
+            for chunk in self.admission.on_cpu(
+                lambda cancel: self.pipeline.stream(call.request, route, cancel), threading.Event()
+            ):
+                answer.add(chunk)
         except Busy as exc:
             raise _busy(exc) from exc
         except HybridError as exc:
             raise ApiError(400, str(exc), "messages") from exc
         return answer
 
-    def _events(self, call: ChatCall, route: RouteName) -> Iterator[str]:
+    async def _stream(self, call: ChatCall, route: RouteName) -> AsyncIterator[str]:
+        """`_events` read a piece at a time in the thread pool; a client that goes away sets the
+        cancel event, and the route stops at its next token."""
+        cancel = threading.Event()
+        events = self._events(call, route, cancel)
+        try:
+            while (event := await run_in_threadpool(next, events, None)) is not None:
+                yield event
+        finally:
+            cancel.set()
+
+    def _events(self, call: ChatCall, route: RouteName, cancel: threading.Event) -> Iterator[str]:
         """The answer as `chat.completion.chunk` events: the role, the text as it comes, the finish,
         the usage (if asked), `[DONE]`. A failure after the first byte is an error event."""
         ident, created = _new_id(), int(time.time())
         yield _event(chunk_body(ident, created, route, {"role": "assistant", "content": ""}))
         try:
-            with self.admission.cpu(), closing(self.pipeline.stream(call.request, route)) as chunks:
-                for chunk in chunks:
-                    yield from _chunk_events(ident, created, route, chunk, call.include_usage)
+            for chunk in self.admission.on_cpu(lambda c: self.pipeline.stream(call.request, route, c), cancel):
+                yield from _chunk_events(ident, created, route, chunk, call.include_usage)
         except HybridError as exc:
             status = 429 if isinstance(exc, Busy) else 400
             yield _event(ApiError(status, str(exc), "messages").body())

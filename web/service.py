@@ -142,22 +142,28 @@ class ChatService:
         page = self.page
         cancel = self._begin(_session(request))
         runs: list[RouteRun] = []
+        shown = [turns]  # the conversation as last shown: the producing thread appends, this one reads
+
+        def answers(cancel: threading.Event) -> Iterator[dict]:
+            for name in routes:
+                if cancel.is_set():
+                    break
+                run, before = RouteRun(name), shown[-1]
+                for current in self._answer(full, run, before, cancel):
+                    shown.append(current)
+                    yield page.conversation(current)
+                runs.append(run)
+                yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
+
         try:
             yield {page.prompt: None, **page.conversation(turns)}
-            with self.admission.cpu():
-                for name in routes:
-                    if cancel.is_set():
-                        break
-                    run, before = RouteRun(name), turns
-                    for turns in self._answer(full, run, before, cancel):
-                        yield page.conversation(turns)
-                    runs.append(run)
-                    yield {page.latency: latency_rows(runs), page.stages: stage_rows(runs)}
+            yield from self.admission.on_cpu(answers, cancel)
         except HybridError as exc:
-            yield page.conversation(settle(turns, "failed"))
+            yield page.conversation(settle(shown[-1], "failed"))
             raise gr.Error(str(exc)) from exc
         finally:
             self._end(_session(request), cancel)
+        turns = shown[-1]
         figure = box_figure(runs, turns)
         done = [*turns, figure] if figure is not None else turns
         if figure is not None:
@@ -294,14 +300,16 @@ class ChatService:
         sampling = sampling_of(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         message = {"text": prompt, "files": [image] if image else []}
         _, asked, routes = self._prepare(message, [], Settings(route, sampling))
-        results = []
+
+        def answers(cancel: threading.Event) -> Iterator[dict[str, Any]]:
+            for name in routes:
+                run = RouteRun(name)
+                for chunk in self.pipeline.stream(asked, name, cancel):
+                    run.add(chunk)
+                yield run.to_dict()
+
         try:
-            with self.admission.cpu():
-                for name in routes:
-                    run = RouteRun(name)
-                    for chunk in self.pipeline.stream(asked, name):
-                        run.add(chunk)
-                    results.append(run.to_dict())
+            results = list(self.admission.on_cpu(answers, threading.Event()))
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
         return results[0]["text"], results
