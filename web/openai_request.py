@@ -195,7 +195,7 @@ def _messages(raw: Any, media: Context) -> tuple[tuple[Message, ...], str]:
     """The messages and the highest image detail any picture asks for."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages must be a non-empty list", "messages")
-    messages, details = [], [DEFAULT_IMAGE_DETAIL]
+    messages, details = [], []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -203,7 +203,7 @@ def _messages(raw: Any, media: Context) -> tuple[tuple[Message, ...], str]:
         role = ROLES[message["role"]]
         text, images, videos = _content(message.get("content"), where, role, media, details)
         messages.append(Message(role, text, images, videos))
-    return tuple(messages), max(details, key=lambda level: IMAGE_DETAIL[level])
+    return tuple(messages), max(details or [DEFAULT_IMAGE_DETAIL], key=lambda level: IMAGE_DETAIL[level])
 
 
 def _content(content: Any, where: str, role: str, media: Context, details: list[str]) -> tuple[str, tuple, tuple]:
