@@ -45,6 +45,20 @@ def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
+def genai_logits(route, inputs, generated: list[int]) -> np.ndarray:
+    """The GenAI route's logits `(n, V)` for the same tokens, fed one by one after the prompt."""
+    og = route.og
+    params = og.GeneratorParams(route.model)
+    params.set_search_options(max_length=inputs.num_tokens + len(generated))
+    generator = og.Generator(route.model, params)
+    generator.append_tokens(inputs.input_ids[0].tolist())
+    rows = [np.asarray(generator.get_logits()).reshape(-1)]
+    for token in generated[:-1]:
+        generator.append_tokens([token])
+        rows.append(np.asarray(generator.get_logits()).reshape(-1))
+    return np.stack(rows)
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as s:

@@ -9,7 +9,7 @@ import pytest
 from hybrid.export.int4 import Int4Scheme
 from hybrid.types import Message
 from tests.conftest import RTN_B32
-from tests.helpers import NEW_TOKENS, ask, hybrid_logits, run
+from tests.helpers import NEW_TOKENS, ask, genai_logits, hybrid_logits, run
 
 THREE_TURNS = (
     Message("system", "You are a terse assistant."),
@@ -56,7 +56,9 @@ def test_int4_logits_stay_close_to_fp32_and_both_int4_routes_agree(pipeline):
     """Random tiny weights have small logit margins, so INT4 greedy tokens soon leave fp32's; what
     must hold is that INT4 logits point the way fp32's do (a broken scale or layout gives a cosine
     near 0), in the default INT4 and in GenAI's, and that GenAI's INT4 model and our INT4 decoder,
-    quantized alike (`rtn-b32`), pick alike."""
+    quantized alike (`rtn-b32`), score alike: fed the same tokens, their logits point the same way
+    and their top choices agree (a free-running comparison is not a test: one near-tie that the two
+    kernels break apart sends the rest of the sequences apart, as it did on another CPU)."""
     fp32, int4, alike = pipeline("wide", "fp32"), pipeline("wide", "int4"), pipeline("wide", "int4", RTN_B32)
     assert int4.manifest.precision == alike.manifest.precision == "int4"
     assert int4.manifest.quantization == Int4Scheme().name and alike.manifest.quantization == RTN_B32.name
@@ -65,7 +67,16 @@ def test_int4_logits_stay_close_to_fp32_and_both_int4_routes_agree(pipeline):
     inputs = fp32.routes["hybrid"].processor.prepare(request.messages)
     exact = hybrid_logits(fp32.routes["hybrid"], inputs, generated)  # (n, V)
     for quantized in (hybrid_logits(p.routes["hybrid"], inputs, generated) for p in (int4, alike)):
-        cosine = (exact * quantized).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
-        assert cosine.mean() > 0.8 and cosine.min() > 0.6, cosine
-    ours, theirs = (run(alike, request, route)["token_ids"] for route in ("hybrid", "genai"))
-    assert sum(a == b for a, b in zip(ours, theirs)) >= 3 * NEW_TOKENS // 4, (ours, theirs)
+        assert cosines(exact, quantized).mean() > 0.8 and cosines(exact, quantized).min() > 0.6
+    ours = run(alike, request, "hybrid")["token_ids"]
+    assert len(ours) == NEW_TOKENS
+    mine = hybrid_logits(alike.routes["hybrid"], inputs, ours)
+    theirs = genai_logits(alike.routes["genai"], inputs, ours)
+    assert cosines(mine, theirs).min() > 0.98, cosines(mine, theirs)  # 0.9989 on an AVX-512 machine
+    agree = (mine.argmax(1) == theirs.argmax(1)).mean()
+    assert agree >= 0.6, (mine.argmax(1), theirs.argmax(1))  # 0.875 there: near-ties part on other kernels
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row by row, the cosine of `a`'s and `b`'s logits."""
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
