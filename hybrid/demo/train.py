@@ -277,12 +277,13 @@ class VisionProbe(torch.nn.Module):
         self, image_embeds: torch.Tensor, pictures: list[scenes.Scene], grids: torch.Tensor, merge: int
     ) -> tuple[torch.Tensor, float]:
         """`image_embeds` `(tokens, H)` of `pictures` in order; `grids` `(N, 3)` their patch grids.
-        Returns the loss and the share of shape tokens whose shape the probe names."""
-        shapes, colours, boxes, covered = zip(
-            *(probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist()))
-        )
+        Returns the loss and the share of shapes the probe names from the maximum over their tokens."""
+        targets = [probe_targets(p, h // merge, w // merge) for p, (_, h, w) in zip(pictures, grids.tolist())]
+        offsets = np.cumsum([0] + [len(p.items) for p in pictures])
+        for (*_, items), offset in zip(targets, offsets):
+            items[items >= 0] += int(offset)  # one id per shape across the pictures
         device = image_embeds.device
-        shapes, colours, boxes, covered = (torch.cat(t).to(device) for t in (shapes, colours, boxes, covered))
+        shapes, colours, boxes, covered, items = (torch.cat(t).to(device) for t in zip(*targets))
         out = self.head(image_embeds)  # (tokens, 5 + 7 + 4)
         n_shape = 1 + len(scenes.SHAPES)
         loss = torch.nn.functional.cross_entropy(out[:, :n_shape], shapes)
@@ -292,28 +293,44 @@ class VisionProbe(torch.nn.Module):
             # them, and without this term the probe's shape signal is mostly "not background"
             loss = loss + torch.nn.functional.cross_entropy(out[covered, 1:n_shape], shapes[covered] - 1)
             loss = loss + 5 * torch.nn.functional.l1_loss(out[covered, -4:].sigmoid(), boxes[covered])
-        return loss, (out[covered, 1:n_shape].argmax(-1) + 1 == shapes[covered]).float().mean().item()
+        # each shape named from the maximum of its tokens' scores: a corner or a point shows on a
+        # few tokens only, and a maximum lets the tower learn to mark them (a mean drowns them)
+        inside = items >= 0
+        ids, which = torch.unique(items[inside], return_inverse=True)
+        scores = out[inside, 1:n_shape]
+        pooled = torch.full((len(ids), scores.shape[1]), -torch.inf, device=device)
+        pooled = pooled.scatter_reduce(0, which[:, None].expand_as(scores), scores, "amax", include_self=False)
+        every = torch.tensor([scenes.SHAPES.index(i.shape) for p in pictures for i in p.items], device=device)
+        truth = every[ids]
+        loss = loss + torch.nn.functional.cross_entropy(pooled, truth)
+        return loss, (pooled.argmax(-1) == truth).float().mean().item()
 
 
 def probe_targets(scene: scenes.Scene, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
     """Per merged token (row-major, `rows` x `cols`): shape id, colour id (0: background), the box
-    `(x1, y1, x2, y2)` in [0, 1] of the shape under it, and whether one is."""
+    `(x1, y1, x2, y2)` in [0, 1] of the shape under it, whether one is (near its centre), and the
+    index in `scene.items` of the shape whose circle holds the token (-1: none)."""
     ys, xs = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
     ys, xs = ys.ravel(), xs.ravel()
     shape_ids, colour_ids = np.zeros(rows * cols, np.int64), np.zeros(rows * cols, np.int64)
     boxes = np.zeros((rows * cols, 4), np.float32)
-    for item in scene.items:
-        r = 0.7 * item.radius(scene.width, scene.height)
-        near = np.hypot((xs - item.x) * scene.width, (ys - item.y) * scene.height) <= r
-        near[min(int(item.y * rows), rows - 1) * cols + min(int(item.x * cols), cols - 1)] = True
+    items = np.full(rows * cols, -1, np.int64)
+    for index, item in enumerate(scene.items):
+        r = item.radius(scene.width, scene.height)
+        distance = np.hypot((xs - item.x) * scene.width, (ys - item.y) * scene.height)
+        centre = min(int(item.y * rows), rows - 1) * cols + min(int(item.x * cols), cols - 1)
+        near, within = distance <= 0.7 * r, distance <= r
+        near[centre] = within[centre] = True
         shape_ids[near] = 1 + scenes.SHAPES.index(item.shape)
         colour_ids[near] = 1 + list(scenes.COLOURS).index(item.colour)
         boxes[near] = np.array(scene.box_2d(item), np.float32) / scenes.SCALE
+        items[within] = index
     return (
         torch.from_numpy(shape_ids),
         torch.from_numpy(colour_ids),
         torch.from_numpy(boxes),
         torch.from_numpy(shape_ids > 0),
+        torch.from_numpy(items),
     )
 
 
