@@ -90,6 +90,16 @@ def test_a_resumed_training_ends_where_an_unbroken_one_does(tmp_path):
     )
 
 
+def test_a_tower_phase_resumed_with_an_end_it_has_passed_goes_on_to_the_joint_phase(tmp_path):
+    spec = train.demo_spec(patch_size=16, max_pixels=128 * 128)
+    run = train.start(tmp_path / "m", tmp_path / "m.state", small_config(steps=1, tower_steps=5, warmup=1), spec)
+    train.fit(run, max_steps=3)
+    resumed = train.resume(tmp_path / "m.state", tower_steps=2)
+    assert (resumed.phase, resumed.step, resumed.trainer.cfg.tower_steps) == ("tower", 3, 2)
+    train.fit(resumed)
+    assert (resumed.phase, resumed.step) == ("joint", 1)
+
+
 def test_bad_training_settings_are_refused_with_what_is_wrong():
     with pytest.raises(train.InvalidConfig, match="--tower-steps must not be negative"):
         train.TrainConfig(tower_steps=-1)

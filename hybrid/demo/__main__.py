@@ -2,7 +2,7 @@
 
     python -m hybrid.demo train --out assets/demo-model [--state DIR] [--steps N] [--tower-steps N] [--lr LR]
                                 [--patch-size P] [--max-pixels N] [--device cpu|cuda] [--seed S] [--threads T]
-    python -m hybrid.demo train --resume DIR [--device D] [--threads T]
+    python -m hybrid.demo train --resume DIR [--steps N] [--tower-steps N] [--device D] [--threads T]
     python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route hybrid|pytorch|genai]
                                [--style train|edge] [--precision fp32|int4] [--zero-image | --zero-deepstack]
                                [--json]
@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"steps of the whole model ({TrainConfig.steps}); with --resume: a new end for its schedule",
     )
     fit.add_argument(
-        "--tower-steps", type=int, default=TrainConfig.tower_steps, help="steps that train the vision tower alone first"
+        "--tower-steps",
+        type=int,
+        default=None,
+        help=f"steps that train the vision tower alone first ({TrainConfig.tower_steps}); with --resume: a new end "
+        "for that phase (one it has passed ends it now)",
     )
     fit.add_argument("--pictures", type=int, default=TrainConfig.pictures, help="pictures (conversations) per step")
     fit.add_argument(
@@ -149,11 +153,12 @@ def run_train(args: argparse.Namespace) -> None:
     }
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.resume:
-        run = resume(args.resume, **runtime, **({"steps": args.steps} if args.steps is not None else {}))
+        ends = {"steps": args.steps, "tower_steps": args.tower_steps}
+        run = resume(args.resume, **runtime, **{k: v for k, v in ends.items() if v is not None})
     else:
         cfg = TrainConfig(
             steps=args.steps or TrainConfig.steps,
-            tower_steps=args.tower_steps,
+            tower_steps=TrainConfig.tower_steps if args.tower_steps is None else args.tower_steps,
             pictures=args.pictures,
             questions=args.questions,
             lr=args.lr,

@@ -580,8 +580,9 @@ def start(out_dir: str | Path, state_dir: str | Path, cfg: TrainConfig, spec: Ti
 
 def resume(state_dir: str | Path, **overrides) -> Run:
     """The training saved in `state_dir`, ready to go on; `overrides` change its settings: those of
-    the machine (`device`, `threads`, `checkpoint_minutes`, `log_every`) or `steps`, a new end for
-    the joint phase (its cosine schedule then decays to that step from where it stands)."""
+    the machine (`device`, `threads`, `checkpoint_minutes`, `log_every`), or `steps` and
+    `tower_steps`, new ends for the joint and the tower phase (a cosine schedule then decays to
+    that step from where it stands; a tower phase past its new end goes on to the joint phase)."""
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         raise InvalidConfig(f"no training state in {state_dir} (expected {path})")
