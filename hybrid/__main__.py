@@ -28,6 +28,7 @@ from hybrid.errors import HybridError
 from hybrid.export.int4 import Int4Scheme, Int4Setting
 from hybrid.images import open_image
 from hybrid.logs import setup_logging
+from hybrid.media import IMAGE, VIDEO
 from hybrid.quality import add_quality_arguments, run_quality
 from hybrid.router import AUTO, ROUTE_CHOICES, choose_routes
 from hybrid.types import LOCAL_ROUTES, Message, Request, collect
@@ -145,8 +146,8 @@ def _generate(args: argparse.Namespace) -> int:
         video=VideoLimits(max_frames=args.video_frames),
         vision_backend=vision_backend(args.vision),
     )
-    runtime.check_image_count(len(args.image))
-    runtime.check_video_count(len(args.video))
+    runtime.check_count(IMAGE, len(args.image))
+    runtime.check_count(VIDEO, len(args.video))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
     pipeline = Pipeline.load(args.bundle, runtime)
     videos = tuple(pipeline.open_video(path) for path in args.video)  # sampled as the checkpoint samples

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from hybrid.errors import BundleError, UserError
+from hybrid.media import Media
 
 Precision = Literal["fp32", "int4"]  # a bundle's, as the CLI and the manifest name it: see `Precisions`
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
@@ -144,15 +145,12 @@ class RuntimeConfig:
                 f"the vision backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}"
             )
 
-    def check_image_count(self, count: int) -> None:
-        """Refuse a conversation with more images than `max_images` (before any is opened)."""
-        if count > self.max_images:
-            raise UserError(f"{count} images in the conversation, the limit is {self.max_images}")
-
-    def check_video_count(self, count: int) -> None:
-        """Refuse a conversation with more videos than `max_videos` (before any is opened)."""
-        if count > self.max_videos:
-            raise UserError(f"{count} videos in the conversation, the limit is {self.max_videos}")
+    def check_count(self, kind: Media, count: int) -> None:
+        """Refuse a conversation with more items of `kind` than its limit (`max_images`,
+        `max_videos`), before any is opened."""
+        limit = getattr(self, kind.limit)
+        if count > limit:
+            raise UserError(f"{count} {kind.items} in the conversation, the limit is {limit}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hybrid.media import MEDIA
 from hybrid.processor import PreparedInputs, pixel_digest
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,12 @@ class Kept:
 def image_runs(inputs: PreparedInputs) -> tuple[ImageRun, ...]:
     """Where each image and video of the prompt sits, and what it is (equal digests: equal pixels
     and grid), in prompt order."""
-    images = [
-        ImageRun(start, end, pixel_digest(inputs.image_pixels(i), inputs.image_grid_thw[i : i + 1]))
-        for i, (start, end) in enumerate(inputs.image_spans())
+    runs = [
+        ImageRun(start, end, pixel_digest(inputs.item_pixels(kind, i), inputs.grid(kind)[i : i + 1]))
+        for kind in MEDIA
+        for i, (start, end) in enumerate(inputs.spans(kind))
     ]
-    videos = [
-        ImageRun(start, end, pixel_digest(inputs.video_pixels(i), inputs.video_grid_thw[i : i + 1]))
-        for i, (start, end) in enumerate(inputs.video_spans())
-    ]
-    return tuple(sorted(images + videos, key=lambda run: run.start))
+    return tuple(sorted(runs, key=lambda run: run.start))
 
 
 def reusable_prefix(kept: Kept | None, token_ids: np.ndarray, images: tuple[ImageRun, ...]) -> int:

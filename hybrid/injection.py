@@ -7,12 +7,14 @@ order: row-major over the prompt), and a dense `deepstack_embeds` tensor that is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hybrid.errors import BundleError, UserError
+from hybrid.media import Media
 from hybrid.vision import VisionFeatures
 
 
@@ -45,21 +47,18 @@ class EmbeddingTable:
 def inject(
     input_ids: np.ndarray,
     embeddings: EmbeddingTable,
-    image_token_id: int,
+    token_ids: Mapping[Media, int],
     num_deepstack: int,
-    features: VisionFeatures | None,
-    video_token_id: int | None = None,
-    video_features: VisionFeatures | None = None,
+    features: Mapping[Media, VisionFeatures | None],
 ) -> InjectedInputs:
+    """The prefill inputs of `input_ids` `(1, S)`: each kind of `token_ids` (its pad token's id) gets
+    its `features` (none given: the prompt must hold none of its pads)."""
     inputs_embeds = embeddings(input_ids)  # (1, S, H)
     deepstack = np.zeros((num_deepstack, *inputs_embeds.shape), dtype=np.float32)
     visual = np.zeros(input_ids.shape, dtype=bool)  # (1, S)
-    placed = [("image", image_token_id, features)]
-    if video_token_id is not None:
-        placed.append(("video", video_token_id, video_features))
-    for kind, token_id, found in placed:
+    for kind, token_id in token_ids.items():
         mask = input_ids == token_id  # (1, S)
-        _scatter(kind, mask, found, inputs_embeds, deepstack)
+        _scatter(kind.name, mask, features.get(kind), inputs_embeds, deepstack)
         visual |= mask
     return InjectedInputs(inputs_embeds=inputs_embeds, visual_pos_masks=visual, deepstack_embeds=deepstack)
 

@@ -31,6 +31,7 @@ from hybrid.layout import (
     verify_parts,
 )
 from hybrid.manifest import Manifest
+from hybrid.media import MEDIA
 from hybrid.processor import Processor
 from hybrid.router import choose_routes
 from hybrid.routes.genai import GenAIRoute
@@ -157,8 +158,8 @@ class Pipeline:
             raise UserError(
                 f"max_new_tokens is {request.sampling.max_new_tokens}, the limit is {self.runtime.max_new_tokens_limit}"
             )
-        self.runtime.check_image_count(len(request.images))
-        self.runtime.check_video_count(len(request.videos))
+        for kind in MEDIA:
+            self.runtime.check_count(kind, len(getattr(request, kind.items)))
 
     def open_video(self, source: str | Path | bytes) -> Video:
         """A video file's frames as the checkpoint samples them, within the runtime's video limits."""

@@ -13,16 +13,22 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_MAX_VIDEO_TOKENS, VideoLimits
 from hybrid.errors import BundleError, UserError
 from hybrid.images import to_rgb
+from hybrid.media import IMAGE, MEDIA, MM_TEXT, VIDEO, Media
 from hybrid.thinking import opens_thinking
-from hybrid.types import MM_IMAGE, MM_TEXT, MM_VIDEO, Message, Video
+from hybrid.types import Message, Video
 from hybrid.videos import VideoInfo, open_video
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
 
 # Private-use characters mark where message texts go in the rendered template.
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
@@ -42,8 +48,8 @@ class PreparedInputs:
 
     input_ids: np.ndarray  # (1, S) int64
     mm_token_type_ids: np.ndarray  # (1, S) int64: 0 text, 1 image, 2 video
-    pixel_values: torch.Tensor | None  # (patches, C * T * P * P)
-    image_grid_thw: torch.Tensor | None  # (images, 3)
+    pixel_values: torch.Tensor | None = None  # (patches, C * T * P * P)
+    image_grid_thw: torch.Tensor | None = None  # (images, 3)
     image_tokens: tuple[int, ...] = ()  # <|image_pad|> tokens of each image, in prompt order
     pixel_values_videos: torch.Tensor | None = None  # (patches, C * T * P * P), every video's frames
     video_grid_thw: torch.Tensor | None = None  # (videos, 3): t counts pairs of frames
@@ -53,57 +59,51 @@ class PreparedInputs:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def pixels(self, kind: Media) -> torch.Tensor | None:
+        """The patches of every item of `kind` `(patches, C * T * P * P)`."""
+        return getattr(self, kind.pixel_values)
+
+    def grid(self, kind: Media) -> torch.Tensor | None:
+        """The grids of the items of `kind` `(items, 3)`."""
+        return getattr(self, kind.grid_thw)
+
+    def tokens(self, kind: Media) -> tuple[int, ...]:
+        """The pad tokens of each item of `kind`, in prompt order."""
+        return getattr(self, kind.tokens)
+
     def vision_kwargs(self) -> dict[str, torch.Tensor]:
         """The pictures and videos as transformers' model takes them (`pixel_values`, `image_grid_thw`,
         `pixel_values_videos`, `video_grid_thw`), those present."""
-        given = {
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-            "pixel_values_videos": self.pixel_values_videos,
-            "video_grid_thw": self.video_grid_thw,
-        }
+        given = {key: getattr(self, key) for kind in MEDIA for key in (kind.pixel_values, kind.grid_thw)}
         return {name: value for name, value in given.items() if value is not None}
 
-    def image_spans(self) -> list[tuple[int, int]]:
-        """`[start, end)` of each image's `<|image_pad|>` run in the prompt, in prompt order."""
-        return _runs(self.mm_token_type_ids[0], MM_IMAGE)
+    def spans(self, kind: Media) -> list[tuple[int, int]]:
+        """`[start, end)` of each item of `kind` in the prompt, in prompt order: an image's
+        `<|image_pad|>` run; a video from its first frame pair's `<|video_pad|>` run to its last
+        one's (the timestamps and vision markers between them inside)."""
+        runs = _runs(self.mm_token_type_ids[0], kind.mm_type)
+        grid = self.grid(kind)
+        counts = grid[:, 0].tolist() if kind.frame_pair_runs and grid is not None else [1] * len(runs)
+        ends = np.cumsum(counts).tolist()
+        return [(runs[end - n][0], runs[end - 1][1]) for n, end in zip(counts, ends)]
 
-    def video_spans(self) -> list[tuple[int, int]]:
-        """`[start, end)` of each video in the prompt, from its first frame pair's `<|video_pad|>` run
-        to its last one's (the timestamps and vision markers between them inside), in prompt order."""
-        runs = _runs(self.mm_token_type_ids[0], MM_VIDEO)
-        frames = [] if self.video_grid_thw is None else self.video_grid_thw[:, 0].tolist()
-        ends = np.cumsum(frames).tolist()
-        return [(runs[end - t][0], runs[end - 1][1]) for t, end in zip(frames, ends)]
-
-    def image_pixels(self, index: int) -> torch.Tensor:
-        """The `pixel_values` rows of image `index` `(patches_i, C * T * P * P)`."""
-        return _rows(self.pixel_values, self.image_grid_thw, index)
-
-    def video_pixels(self, index: int) -> torch.Tensor:
-        """The `pixel_values_videos` rows of video `index` `(patches_i, C * T * P * P)`."""
-        return _rows(self.pixel_values_videos, self.video_grid_thw, index)
+    def item_pixels(self, kind: Media, index: int) -> torch.Tensor:
+        """The patch rows of item `index` of `kind` `(patches_i, C * T * P * P)`."""
+        return _rows(self.pixels(kind), self.grid(kind), index)
 
     def tail(self, start: int) -> PreparedInputs:
         """The prompt from token `start` on, with only the images and videos inside it; `start`
         must not cut one."""
-        images, videos = self.image_spans(), self.video_spans()
-        if any(s < start < e for s, e in images + videos):
+        spans = {kind: self.spans(kind) for kind in MEDIA}
+        if any(s < start < e for found in spans.values() for s, e in found):
             raise ValueError(f"token {start} is inside an image or a video")
-        first_image = sum(1 for _, e in images if e <= start)
-        first_video = sum(1 for _, e in videos if e <= start)
-        pixel_values, image_grid_thw = _from(self.pixel_values, self.image_grid_thw, first_image)
-        pixel_values_videos, video_grid_thw = _from(self.pixel_values_videos, self.video_grid_thw, first_video)
+        kept: dict[str, object] = {}
+        for kind, found in spans.items():
+            first = sum(1 for _, e in found if e <= start)
+            kept[kind.pixel_values], kept[kind.grid_thw] = _from(self.pixels(kind), self.grid(kind), first)
+            kept[kind.tokens] = self.tokens(kind)[first:]
         return replace(
-            self,
-            input_ids=self.input_ids[:, start:],
-            mm_token_type_ids=self.mm_token_type_ids[:, start:],
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            image_tokens=self.image_tokens[first_image:],
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            video_tokens=self.video_tokens[first_video:],
+            self, input_ids=self.input_ids[:, start:], mm_token_type_ids=self.mm_token_type_ids[:, start:], **kept
         )
 
 
@@ -142,8 +142,8 @@ class Processor:
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the processor from {path}: {exc}") from exc
         self.tokenizer = self.hf.tokenizer
-        self.image_token_id: int = int(self.hf.image_token_id)
-        self.video_token_id: int = int(self.hf.video_token_id)
+        self.token_ids: dict[Media, int] = {kind: int(getattr(self.hf, kind.token_id)) for kind in MEDIA}
+        self.image_token_id, self.video_token_id = self.token_ids[IMAGE], self.token_ids[VIDEO]  # transformers' names
         self.eos_token_ids: tuple[int, ...] = _eos_ids(Path(path), self.tokenizer)
         self.max_context = max_context
         self.opens_thinking = opens_thinking(self.render((Message("user", "?"),)))  # a Thinking template
@@ -165,36 +165,41 @@ class Processor:
         Each image is scaled (aspect kept) to at most `max_image_tokens` image tokens, each video's
         frames to at most `max_video_tokens` video tokens for the whole video, and never beyond
         the checkpoint's own limits."""
-        images = [to_rgb(img) for m in messages for img in m.images]
-        videos = [video for m in messages for video in m.videos]
-        pixel_values = image_grid_thw = pixel_values_videos = video_grid_thw = None
-        pads: list[int] = []
-        placeholders: list[str] = []
-        video_tokens: list[int] = []
-        if images:
-            batch = self.hf.image_processor(images=images, return_tensors="pt", size=self.image_size(max_image_tokens))
-            pixel_values, image_grid_thw = batch["pixel_values"], batch["image_grid_thw"]
-            pads = (image_grid_thw.prod(-1) // self.hf.image_processor.merge_size**2).tolist()
-        if videos:
-            pixel_values_videos, video_grid_thw, placeholders = self._videos(videos, max_video_tokens)
-            video_tokens = (video_grid_thw.prod(-1) // self.hf.video_processor.merge_size**2).tolist()
-        ids = self._tokenize(messages, pads, placeholders)
+        fields, placeholders = self._media(messages, {IMAGE: max_image_tokens, VIDEO: max_video_tokens})
+        ids = self._tokenize(messages, placeholders)
         if ids.shape[1] >= self.max_context:
             raise UserError(
                 f"the prompt is {ids.shape[1]} tokens, the model's context is {self.max_context}: "
                 "shorten it or start a new conversation"
             )
-        types = np.where(ids == self.image_token_id, MM_IMAGE, np.where(ids == self.video_token_id, MM_VIDEO, MM_TEXT))
-        return PreparedInputs(
-            input_ids=ids,
-            mm_token_type_ids=types.astype(np.int64),
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            image_tokens=tuple(pads),
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            video_tokens=tuple(video_tokens),
-        )
+        types = np.full(ids.shape, MM_TEXT, dtype=np.int64)
+        for kind, token_id in self.token_ids.items():
+            types[ids == token_id] = kind.mm_type
+        return PreparedInputs(input_ids=ids, mm_token_type_ids=types, **fields)
+
+    def _media(
+        self, messages: tuple[Message, ...], budgets: dict[Media, int]
+    ) -> tuple[dict[str, object], dict[Media, list[str]]]:
+        """The `PreparedInputs` fields of the conversation's images and videos (patches, grids, pad
+        tokens of each), and each item's placeholder text, by kind; kinds it lacks are left out."""
+        fields: dict[str, object] = {}
+        placeholders: dict[Media, list[str]] = {}
+        for kind in MEDIA:
+            items = [item for m in messages for item in getattr(m, kind.items)]
+            if not items:
+                continue
+            batch = self._videos(items, budgets[kind]) if kind is VIDEO else self._images(items, budgets[kind])
+            grid_thw = batch[kind.grid_thw]
+            merge = getattr(self.hf, kind.processor).merge_size
+            fields[kind.pixel_values], fields[kind.grid_thw] = batch[kind.pixel_values], grid_thw
+            fields[kind.tokens] = tuple((grid_thw.prod(-1) // merge**2).tolist())
+            placeholders[kind] = [getattr(self.hf, kind.placeholder)(batch, i) for i in range(len(items))]
+        return fields, placeholders
+
+    def _images(self, images: list[Image.Image], max_image_tokens: int) -> BatchFeature:
+        """The image processor's batch: `pixel_values`, `image_grid_thw`."""
+        size = self.image_size(max_image_tokens)
+        return self.hf.image_processor(images=[to_rgb(img) for img in images], return_tensors="pt", size=size)
 
     def image_size(self, max_image_tokens: int) -> dict[str, int]:
         """The image processor's `size` (pixel counts) for a budget of `max_image_tokens` per image:
@@ -227,16 +232,16 @@ class Processor:
         """A video file's frames as this checkpoint samples them, within `limits`."""
         return open_video(source, lambda info: self.frame_indices(info, limits.max_frames), limits)
 
-    def _videos(self, videos: list[Video], max_video_tokens: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """`pixel_values_videos`, `video_grid_thw` and each video's placeholder text (per frame
-        pair: its timestamp, then its `<|video_pad|>` tokens between vision markers)."""
+    def _videos(self, videos: list[Video], max_video_tokens: int) -> BatchFeature:
+        """The video processor's batch: `pixel_values_videos`, `video_grid_thw` and the metadata that
+        each video's placeholder (per frame pair: its timestamp, then its pads) is written from."""
         if not self.takes_videos:
             raise UserError("this model's chat template has no place for a video: ask about pictures instead")
         metadata = [
             _metadata(v.total_num_frames, v.fps, v.frames.shape[2], v.frames.shape[1], list(v.frames_indices))
             for v in videos
         ]
-        batch = self.hf.video_processor(
+        return self.hf.video_processor(
             videos=[v.frames for v in videos],
             video_metadata=metadata,
             do_sample_frames=False,
@@ -245,8 +250,6 @@ class Processor:
             cap_pixels_per_frame=False,
             return_tensors="pt",
         )
-        placeholders = [self.hf.replace_video_token(batch, i) for i in range(len(videos))]
-        return batch["pixel_values_videos"], batch["video_grid_thw"], placeholders
 
     def _places_videos(self) -> bool:
         """Whether the chat template renders a video item (the demo model's, for one, does not)."""
@@ -254,31 +257,33 @@ class Processor:
         rendered = self.hf.apply_chat_template([probe], tokenize=False, add_generation_prompt=True)
         return self.hf.video_token in rendered
 
-    def _tokenize(self, messages: tuple[Message, ...], pads: list[int], videos: list[str]) -> np.ndarray:
+    def _tokenize(self, messages: tuple[Message, ...], placeholders: dict[Media, list[str]]) -> np.ndarray:
         """The template is rendered around sentinels; template pieces are tokenized with special
-        tokens (each image placeholder expanded to its patch count, each video's to its text),
-        message texts without."""
+        tokens (each image's and video's placeholder expanded to its text: an image's patch count
+        of pads, a video's timestamps and pads), message texts without."""
         marked = tuple(
             replace(m, text=f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}" if m.text else "") for i, m in enumerate(messages)
         )
         pieces = _SENTINEL.split(self.render(marked))
-        image, video = self.hf.image_token, self.hf.video_token
-        placeholder = re.compile(f"{re.escape(image)}|{re.escape(video)}")
-        counts, texts = iter(pads), iter(videos)
+        kinds = {getattr(self.hf, kind.pad): kind for kind in MEDIA}
+        pad = re.compile("|".join(map(re.escape, kinds)))
+        left = {kind: iter(placeholders.get(kind, ())) for kind in MEDIA}
 
         def expand(match: re.Match) -> str:
-            return image * next(counts) if match.group() == image else next(texts)
+            return next(left[kinds[match.group()]])
 
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2:
                 text, split = messages[int(piece)].text, True
             else:
-                text, split = placeholder.sub(expand, piece), False
+                text, split = pad.sub(expand, piece), False
             ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
-        for kind, left in (("image", counts), ("video", texts)):
-            if next(left, None) is not None:
-                raise UserError(f"the chat template did not place every {kind}; the checkpoint's template is unusual")
+        for kind, texts in left.items():
+            if next(texts, None) is not None:
+                raise UserError(
+                    f"the chat template did not place every {kind.name}; the checkpoint's template is unusual"
+                )
         return np.array([ids], dtype=np.int64)
 
     def decode(self, token_ids: list[int]) -> str:

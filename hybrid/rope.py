@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 
-from hybrid.types import MM_IMAGE, MM_TEXT, MM_VIDEO
+from hybrid.media import MM_IMAGE, MM_TEXT, MM_VIDEO
 
 
 def get_rope_index(

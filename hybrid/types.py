@@ -23,7 +23,6 @@ FinishReason = Literal["eos", "length", "stop", "cancelled"]
 RouteName = Literal["hybrid", "genai", "pytorch", "remote"]
 ROUTE_NAMES: tuple[RouteName, ...] = get_args(RouteName)
 LOCAL_ROUTES: tuple[RouteName, ...] = ("hybrid", "genai", "pytorch")  # those of a bundle; "remote" is a server
-MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2  # `mm_token_type_ids` values, as transformers numbers them
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hybrid.conversation import POOL, ConversationStore, ImageRun, Kept, reusable_prefix
+from hybrid.media import IMAGE
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
@@ -54,7 +55,7 @@ def test_hybrid_follow_up_equals_a_fresh_prefill(pipeline, monkeypatch, case):
     pipe = pipeline("base")
     route = pipe.routes["hybrid"]
     second, _ = conversation(pipe, "hybrid", (BLUE,) if case == "new image in turn 2" else (), cid=case)
-    first_image_end = route.processor.prepare(second.messages).image_spans()[0][1]
+    first_image_end = route.processor.prepare(second.messages).spans(IMAGE)[0][1]
     recorder = LogitRecorder(route.decoder, monkeypatch)
     reused = run(pipe, second, "hybrid")
     reused_logits = recorder.take()
@@ -89,7 +90,7 @@ def test_a_different_picture_in_the_same_place_is_not_reused(pipeline):
     second, _ = conversation(pipe, "hybrid", cid="swap")
     green = replace(second.messages[0], images=(draw_scene((96, 96), (30, 200, 30)),))
     swapped = replace(second, messages=(green, *second.messages[1:]))
-    image_start = pipe.routes["hybrid"].processor.prepare(swapped.messages).image_spans()[0][0]
+    image_start = pipe.routes["hybrid"].processor.prepare(swapped.messages).spans(IMAGE)[0][0]
     result = run(pipe, swapped, "hybrid")
     assert result["timings"]["reused_tokens"] == image_start
     assert result["token_ids"] == run(pipe, replace(swapped, conversation_id=None), "hybrid")["token_ids"]

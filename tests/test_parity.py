@@ -62,7 +62,12 @@ def test_per_step_logits_agree(pipeline, case):
 def _tokens_with_features(pipe, request, transform) -> list[int]:
     route = pipe.routes["hybrid"]
     original = route.encode
-    route.encode = lambda inputs: transform(original(inputs))
+
+    def encode(inputs, kind):  # each kind's features, transformed where the prompt has some
+        features = original(inputs, kind)
+        return None if features is None else transform(features)
+
+    route.encode = encode
     try:
         return run(pipe, request, "hybrid")["token_ids"]
     finally:

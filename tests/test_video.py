@@ -14,6 +14,7 @@ import torch
 
 from hybrid.config import MAX_VIDEO_FRAMES, VideoLimits
 from hybrid.errors import RouteError, UserError
+from hybrid.media import VIDEO
 from hybrid.processor import Processor
 from hybrid.rope import get_rope_index
 from hybrid.types import Message, Request
@@ -98,7 +99,7 @@ def test_prompt_equals_the_hf_processors(processors, clips, name, clip):
     assert torch.equal(ours.pixel_values_videos, theirs["pixel_values_videos"])
     assert torch.equal(ours.video_grid_thw, theirs["video_grid_thw"])
     assert "seconds>" in processor.tokenizer.decode(ours.input_ids[0]), "per-frame timestamps in the prompt"
-    ((start, end),) = ours.video_spans()
+    ((start, end),) = ours.spans(VIDEO)
     assert ours.video_tokens == (int((ours.input_ids[0, start:end] == processor.video_token_id).sum()),)
 
 
@@ -260,7 +261,7 @@ def follow_up(pipe, first_video, second_video, cid: str) -> Request:
 def test_a_follow_up_reuses_the_video_and_answers_as_a_fresh_prefill(pipeline, clips):
     pipe = pipeline("base")
     second = follow_up(pipe, clips["short"], clips["short"], "video-same")
-    video_end = pipe.processor.prepare(second.messages).video_spans()[0][1]
+    video_end = pipe.processor.prepare(second.messages).spans(VIDEO)[0][1]
     reused = run(pipe, second, "hybrid")
     fresh = run(pipe, replace(second, conversation_id=None), "hybrid")
     assert reused["timings"]["reused_tokens"] >= video_end and fresh["timings"]["reused_tokens"] == 0
@@ -271,7 +272,7 @@ def test_another_video_in_the_same_place_is_not_reused(pipeline, clips):
     """Video tokens share one id, and both clips give the same timestamps: only the pixels differ."""
     pipe = pipeline("base")
     second = follow_up(pipe, clips["short"], clips["blue"], "video-swap")
-    video_start = pipe.processor.prepare(second.messages).video_spans()[0][0]
+    video_start = pipe.processor.prepare(second.messages).spans(VIDEO)[0][0]
     swapped = run(pipe, second, "hybrid")
     assert swapped["timings"]["reused_tokens"] == video_start
     assert swapped["token_ids"] == run(pipe, replace(second, conversation_id=None), "hybrid")["token_ids"]

@@ -22,6 +22,7 @@ import gradio as gr
 
 from hybrid.config import DEFAULT_IMAGE_DETAIL, DEFAULT_MAX_IMAGE_TOKENS, IMAGE_DETAIL, SamplingConfig
 from hybrid.errors import HybridError
+from hybrid.media import IMAGE, VIDEO
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO
 from hybrid.types import Request, RouteName
@@ -184,8 +185,8 @@ class ChatService:
             files = message_files(message)
             videos = sum(map(is_video_file, files))
             questions = [t for t in turns if isinstance(t, Question)]
-            runtime.check_image_count(sum(len(t.images) for t in questions) + len(files) - videos)
-            runtime.check_video_count(sum(len(t.videos) for t in questions) + videos)
+            runtime.check_count(IMAGE, sum(len(t.images) for t in questions) + len(files) - videos)
+            runtime.check_count(VIDEO, sum(len(t.videos) for t in questions) + videos)
             question = question_of(message, runtime.max_image_pixels, self.pipeline.open_video)
             request = to_request([*turns, question], settings.sampling, conversation_id, settings.max_image_tokens)
             return question, request, self.pipeline.plan(request, settings.route)

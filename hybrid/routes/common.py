@@ -10,6 +10,7 @@ import threading
 import time
 
 from hybrid.config import SamplingConfig
+from hybrid.media import MEDIA
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.streaming import TextStream
@@ -29,8 +30,8 @@ def prepare(processor: Processor, request: Request, watch: Stopwatch) -> Prepare
     """The request's prompt ids (and pixels, within its image budget), timed as the preprocess stage."""
     inputs = timed(watch, "preprocess", processor.prepare, request.messages, request.max_image_tokens)
     watch.prompt_tokens = inputs.num_tokens
-    watch.image_tokens = inputs.image_tokens
-    watch.video_tokens = inputs.video_tokens
+    for kind in MEDIA:
+        setattr(watch, kind.tokens, inputs.tokens(kind))
     return inputs
 
 

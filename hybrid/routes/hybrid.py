@@ -16,6 +16,7 @@ import numpy as np
 from hybrid.conversation import ConversationStore, ImageRun, Kept, image_runs, reusable_prefix
 from hybrid.decoder import KVCache, OnnxDecoder
 from hybrid.injection import EmbeddingTable, InjectedInputs, inject
+from hybrid.media import MEDIA, Media
 from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
@@ -64,9 +65,8 @@ class HybridRoute:
         cache holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
         delta that places the tokens generated after the prompt."""
         new = inputs.tail(reused)  # the tokens to prefill, with only the images and videos among them
-        features = timed(watch, "vision", self.encode, new)
-        video_features = timed(watch, "vision", self.encode_videos, new)
-        injected = self.inject(new, features, video_features)
+        features = {kind: timed(watch, "vision", self.encode, new, kind) for kind in MEDIA}
+        injected = self.inject(new, features)
         positions, rope_delta = get_rope_index(
             inputs.mm_token_type_ids,
             _numpy(inputs.image_grid_thw),
@@ -109,28 +109,13 @@ class HybridRoute:
         kept = Kept(np.array(token_ids, dtype=np.int64), images, trimmed, trimmed.nbytes)
         self.conversations.keep(self.name, conversation_id, kept)
 
-    def encode(self, inputs: PreparedInputs) -> VisionFeatures | None:
-        if inputs.pixel_values is None:
-            return None
-        return self.vision.encode(inputs.pixel_values, inputs.image_grid_thw)
+    def encode(self, inputs: PreparedInputs, kind: Media) -> VisionFeatures | None:
+        pixels = inputs.pixels(kind)
+        return None if pixels is None else self.vision.encode(pixels, inputs.grid(kind))
 
-    def encode_videos(self, inputs: PreparedInputs) -> VisionFeatures | None:
-        if inputs.pixel_values_videos is None:
-            return None
-        return self.vision.encode(inputs.pixel_values_videos, inputs.video_grid_thw)
-
-    def inject(
-        self, inputs: PreparedInputs, features: VisionFeatures | None, video_features: VisionFeatures | None = None
-    ) -> InjectedInputs:
-        return inject(
-            inputs.input_ids,
-            self.embeddings,
-            self.processor.image_token_id,
-            self.decoder.num_deepstack,
-            features,
-            self.processor.video_token_id,
-            video_features,
-        )
+    def inject(self, inputs: PreparedInputs, features: dict[Media, VisionFeatures | None]) -> InjectedInputs:
+        token_ids, num_deepstack = self.processor.token_ids, self.decoder.num_deepstack
+        return inject(inputs.input_ids, self.embeddings, token_ids, num_deepstack, features)
 
     def decode(
         self, emitter: Emitter, cache: KVCache, logits: np.ndarray, token_ids: list[int], rope_delta: int
