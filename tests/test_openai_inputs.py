@@ -51,6 +51,22 @@ def test_image_detail_sets_the_pictures_token_budget(details, budget):
     assert call.request.max_image_tokens == budget == IMAGE_DETAIL[{256: "low", 1024: "medium", 4096: "high"}[budget]]
 
 
+def test_a_data_url_wrapped_in_lines_reads_as_the_same_picture():
+    url = picture_url(draw_scene((64, 48), (200, 40, 40)))
+    head, data = url.split(",", 1)
+    wrapped = head + "," + "\r\n".join(data[i : i + 76] for i in range(0, len(data), 76))
+    context = Context({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}, 10**6, None)
+    pictures = [
+        read_call(
+            {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": u}]}]},
+            context,
+            None,
+        ).request.images[0]
+        for u in (url, wrapped)
+    ]
+    assert "\n" in wrapped and pictures[0].tobytes() == pictures[1].tobytes()
+
+
 def test_a_video_arrives_as_a_data_url(pipeline, tmp_path):
     clip = write_video(tmp_path / "clip.mp4")
     url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()

@@ -267,7 +267,7 @@ def _data_url(url: str, at: str) -> bytes:
     match = DATA_URL.fullmatch(url)
     if match is None:
         raise ApiError(400, f"{at}: a data URL must be data:<type>;base64,<data>", at)
-    encoded = match["data"]
+    encoded = re.sub(r"\s+", "", match["data"])  # base64 wrapped in lines, as MIME writes it, is still base64
     if len(encoded) * 3 // 4 > MAX_FILE_BYTES:
         raise ApiError(413, f"{at}: more than {MAX_FILE_BYTES // 2**20} MB", at, "file_too_large")
     try:
