@@ -12,13 +12,12 @@ import logging
 import os
 import sys
 
-from hybrid.cli import add_vision_argument, vision_backend
+from hybrid.cli import add_remote_arguments, add_vision_argument, remote_config, vision_backend
 from hybrid.config import PRECISIONS, RuntimeConfig
 from hybrid.errors import HybridError
 from hybrid.launch import AUTO_PRECISION, describe, load_pipeline
 from hybrid.limits import RateLimiter
 from hybrid.logs import setup_logging
-from hybrid.routes.remote import RemoteConfig
 from web.admission import Admission
 from web.api import ApiConfig, ChatApi
 from web.page import build_demo, launch_demo
@@ -28,7 +27,6 @@ log = logging.getLogger("app")
 RATE_LIMIT = 20  # requests per minute and session
 AUTH_ENV = "HYBRID_AUTH"  # USER:PASSWORD, read when --auth is not given
 API_KEY_ENV = "HYBRID_API_KEY"  # the Bearer token of /v1, read when --api-key is not given
-REMOTE_KEY_ENV = "HYBRID_REMOTE_KEY"  # the remote server's key, read when --remote-key is not given
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,21 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let /v1 fetch http(s) pictures (public addresses only); otherwise data URLs only",
     )
-    parser.add_argument(
-        "--remote",
-        metavar="URL",
-        help="add a route to an OpenAI-compatible server (vLLM, llama.cpp, "
-        "Ollama, another instance of this app), e.g. http://gpu-box:8000/v1",
-    )
-    parser.add_argument(
-        "--remote-model", metavar="NAME", help="the model to ask the remote server for (default: the first it lists)"
-    )
-    parser.add_argument(
-        "--remote-key",
-        metavar="KEY",
-        default=os.environ.get(REMOTE_KEY_ENV),
-        help=f"the remote server's API key (default: ${REMOTE_KEY_ENV}, if set)",
-    )
+    add_remote_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.auth is not None and not _valid_auth(args.auth):
@@ -135,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             conversation_cache_mb=args.conversation_cache_mb,
             vision_backend=vision_backend(args.vision),
         )
-        remote = RemoteConfig(args.remote, args.remote_model, args.remote_key) if args.remote else None
-        pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime, remote)
+        pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime, remote_config(args))
     except HybridError as exc:
         log.error("%s", exc)
         return 2

@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
-from hybrid.cli import add_vision_argument, vision_backend
+from hybrid.cli import add_remote_arguments, add_vision_argument, remote_config, vision_backend
 from hybrid.config import (
     DEFAULT_MAX_IMAGE_TOKENS,
     DEFAULT_VIDEO_FRAMES,
@@ -31,7 +31,7 @@ from hybrid.logs import setup_logging
 from hybrid.media import IMAGE, VIDEO
 from hybrid.quality import add_quality_arguments, run_quality
 from hybrid.router import AUTO, ROUTE_CHOICES, choose_routes
-from hybrid.types import LOCAL_ROUTES, Message, Request, collect
+from hybrid.types import Message, Request, collect
 
 log = logging.getLogger("hybrid")
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_IMAGE_TOKENS,
         help="image tokens per picture at most: larger pictures are scaled down",
     )
+    add_remote_arguments(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per route instead of streamed text")
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark the routes side by side"))
@@ -149,14 +150,15 @@ def _generate(args: argparse.Namespace) -> int:
     runtime.check_count(IMAGE, len(args.image))
     runtime.check_count(VIDEO, len(args.video))
     images = tuple(open_image(path, runtime.max_image_pixels) for path in args.image)
-    pipeline = Pipeline.load(args.bundle, runtime)
+    pipeline = Pipeline.load(args.bundle, runtime, remote=remote_config(args))
     videos = tuple(pipeline.open_video(path) for path in args.video)  # sampled as the checkpoint samples
     messages = (Message("system", args.system),) if args.system else ()
     request = Request(
         messages + (Message("user", args.prompt, images, videos),), sampling, max_image_tokens=args.max_image_tokens
     )
     routes = pipeline.plan(request, args.route)
-    for missing in choose_routes(request, args.route, LOCAL_ROUTES):  # what would serve with every route loaded
+    every = (*pipeline.routes, *pipeline.unavailable)
+    for missing in choose_routes(request, args.route, every):  # what would serve with every route loaded
         if missing in pipeline.unavailable:
             log.warning("the %s route is unavailable: %s", missing, pipeline.unavailable[missing])
     for route in routes:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from hybrid.config import VISION_BACKENDS, VisionBackend
+from hybrid.routes.remote import RemoteConfig
 
 AUTO_VISION = "auto"  # the command-line word for "ONNX where the bundle has it"
+REMOTE_KEY_ENV = "HYBRID_REMOTE_KEY"  # the remote server's key, read when --remote-key is not given
 
 
 def add_vision_argument(parser) -> None:
@@ -21,3 +25,27 @@ def add_vision_argument(parser) -> None:
 def vision_backend(choice: str) -> VisionBackend | None:
     """The backend a `--vision` choice names; None for `auto`."""
     return None if choice == AUTO_VISION else choice  # type: ignore[return-value]
+
+
+def add_remote_arguments(parser) -> None:
+    """`--remote URL`, `--remote-model`, `--remote-key` of `app.py` and `generate` (`remote_config` reads them)."""
+    parser.add_argument(
+        "--remote",
+        metavar="URL",
+        help="add a route to an OpenAI-compatible server (vLLM, llama.cpp, "
+        "Ollama, another instance of this app), e.g. http://gpu-box:8000/v1",
+    )
+    parser.add_argument(
+        "--remote-model", metavar="NAME", help="the model to ask the remote server for (default: the first it lists)"
+    )
+    parser.add_argument(
+        "--remote-key",
+        metavar="KEY",
+        default=os.environ.get(REMOTE_KEY_ENV),
+        help=f"the remote server's API key (default: ${REMOTE_KEY_ENV}, if set)",
+    )
+
+
+def remote_config(args) -> RemoteConfig | None:
+    """The remote route the flags ask for, or None."""
+    return RemoteConfig(args.remote, args.remote_model, args.remote_key) if args.remote else None

@@ -33,6 +33,8 @@ def choose_routes(
         route = "hybrid" if _visual(request) or "genai" not in available else "genai"
     if route not in available:
         reason = (unavailable or {}).get(route)
+        if reason is None and route == "remote":
+            reason = "no remote server was given (start with --remote URL)"
         raise RouteError(
             f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded"
         )

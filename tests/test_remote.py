@@ -6,6 +6,7 @@ unavailable route or a clear error while the other routes keep serving."""
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -87,6 +88,17 @@ def test_compare_all_shows_the_remote_beside_the_local_routes(with_remote):
     assert f"**Remote server**: hybrid at {with_remote.routes['remote'].base}" in header(describe(with_remote))
     texts = [t.text for t in last(updates, "turns") if t.role == "assistant"]
     assert len(set(texts)) == 1, texts
+
+
+def test_the_cli_generates_through_the_remote_and_says_how_to_give_one(bundle, other_app):
+    command = [sys.executable, "-m", "hybrid", "generate", "--bundle", str(bundle("base")), "--prompt", "Hello!"]
+    command += ["--route", "remote", "--max-new-tokens", "6", "--json"]
+    served = subprocess.run([*command, "--remote", other_app], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr
+    result = json.loads(served.stdout)
+    assert result["route"] == "remote" and result["timings"]["decode_tokens"] > 0
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "start with --remote URL" in refused.stderr, refused.stderr
 
 
 def test_a_server_that_cannot_be_reached_leaves_the_route_unavailable(bundle):
