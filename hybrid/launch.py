@@ -147,9 +147,14 @@ class PipelineFacts:
     remote: str | None = None  # the remote route's model and server ("MODEL at URL"), if it loaded
 
 
+def is_demo_model(source: str | Path) -> bool:
+    """The shipped demo model, or another one `python -m hybrid.demo train` wrote (its training record beside it)."""
+    return Path(source) == DEMO_MODEL or (Path(source) / TRAINING_RECORD).is_file()
+
+
 def model_facts(manifest: Manifest) -> ModelFacts:
     source = Path(manifest.source)
-    kind = "demo" if source == DEMO_MODEL else "tiny" if source == TINY_MODEL else "checkpoint"
+    kind = "demo" if is_demo_model(source) else "tiny" if source == TINY_MODEL else "checkpoint"
     record_file = source / TRAINING_RECORD
     record = json.loads(record_file.read_text()) if kind == "demo" and record_file.is_file() else {}
     layers = manifest.model.get("num_hidden_layers")
@@ -181,7 +186,8 @@ def auto_precision(model: str | Path) -> Precision:
     """INT4 (decoder and GenAI model, INT8 vision) for a real checkpoint: the fast path is the
     product; fp32 for the project's own small models, which are instant either way and whose
     answers the tests compare exactly."""
-    return "fp32" if normalize_source(model) in (str(DEMO_MODEL), str(TINY_MODEL)) else "int4"
+    source = normalize_source(model)
+    return "fp32" if source == str(TINY_MODEL) or is_demo_model(source) else "int4"
 
 
 def load_pipeline(

@@ -15,7 +15,7 @@ from PIL import Image
 from app import main as app_main
 from hybrid.config import SamplingConfig
 from hybrid.errors import RouteError, UserError
-from hybrid.launch import DEMO_MODEL, TINY_MODEL, describe, ensure_bundle, model_facts, stale_reason
+from hybrid.launch import DEMO_MODEL, TINY_MODEL, auto_precision, describe, ensure_bundle, model_facts, stale_reason
 from hybrid.limits import RateLimiter
 from hybrid.manifest import BUNDLE_FORMAT, checkpoint_fingerprint
 from hybrid.metrics import Timings
@@ -282,6 +282,16 @@ def test_the_demo_models_header_words_its_own_eval_figures(pipeline):
     assert "88% of the boxes" in text and "Follow-up questions in one conversation: 95% right, against 98%" in text
     assert "15% to 45% of the picture's short side" in text
     assert "not recorded" in describe_model(replace(facts, record={})), "no figures: it says so, it does not guess"
+
+
+def test_another_trained_demo_model_is_worded_from_its_own_record(pipeline, tmp_path):
+    """A checkpoint `python -m hybrid.demo train` wrote (its training.json beside it) is a demo model
+    wherever it lies: served in fp32 by default, its header from its own figures and folder."""
+    manifest = pipeline("base").manifest
+    (tmp_path / "training.json").write_text('{"eval": {"hybrid-fp32-train": {"n": 7, "accuracy": {"shape": 0.5}}}}')
+    text = describe_model(model_facts(replace(manifest, source=str(tmp_path))))
+    assert text.startswith(f"**Demo model** (`{tmp_path}`") and "7 fresh pictures" in text and "shape 50%" in text
+    assert auto_precision(tmp_path) == "fp32" and auto_precision("Qwen/Qwen3-VL-2B-Instruct") == "int4"
 
 
 def test_each_client_address_is_rate_limited_on_its_own(pipeline):

@@ -60,7 +60,7 @@ def describe_model(model: ModelFacts) -> str:
     size = f"{params} parameters, {model.layers if model.layers is not None else '?'} layers, {model.precision}"
     if model.kind == "demo":
         return (
-            f"**Demo model** (`assets/demo-model`, {size}): a tiny Qwen3-VL trained from scratch on this machine "
+            f"**Demo model** (`{_shown(model.source)}`, {size}): a tiny Qwen3-VL trained from scratch on this machine "
             f"on photo-like synthetic pictures of one to three coloured circles, squares, triangles and stars"
             f"{_sizes(model.record)}. {_demo_figures(model.record)} It knows nothing else but greetings and small "
             f"sums. For a real model start {REAL_MODEL_HINT}."
@@ -72,6 +72,14 @@ def describe_model(model: ModelFacts) -> str:
             f"--out assets/demo-model`, or start a real one with {REAL_MODEL_HINT}."
         )
     return f"**{model.name}** (`{model.source}`, {size})."
+
+
+def _shown(source: str) -> str:
+    """A model folder as the user typed it: relative to the working directory where it lies below it."""
+    try:
+        return str(Path(source).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return source
 
 
 def _sizes(record: dict[str, Any]) -> str:
