@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=TrainConfig.shape_weight,
         help="weight of the shape words in the answer loss",
     )
-    fit.add_argument("--patch-size", type=int, default=8, help="pixels per patch side")
-    fit.add_argument("--max-pixels", type=int, default=256 * 256, help="pixels a picture is scaled to at most")
+    fit.add_argument("--patch-size", type=int, default=4, help="pixels per patch side")
+    fit.add_argument("--max-pixels", type=int, default=128 * 128, help="pixels a picture is scaled to at most")
     fit.add_argument("--device", default=None, help="torch device: cpu (default) or cuda")
     fit.add_argument("--checkpoint-minutes", type=float, default=None, help="minutes between saved states (10)")
     fit.add_argument("--log-every", type=int, default=None, help="steps between log lines (25)")

@@ -59,8 +59,8 @@ class InvalidConfig(ValueError):
 class TrainConfig:
     """Optimisation and data-mixture settings; `threads` is torch's intra-op thread count."""
 
-    steps: int = 2400
-    tower_steps: int = 800  # first, steps that train only the vision tower and the probe (no decoder: cheap)
+    steps: int = 1400
+    tower_steps: int = 540  # first, steps that train only the vision tower and the probe (no decoder: cheap)
     pictures: int = 16  # distinct pictures per step, one conversation each
     questions: int = 4  # the most questions of one conversation (each has 1 to this many)
     text_rows: int = 3  # text-only conversations per step, no picture
@@ -110,9 +110,9 @@ class Span:
     follow_up: bool
 
 
-def demo_spec(patch_size: int = 8, max_pixels: int = 256 * 256) -> TinySpec:
+def demo_spec(patch_size: int = 4, max_pixels: int = 128 * 128) -> TinySpec:
     """The demo model's shapes. A picture is scaled to at most `max_pixels` and cut into patches of
-    `patch_size` pixels, four to an image token: 8 and 256x256 give 1,024 patches, 256 tokens. A
+    `patch_size` pixels, four to an image token: 4 and 128x128 give 1,024 patches, 256 tokens. A
     patch a 32nd of the picture is what let shapes be learnt at all (docs/demo-model.md)."""
     tokens = max_pixels // (2 * patch_size) ** 2
     if not 4 <= patch_size <= 16 or not 16 <= tokens <= 256:
