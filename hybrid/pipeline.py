@@ -33,7 +33,7 @@ from hybrid.layout import (
 from hybrid.manifest import Manifest
 from hybrid.media import MEDIA
 from hybrid.processor import Processor
-from hybrid.router import choose_routes
+from hybrid.router import NO_REMOTE, choose_routes
 from hybrid.routes.genai import GenAIRoute
 from hybrid.routes.hybrid import HybridRoute
 from hybrid.routes.pytorch import PyTorchRoute
@@ -79,7 +79,7 @@ class _Loader:
 
     def remote(self) -> Route:
         if self.remote_config is None:
-            raise RouteError("no remote server is configured: start with --remote URL")
+            raise RouteError(NO_REMOTE)
         return RemoteRoute(self.remote_config)
 
 

@@ -16,6 +16,8 @@ ROUTE_CHOICES: tuple[str, ...] = (AUTO, *ROUTE_NAMES, COMPARE)
 REFERENCE: RouteName = "pytorch"  # the yardstick: Compare all runs it first
 COMPARE_ORDER: tuple[RouteName, ...] = (REFERENCE, *(r for r in ROUTE_NAMES if r != REFERENCE))
 
+NO_REMOTE = "no remote server was given: start with --remote URL"  # why "remote" may be missing
+
 
 def choose_routes(
     request: Request,
@@ -34,7 +36,7 @@ def choose_routes(
     if route not in available:
         reason = (unavailable or {}).get(route)
         if reason is None and route == "remote":
-            reason = "no remote server was given (start with --remote URL)"
+            reason = NO_REMOTE
         raise RouteError(
             f"the {route} route is unavailable: {reason}" if reason else f"the {route} route is not loaded"
         )
