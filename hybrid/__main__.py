@@ -20,6 +20,7 @@ from hybrid.config import (
     DEFAULT_VIDEO_FRAMES,
     MAX_VIDEO_FRAMES,
     PRECISIONS,
+    SPECULATIVE,
     RuntimeConfig,
     SamplingConfig,
     VideoLimits,
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument(
+        "--speculative",
+        choices=SPECULATIVE,
+        default=SamplingConfig.speculative,
+        help="hybrid route: ngram drafts tokens from the conversation and verifies them in one pass "
+        "(the same tokens, faster where the answer repeats the context); off: one token a pass",
+    )
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     add_vision_argument(gen)
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
@@ -139,6 +147,7 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=tuple(args.stop),
+        speculative=args.speculative,
     )
     runtime = RuntimeConfig(
         threads=args.threads,

@@ -21,6 +21,10 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
 VisionBackend = Literal["onnx", "torch"]  # which runtime runs the hybrid route's vision tower
 VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
+# How the hybrid route decodes: "ngram" drafts tokens from the conversation and verifies them in one
+# pass (`hybrid.speculative`: the same greedy tokens, the same sampling distribution); "off": one token a pass
+Speculative = Literal["ngram", "off"]
+SPECULATIVE: tuple[Speculative, ...] = get_args(Speculative)
 
 # Image tokens per picture at each detail level (one token covers (patch * merge)^2 pixels, 32x32 on
 # Qwen3-VL). The checkpoint's own limit (16,384 tokens on the real ones) would let a phone photo
@@ -77,6 +81,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    speculative: Speculative = "ngram"
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
@@ -92,6 +97,8 @@ class SamplingConfig:
             raise UserError("top_p must be in (0, 1]")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise UserError("stop must be a tuple of non-empty strings")
+        if self.speculative not in SPECULATIVE:
+            raise UserError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {self.speculative!r}")
 
     @property
     def greedy(self) -> bool:

@@ -6,23 +6,31 @@ kept for the conversation's next request (see `hybrid.conversation`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from hybrid.errors import BundleError
+from hybrid.layout import DECODER_NUM_LOGITS
 from hybrid.threads import session_options
 
 
 @dataclass
 class StepInputs:
-    """The one-token inputs of a decode step, bound once and rewritten in place each step."""
+    """The inputs and logits of a pass of `n` text tokens after the cache (a decode step: 1; a pass
+    that verifies k drafted tokens: k + 1), bound once and rewritten in place each pass."""
 
-    embeds: np.ndarray  # (1, 1, H)
-    positions: np.ndarray  # (3, 1, 1)
-    values: dict[str, ort.OrtValue]  # the step's input name -> a value sharing the array's memory
+    embeds: np.ndarray  # (1, n, H)
+    positions: np.ndarray  # (3, 1, n)
+    logits: np.ndarray  # (1, n, V)
+    values: dict[str, ort.OrtValue]  # the pass's input name -> a value sharing the array's memory
+    output: ort.OrtValue  # sharing `logits`' memory
+
+    @property
+    def size(self) -> int:
+        return int(self.embeds.shape[1])
 
 
 @dataclass
@@ -30,16 +38,16 @@ class KVCache:
     """One request's keys and values: a buffer `(1, kv_heads, capacity, head_dim)` per layer and
     kind, bound once as both past and present, so the decoder writes each step's keys in place.
 
-    The logits are written into `logits` (bound once); a decode step's inputs live in `step`, and
-    `mask` is a row of ones whose first `length + new` entries are the attention mask."""
+    `steps` holds the inputs of text passes by their token count (made on first use); `bound` is the
+    count whose inputs the binding holds (0: none, after a prefill). `mask` is a row of ones whose
+    first `length + new` entries are the attention mask."""
 
     buffers: list[np.ndarray]
     binding: ort.IOBinding
-    logits: np.ndarray  # (1, 1, V)
     mask: np.ndarray  # (1, capacity)
-    step: StepInputs
+    steps: dict[int, StepInputs] = field(default_factory=dict)
     length: int = 0
-    step_bound: bool = False  # whether the binding holds `step`'s inputs (a prefill rebinds them)
+    bound: int = 0
 
     @property
     def capacity(self) -> int:
@@ -51,7 +59,8 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens: the decoder reads only `attention_mask`'s length of the
-        buffer and writes new tokens after it, so what lies beyond is simply overwritten."""
+        buffer and writes new tokens after it, so what lies beyond is simply overwritten (this is
+        how rejected drafted tokens leave the cache)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
@@ -79,28 +88,27 @@ class OnnxDecoder:
         shape = (1, self.num_kv_heads, capacity, self.head_dim)
         buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
         binding = self.session.io_binding()
-        logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         for i, buffer in enumerate(buffers):
             layer, kind = divmod(i, 2)
             name = ("key", "value")[kind]
             value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the buffer's memory
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{name}", value)
-        step = StepInputs(
-            embeds=np.zeros((1, 1, self.hidden_size), dtype=np.float32),
-            positions=np.zeros((3, 1, 1), dtype=np.int64),
-            values={},
+        return KVCache(buffers=buffers, binding=binding, mask=np.ones((1, capacity), dtype=np.int64))
+
+    def _step_inputs(self, size: int) -> StepInputs:
+        """The bound-once inputs and logits of a text pass of `size` tokens (DeepStack rows zero)."""
+        arrays = {
+            "inputs_embeds": np.zeros((1, size, self.hidden_size), dtype=np.float32),
+            "position_ids": np.zeros((3, 1, size), dtype=np.int64),
+            "deepstack_embeds": np.zeros((self.num_deepstack, 1, size, self.hidden_size), dtype=np.float32),
+            DECODER_NUM_LOGITS: np.array([size], dtype=np.int64),
+        }
+        logits = np.zeros((1, size, self.vocab_size), dtype=np.float32)
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        return StepInputs(
+            arrays["inputs_embeds"], arrays["position_ids"], logits, values, ort.OrtValue.ortvalue_from_numpy(logits)
         )
-        no_deepstack = np.zeros((self.num_deepstack, 1, 1, self.hidden_size), dtype=np.float32)
-        for name, array in (
-            ("inputs_embeds", step.embeds),
-            ("position_ids", step.positions),
-            ("deepstack_embeds", no_deepstack),
-        ):
-            step.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-        mask = np.ones((1, capacity), dtype=np.int64)
-        return KVCache(buffers=buffers, binding=binding, logits=logits, mask=mask, step=step)
 
     def resized(self, cache: KVCache, capacity: int) -> KVCache:
         """A new cache of `capacity` tokens holding a copy of `cache`'s tokens."""
@@ -123,28 +131,47 @@ class OnnxDecoder:
         logits `(V,)`."""
         seq = inputs_embeds.shape[1]
         self._check_room(cache, seq)
+        one = self._steps(cache, 1)
         binding = cache.binding
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(deepstack_embeds, dtype=np.float32))
-        cache.step_bound = False
+        binding.bind_ortvalue_input(DECODER_NUM_LOGITS, one.values[DECODER_NUM_LOGITS])
+        binding.bind_ortvalue_output("logits", one.output)
+        cache.bound = 0
         self._run(cache, seq)
-        return cache.logits[0, -1].copy()
+        return one.logits[0, -1].copy()
 
     def step(self, cache: KVCache, embedding: np.ndarray, position: int) -> np.ndarray:
         """One decode step: the token's embedding row `(H,)` at M-RoPE position `position` (the
         same on all three axes for text). Allocates nothing; the returned logits `(V,)` are the
         cache's own buffer, valid until its next run."""
-        self._check_room(cache, 1)
-        step = cache.step
-        step.embeds[0, 0] = embedding
-        step.positions.fill(position)
-        if not cache.step_bound:
+        return self.run_text(cache, embedding[None], position)[0]
+
+    def run_text(self, cache: KVCache, embeddings: np.ndarray, position: int) -> np.ndarray:
+        """`n` text tokens after the cache in one pass: their embedding rows `(n, H)`, the first at
+        M-RoPE position `position` and each next one after it (all three axes alike, DeepStack rows
+        zero). Returns every position's logits `(n, V)`, row i predicting the token after token i:
+        the cache's own buffer, valid until its next pass of `n` tokens. After the first pass of a
+        size, a pass binds nothing new but the attention mask's length."""
+        size = len(embeddings)
+        self._check_room(cache, size)
+        step = self._steps(cache, size)
+        step.embeds[0] = embeddings
+        step.positions[:] = np.arange(position, position + size)
+        if cache.bound != size:
             for name, value in step.values.items():
                 cache.binding.bind_ortvalue_input(name, value)
-            cache.step_bound = True
-        self._run(cache, 1)
-        return cache.logits[0, -1]
+            cache.binding.bind_ortvalue_output("logits", step.output)
+            cache.bound = size
+        self._run(cache, size)
+        return step.logits[0]
+
+    def _steps(self, cache: KVCache, size: int) -> StepInputs:
+        step = cache.steps.get(size)
+        if step is None:
+            step = cache.steps[size] = self._step_inputs(size)
+        return step
 
     def _check_room(self, cache: KVCache, seq: int) -> None:
         if cache.length + seq > cache.capacity:

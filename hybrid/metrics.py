@@ -36,6 +36,8 @@ class Timings:
     image_tokens: tuple[int, ...] = ()  # per picture, in prompt order
     thinking_tokens: int = 0  # generated tokens up to and including `</think>` (a Thinking model)
     video_tokens: tuple[int, ...] = ()  # per video (all its frames), in prompt order
+    draft_tokens: int = 0  # tokens drafted for speculative decoding (`hybrid.speculative`)
+    accepted_tokens: int = 0  # of those, the ones the decoder agreed with (each saved a pass)
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -62,6 +64,8 @@ class Stopwatch:
         self.image_tokens: tuple[int, ...] = ()
         self.thinking_tokens = 0
         self.video_tokens: tuple[int, ...] = ()
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
         self.peak_rss = rss_mb()
 
     def add(self, stage: str, seconds: float) -> None:
@@ -101,4 +105,6 @@ class Stopwatch:
             image_tokens=self.image_tokens,
             thinking_tokens=self.thinking_tokens,
             video_tokens=self.video_tokens,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted_tokens,
         )

@@ -1,7 +1,8 @@
 """Token selection from one row of logits, in numpy, with the RNG passed in.
 
 Order as in transformers: repetition penalty, temperature, top-k, top-p, then a draw.
-Temperature 0 is argmax (after the repetition penalty).
+Temperature 0 is argmax (after the repetition penalty). `sample_against_draft` is the same choice
+where a draft guessed the token (`hybrid.speculative`).
 """
 
 from __future__ import annotations
@@ -54,3 +55,20 @@ def sample(logits: np.ndarray, config: SamplingConfig, seen: np.ndarray, rng: np
         return int(np.argmax(logits))
     probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
     return int(rng.choice(probs.size, p=probs))
+
+
+def sample_against_draft(
+    logits: np.ndarray, config: SamplingConfig, seen: np.ndarray, rng: np.random.Generator, draft: int
+) -> int:
+    """Pick the next token from `logits` as `sample` would, where a cheaper guess drafted `draft`:
+    speculative sampling with the draft as a point mass. Greedy: the argmax (the draft is kept when
+    it is the argmax). Sampling: `draft` with probability p(draft), else a draw from p without it,
+    which picks each token with probability p: the plain loop's distribution, exactly."""
+    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.greedy:
+        return int(np.argmax(logits))
+    probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
+    if rng.random() < probs[draft]:
+        return draft
+    probs[draft] = 0.0  # p(draft) < 1 here, so the rest has mass
+    return int(rng.choice(probs.size, p=probs / probs.sum()))

@@ -41,7 +41,7 @@ def hybrid_logits(route, inputs, generated: list[int]) -> np.ndarray:
     logits, delta = route.prefill(cache, inputs, 0, Stopwatch())
     rows = [logits]
     for token in generated[:-1]:
-        rows.append(route.feed(cache, token, delta).copy())
+        rows.append(route.feed(cache, [token], delta)[0].copy())
     return np.stack(rows)
 
 

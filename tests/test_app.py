@@ -25,7 +25,7 @@ from hybrid.types import ROUTE_NAMES
 from tests.page import chat_updates, last, make_service, named, session, settings
 from web.admission import Admission
 from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
-from web.service import ChatService
+from web.service import ChatService, Settings
 from web.view import (
     LATENCY_COLUMNS,
     ROUTE_COLOURS,
@@ -92,6 +92,18 @@ def test_image_prompt_goes_to_the_hybrid_route_and_keeps_images_for_follow_ups(s
     request = to_request(turns[:-1], SamplingConfig())
     assert [m.role for m in request.messages] == ["user", "assistant", "user"]
     assert len(request.images) == 1
+
+
+def test_the_speculation_control_reaches_the_route_and_the_latency_table_shows_its_drafts(service):
+    assert (
+        Settings.read({"max_new_tokens": 8.0, "temperature": 0.0, "speculative": "off"}).sampling.speculative == "off"
+    )
+    with pytest.raises(gr.Error, match="speculative must be one of ngram, off"):
+        Settings.read({"max_new_tokens": 8.0, "temperature": 0.0, "speculative": "eagle"})
+    image = str(EXAMPLES_DIR / EXAMPLES[0][0])
+    table = last(run_chat(service, {"text": "Repeat: red red red red red red.", "files": [image]}), "latency")
+    kept, drafted = (int(n) for n in table["accepted/drafted"][0].split("/"))
+    assert table["route"][0] == "hybrid" and 0 <= kept <= drafted > 0
 
 
 def test_compare_fills_one_row_per_route(service, pipeline):

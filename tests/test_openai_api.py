@@ -94,6 +94,23 @@ def test_a_picture_is_answered_by_the_hybrid_route_as_the_pipeline_answers_it(cl
     assert reference.choices[0].message.content == reply.choices[0].message.content, "greedy: the routes agree"
 
 
+def test_speculation_is_a_setting_that_never_changes_the_answer(client):
+    """`speculative` (an extension): drafted and kept tokens are reported in the timings."""
+    messages = [picture_message("Locate every shape.", data_url(EXAMPLE))]
+    replies = {
+        mode: client.chat.completions.create(
+            model="hybrid", messages=messages, extra_body={"speculative": mode}, **GREEDY
+        )
+        for mode in ("off", "ngram")
+    }
+    assert replies["off"].choices[0].message.content == replies["ngram"].choices[0].message.content
+    assert replies["off"].model_extra["timings"]["draft_tokens"] == 0
+    assert (
+        replies["ngram"].model_extra["timings"]["draft_tokens"]
+        >= replies["ngram"].model_extra["timings"]["accepted_tokens"]
+    )
+
+
 def test_streaming_gives_the_same_answer_as_a_whole_one(client):
     messages = [picture_message("Describe the image in one sentence.", data_url(EXAMPLE))]
     whole = client.chat.completions.create(model="hybrid", messages=messages, **GREEDY)
@@ -167,6 +184,8 @@ BAD = [
         "MB",
     ),
     ("temperature as text", {"temperature": "hot"}, 400, "temperature"),
+    ("unknown speculative mode", {"speculative": "eagle"}, 400, "speculative must be one of ngram, off"),
+    ("speculative as a number", {"speculative": 4}, 400, "speculative must be a string"),
 ]
 
 

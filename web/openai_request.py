@@ -4,7 +4,8 @@ names the field at fault.
 What is read: `model`, `messages` (system / developer / user / assistant; content a string or parts
 of `text`, `image_url` and `video_url`, pictures and videos as data URLs, or as http(s) URLs when
 allowed), `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`,
-`stream_options`, and the extensions `top_k` and `repetition_penalty`. A field of a feature this
+`stream_options`, and the extensions `top_k`, `repetition_penalty` and `speculative` ("ngram" or
+"off": the hybrid route's speculative decoding, which never changes the tokens). A field of a feature this
 server does not have is refused unless it asks for nothing (`n: 1`, `tools: []`, ...).
 """
 
@@ -66,6 +67,7 @@ READ = {
     "stream_options",
     "top_k",
     "repetition_penalty",
+    "speculative",
 }
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
@@ -162,6 +164,15 @@ def _number(body: dict[str, Any], name: str, default: Any, kind: type) -> Any:
     return kind(value)
 
 
+def _text(body: dict[str, Any], name: str, default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string", name)
+    return value
+
+
 def _sampling(body: dict[str, Any], defaults: dict[str, Any]) -> SamplingConfig:
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
@@ -183,6 +194,7 @@ def _sampling(body: dict[str, Any], defaults: dict[str, Any]) -> SamplingConfig:
             _number(body, "repetition_penalty", defaults["repetition_penalty"], float),
         ),
         "seed": ("seed", _number(body, "seed", 0, int)),
+        "speculative": ("speculative", _text(body, "speculative", SamplingConfig.speculative)),
     }
     try:
         return SamplingConfig(**{key: value for key, (_, value) in values.items()}, stop=tuple(stop or ()))

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from hybrid.config import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL
+from hybrid.config import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL, SamplingConfig
 from hybrid.launch import ModelFacts, PipelineFacts
 from hybrid.pipeline import Pipeline
 from hybrid.router import AUTO, COMPARE, COMPARE_ORDER, ROUTE_CHOICES
@@ -156,6 +156,7 @@ class Controls:
     top_k: gr.Slider
     repetition_penalty: gr.Slider
     seed: gr.Number
+    speculative: gr.Radio
     image_detail: gr.Radio
     greedy: gr.Checkbox
 
@@ -300,7 +301,26 @@ def _controls(pipeline: Pipeline, facts: PipelineFacts) -> Controls:
         top_k = gr.Slider(0, 200, value=own.top_k, step=1, label="Top-k", info="0 is off")
         repetition_penalty = gr.Slider(1.0, 2.0, value=own.repetition_penalty, step=0.05, label="Repetition penalty")
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-    return Controls(route, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, detail, greedy)
+        speculative = gr.Radio(
+            [("Drafts from the conversation", "ngram"), ("Off", "off")],
+            value=SamplingConfig.speculative,
+            label="Speculative decoding (Hybrid ONNX)",
+            elem_id="speculative",
+            info="Guesses the next tokens from what the conversation already says and checks them in one "
+            "pass: the same answer, sooner where it repeats itself (boxes, lists).",
+        )
+    return Controls(
+        route=route,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        speculative=speculative,
+        image_detail=detail,
+        greedy=greedy,
+    )
 
 
 def route_choices(facts: PipelineFacts) -> list[tuple[str, str]]:

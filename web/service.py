@@ -59,7 +59,7 @@ class Settings:
     @classmethod
     def read(cls, values: Mapping[str, Any]) -> Settings:
         """From the controls' values by name (`route`, `max_new_tokens`, `temperature`, `top_p`,
-        `top_k`, `repetition_penalty`, `seed`, `image_detail`, `greedy`; sliders send floats), or a
+        `top_k`, `repetition_penalty`, `seed`, `speculative`, `image_detail`, `greedy`; sliders send floats), or a
         `gr.Error` that says which value is wrong."""
         greedy = bool(values.get("greedy", False))
         sampling = sampling_of(
@@ -69,6 +69,7 @@ class Settings:
             top_k=values.get("top_k", 0),
             repetition_penalty=values.get("repetition_penalty", 1.0),
             seed=values.get("seed", 0),
+            speculative=values.get("speculative", SamplingConfig.speculative),
         )
         detail = values.get("image_detail", DEFAULT_IMAGE_DETAIL)
         if detail not in IMAGE_DETAIL:

@@ -49,6 +49,7 @@ LATENCY_COLUMNS = (
     "image tokens",
     "video tokens",
     "new tokens",
+    "accepted/drafted",
     "total ms",
     "peak RSS MB",
 )
@@ -265,6 +266,7 @@ def latency_rows(runs: list[RouteRun]) -> pd.DataFrame:
                 ", ".join(map(str, t.image_tokens)),
                 ", ".join(map(str, t.video_tokens)),
                 t.decode_tokens,
+                f"{t.accepted_tokens}/{t.draft_tokens}" if t.draft_tokens else "",
                 round(t.total_ms, 1),
                 round(t.peak_rss_mb),
             )

@@ -5,7 +5,8 @@ The graph runs the checkpoint's text layers in an explicit loop: RMS-normed q/k,
 image rows, so adding it everywhere is the same as the masked add in transformers). Each residual
 add is fused into the RMS norm after it (`SkipSimplifiedLayerNormalization`, which also returns the
 sum: the residual stream goes on from there), as GenAI's builder does: a few dozen fewer nodes a step,
-about 5% of a 2B decode step. Only the last position's logits are computed.
+about 5% of a 2B decode step. Only the last `num_logits` positions' logits are computed: one for a
+prefill or a decode step, k + 1 for a pass that verifies k drafted tokens (`hybrid.speculative`).
 
 M-RoPE: the interleaved angles of each new token are computed once from the 3-D `position_ids`, and
 `GroupQueryAttention` rotates q and k itself: its cos/sin "cache" is that per-token table (padded to
@@ -37,6 +38,7 @@ from hybrid.errors import BundleError
 from hybrid.export.graph import GraphWriter, write_graph
 from hybrid.export.int4 import CONTRIB, Int4Scheme, int4_arrays, int4_names, matmul_nbits_attributes, quantize_int4
 from hybrid.export.tensors import CheckpointTensors, ExternalData
+from hybrid.layout import DECODER_NUM_LOGITS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ BLOCK_BYTES = 8 * 2**20  # the most a transposed block of an fp32 weight holds
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The names the streamed graph shares with the traced reference (tests/traced_export.py); the
+    streamed one also takes `DECODER_NUM_LOGITS`, last."""
     inputs = ["inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds"]
     outputs = ["logits"]
     for i in range(num_layers):
@@ -135,10 +139,11 @@ class _Writer(GraphWriter):
         for i in range(s.num_layers):
             residual, branch = self._layer(i, residual, branch, rotary, seqlens_k, total_length)
             on_layer(i + 1, s.num_layers)
+        first = self.op("Neg", DECODER_NUM_LOGITS)
         residual, branch = (
-            self.op("Slice", x, self.const([-1]), self.const([np.iinfo(np.int64).max]), self.const([1]))
+            self.op("Slice", x, first, self.const([np.iinfo(np.int64).max]), self.const([1]))
             for x in (residual, branch)
-        )  # the last position only: it alone gives logits
+        )  # the last `num_logits` positions only: they alone give logits
         normed, _ = self._add_norm(TEXT + "norm.weight", residual, branch)
         head = TEXT + "embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         self._linear("lm_head", normed, self.tensors.read(head), output="logits")
@@ -156,9 +161,10 @@ class _Writer(GraphWriter):
                 "deepstack_embeds", float_, [s.num_deepstack, "batch", "sequence", s.hidden_size]
             ),
         ]
-        outputs = [helper.make_tensor_value_info("logits", float_, ["batch", 1, s.vocab_size])]
+        outputs = [helper.make_tensor_value_info("logits", float_, ["batch", "num_logits", s.vocab_size])]
         input_names, output_names = decoder_io_names(s.num_layers)
         inputs += [helper.make_tensor_value_info(name, float_, kv) for name in input_names[4:]]
+        inputs.append(helper.make_tensor_value_info(DECODER_NUM_LOGITS, TensorProto.INT64, [1]))
         outputs += [helper.make_tensor_value_info(name, float_, kv) for name in output_names[1:]]
         return helper.make_graph(self.nodes, "qwen3_vl_text_decoder", inputs, outputs, self.initializers)
 

@@ -9,6 +9,7 @@ DeepStack rows are those of the whole new prompt, so the result equals a fresh p
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,7 +22,8 @@ from hybrid.metrics import Stopwatch
 from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
-from hybrid.sampling import sample, suppress
+from hybrid.sampling import sample, sample_against_draft, suppress
+from hybrid.speculative import MAX_DRAFT, NO_DRAFT, DraftPolicy, NgramDrafter
 from hybrid.types import Chunk, Request, RouteName
 from hybrid.vision import VisionFeatures, VisionTower
 
@@ -84,10 +86,10 @@ class HybridRoute:
         )
         return logits, rope_delta
 
-    def feed(self, cache: KVCache, token: int, rope_delta: int) -> np.ndarray:
-        """Run one generated token; returns the next logits `(V,)` (the decoder's buffer, valid
-        until the cache's next run)."""
-        return self.decoder.step(cache, self.embeddings.weight[token], cache.length + rope_delta)
+    def feed(self, cache: KVCache, tokens: list[int], rope_delta: int) -> np.ndarray:
+        """Run generated tokens (one, or one and its drafts) in one pass; returns each position's
+        next-token logits `(n, V)` (the decoder's buffer, valid until its next pass of n tokens)."""
+        return self.decoder.run_text(cache, self.embeddings.weight[tokens], cache.length + rope_delta)
 
     def cache_for(self, kept: Kept | None, reused: int, capacity: int) -> KVCache:
         """A cache for `capacity` tokens whose first `reused` are the kept conversation's."""
@@ -122,28 +124,83 @@ class HybridRoute:
     ) -> Iterator[Chunk]:
         """Sample until the emitter is done; each token fed to the decoder is appended to `token_ids`.
 
-        A step allocates no arrays of its own: the decoder's step inputs are bound once and
-        rewritten, the logits are read where the decoder wrote them, and the ids seen so far
-        are materialised only when a repetition penalty needs them."""
-        sampling = emitter.sampling
-        rng = np.random.default_rng(sampling.seed)
-        penalised = sampling.repetition_penalty != 1.0
-        seen = set(token_ids) if penalised else set()
-        eos = self.processor.eos_token_ids
-        while True:
-            if len(emitter.token_ids) < sampling.min_new_tokens:
-                logits = suppress(logits, eos)
-            ids = np.fromiter(seen, dtype=np.int64, count=len(seen)) if penalised else _NO_IDS
-            token = sample(logits, sampling, ids, rng)
-            yield emitter.push(token)
-            if emitter.done:
-                return
-            if penalised:
-                seen.add(token)
-            logits = self.feed(cache, token, rope_delta)
-            token_ids.append(token)
-            if len(token_ids) % MEMORY_EVERY == 0:
-                emitter.watch.sample_memory()
+        With speculation, each pass runs the last token and the tokens drafted after it; the drafts
+        are kept up to the first that is not the token chosen from the logits before it, which is
+        then the next pass's token, and the rejected ones are cut from the cache. A plain step
+        allocates no arrays of its own: the decoder's inputs are bound once per pass size and
+        rewritten, and the logits are read where the decoder wrote them."""
+        picker = _Picker(emitter, self.processor.eos_token_ids, token_ids)
+        drafter = NgramDrafter(token_ids) if emitter.sampling.speculative == "ngram" else None
+        policy = DraftPolicy()
+        watch = emitter.watch
+        next_memory = len(token_ids) + MEMORY_EVERY
+        token = picker.pick(logits)
+        yield emitter.push(token)
+        try:
+            while not emitter.done:
+                if drafter is None:
+                    draft, drafts = NO_DRAFT, []
+                    rows = self.feed(cache, [token], rope_delta)
+                else:
+                    drafter.push(token)
+                    room = min(emitter.sampling.max_new_tokens - len(emitter.token_ids), cache.capacity - cache.length)
+                    draft = drafter.propose(min(MAX_DRAFT, room - 1))
+                    drafts = draft.tokens[: policy.choose(draft)]
+                    started = time.perf_counter()
+                    rows = self.feed(cache, [token, *drafts], rope_delta)
+                    policy.time(len(drafts) + 1, time.perf_counter() - started)
+                token_ids.append(token)
+                kept = 0
+                for row, guess in zip(rows, drafts):
+                    token = picker.pick(row, guess)
+                    yield emitter.push(token)
+                    if token != guess:
+                        break
+                    kept += 1
+                    if emitter.done:
+                        break
+                    token_ids.append(guess)
+                    drafter.push(guess)
+                else:
+                    token = picker.pick(rows[len(drafts)])
+                    yield emitter.push(token)
+                if drafts:
+                    policy.observe(draft.match, len(drafts), kept)
+                    watch.draft_tokens += len(drafts)
+                    watch.accepted_tokens += kept
+                cache.truncate(len(token_ids))  # drafts after the kept ones leave the cache
+                if len(token_ids) >= next_memory:
+                    watch.sample_memory()
+                    next_memory += MEMORY_EVERY
+        finally:  # the stream may be closed at any token: the cache holds what `token_ids` says
+            cache.truncate(len(token_ids))
+
+
+class _Picker:
+    """Chooses each generated token from its logits as the sampling settings say: the repetition
+    penalty over the ids seen so far (materialised only when there is a penalty), EOS suppressed
+    before `min_new_tokens`, one RNG for the whole answer."""
+
+    def __init__(self, emitter: Emitter, eos: tuple[int, ...], prompt_ids: list[int]) -> None:
+        self.emitter = emitter
+        self.sampling = emitter.sampling
+        self.eos = eos
+        self.rng = np.random.default_rng(self.sampling.seed)
+        self.penalised = self.sampling.repetition_penalty != 1.0
+        self.seen = set(prompt_ids) if self.penalised else set()
+
+    def pick(self, logits: np.ndarray, draft: int | None = None) -> int:
+        """The next token from `logits` `(V,)`; with `draft`, speculative sampling against it."""
+        if len(self.emitter.token_ids) < self.sampling.min_new_tokens:
+            logits = suppress(logits, self.eos)
+        seen = np.fromiter(self.seen, dtype=np.int64, count=len(self.seen)) if self.penalised else _NO_IDS
+        if draft is None:
+            token = sample(logits, self.sampling, seen, self.rng)
+        else:
+            token = sample_against_draft(logits, self.sampling, seen, self.rng, draft)
+        if self.penalised:
+            self.seen.add(token)
+        return token
 
 
 MEMORY_EVERY = 32  # decode steps between two reads of the resident memory (the final timings read it too)
