@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hybrid.config import IMAGE_DETAIL, Precision, Precisions, RuntimeConfig, SamplingConfig
+from hybrid.config import IMAGE_DETAIL, Precision, Precisions, RuntimeConfig, SamplingConfig, Speculative
 from hybrid.errors import UserError
 from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
-from hybrid.metrics import rss_mb
+from hybrid.metrics import cpu_isa, rss_mb
 from hybrid.router import can_serve
 from hybrid.tiny import TinySpec, build_checkpoint
 from hybrid.types import Message, Request, RouteName, collect
@@ -35,25 +35,31 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchRoute:
-    """One column of the benchmark: a route of the bundle exported at `precision`."""
+    """One column of the benchmark: a route of the bundle exported at `precision`, with speculative
+    decoding as `speculative` says (only the hybrid route speculates)."""
 
     route: RouteName
     precision: Precision
+    speculative: Speculative = SamplingConfig.speculative
 
     @property
     def key(self) -> str:
-        return f"{self.route}_{self.precision}"
+        return f"{self.route}_{self.precision}" + ("_plain" if self.speculative == "off" else "")
+
+    @property
+    def plain(self) -> BenchRoute:
+        return replace(self, speculative="off")
 
 
-ROUTES = {
-    r.key: r
-    for r in (
-        BenchRoute("pytorch", "fp32"),
-        BenchRoute("hybrid", "fp32"),
-        BenchRoute("hybrid", "int4"),
-        BenchRoute("genai", "int4"),
-    )
-}
+DEFAULT_ROUTES = (
+    BenchRoute("pytorch", "fp32"),
+    BenchRoute("hybrid", "fp32"),
+    BenchRoute("hybrid", "int4"),
+    BenchRoute("genai", "int4"),
+)
+ROUTES = {r.key: r for r in (*DEFAULT_ROUTES, *(r.plain for r in DEFAULT_ROUTES if r.route == "hybrid"))}
+VERIFY_SIZES = (1, 2, 3, 5, 9)  # tokens of a verifying pass: the last one and k = 0, 1, 2, 4, 8 drafts
+VERIFY_CONTEXT = 256  # tokens in the cache before the timed passes (a picture's prompt)
 REUSING: frozenset[RouteName] = frozenset({"hybrid", "genai"})  # routes that keep a conversation's KV cache
 CHECKPOINT_DTYPE = "bfloat16"  # as the real checkpoints are stored
 DETAIL_IMAGE = (4032, 3024)  # a 12-megapixel phone photo
@@ -107,7 +113,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3, help="measured runs per route, after one warm-up")
-    parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of " + ",".join(ROUTES))
+    parser.add_argument(
+        "--routes",
+        default=",".join(r.key for r in DEFAULT_ROUTES),
+        help="comma-separated subset of " + ",".join(ROUTES) + " (_plain: without speculative decoding)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
     parser.add_argument("--json", action="store_true")
@@ -121,6 +131,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time the vision tower on a 12-megapixel photo at each image detail level",
     )
+    parser.add_argument(
+        "--speculation",
+        action="store_true",
+        help="also run each hybrid route without speculative decoding, and time verifying passes of "
+        "k = 0, 1, 2, 4, 8 drafted tokens against a one-token step; with --preset demo, the demo "
+        "model's decode with and without it per question kind",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -131,10 +148,25 @@ def run_bench(args: argparse.Namespace) -> int:
     width, height = _parse_size(args.image)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
         raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
-    spec = preset_spec(args.preset, args.layers)
-    bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r].precision for r in routes})
-    report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
-    report.update(preset=args.preset, layers=spec.num_hidden_layers, image=args.image)
+    if args.speculation:
+        routes += [ROUTES[key].plain.key for key in routes if ROUTES[key].route == "hybrid"]
+        routes = list(dict.fromkeys(routes))
+    if args.preset == DEMO:
+        bundles, layers = _demo_bundles(Path(args.cache), {ROUTES[r].precision for r in routes}), None
+    else:
+        spec = preset_spec(args.preset, args.layers)
+        bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r].precision for r in routes})
+        layers = spec.num_hidden_layers
+    if args.speculation and args.preset == DEMO:
+        report = measure_demo_speculation(bundles, routes, args.new_tokens, args.runs, args.threads)
+    else:
+        report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
+    report.update(preset=args.preset, layers=layers, image=args.image, cpu=cpu_isa())
+    if args.speculation:
+        hybrid = sorted({ROUTES[key].precision for key in routes if ROUTES[key].route == "hybrid"})
+        report["verify_cost"] = {
+            f"hybrid_{precision}": measure_verify_cost(bundles[precision], args.threads) for precision in hybrid
+        }
     if args.follow_up:
         follow_up = measure_follow_up(
             bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads
@@ -233,7 +265,7 @@ def round_order(keys: list[str], run: int) -> list[str]:
 
 def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int) -> dict[str, _Worker]:
     ctx = mp.get_context("spawn")
-    return {key: _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key].route, threads) for key in keys}
+    return {key: _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads) for key in keys}
 
 
 def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int) -> Request:
@@ -289,6 +321,8 @@ def _ratios(routes: dict) -> dict:
         ("hybrid_int4", "pytorch_fp32", "decode_tok_s"),
         ("hybrid_fp32", "pytorch_fp32", "decode_tok_s"),
         ("hybrid_int4", "pytorch_fp32", "ttft_ms"),
+        ("hybrid_fp32", "hybrid_fp32_plain", "decode_tok_s"),
+        ("hybrid_int4", "hybrid_int4_plain", "decode_tok_s"),
     ]
     for a, b, field in pairs:
         if a in routes and b in routes and routes[b][field]:
@@ -318,19 +352,22 @@ def int4_decode_bytes(bundle: Path) -> int:
 
 
 class _Worker:
-    """One route of one bundle in its own process; requests go over a pipe, results come back."""
+    """One route of one bundle in its own process; requests go over a pipe (with the column's
+    speculative setting), results come back."""
 
-    def __init__(self, ctx, bundle: Path, route: RouteName, threads: int) -> None:
+    def __init__(self, ctx, bundle: Path, column: BenchRoute, threads: int) -> None:
+        self.speculative = column.speculative
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, str(bundle), route, threads), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, str(bundle), column.route, threads), daemon=True)
         self.process.start()
         ready = self.conn.recv()
         if "error" in ready:
-            raise UserError(f"{route} worker failed to start: {ready['error']}")
+            raise UserError(f"{column.key} worker failed to start: {ready['error']}")
         self.loaded_mb = ready["loaded_mb"]
         self.baseline_rss_mb = ready["baseline_rss_mb"]
 
-    def ask(self, request) -> dict:
+    def ask(self, request: Request) -> dict:
+        request = replace(request, sampling=replace(request.sampling, speculative=self.speculative))
         self.conn.send(request)
         result = self.conn.recv()
         if "error" in result:
@@ -388,14 +425,15 @@ def format_report(report: dict) -> str:
         "baseline_rss_mb",
         "loaded_mb",
     )
+    depth = f"{report['layers']} text layers" if report["layers"] else "the shipped demo model"
     lines = [
-        f"preset {report['preset']} ({report['layers']} text layers), image {report['image']}, "
-        f"{report['new_tokens']} new tokens, median of {report['runs']} runs",
-        f"{'route':<14}" + "".join(f"{c:>16}" for c in columns),
+        f"preset {report['preset']} ({depth}), image {report['image']}, "
+        f"{report['new_tokens']} new tokens, median of {report['runs']} runs; CPU {report['cpu']}",
+        f"{'route':<18}" + "".join(f"{c:>16}" for c in columns),
     ]
     for key, row in routes.items():
         cells = "".join(f"{row.get(c, float('nan')):>16.2f}" for c in columns)
-        lines.append(f"{key:<14}{cells}")
+        lines.append(f"{key:<18}{cells}")
     lines.append(f"memory bandwidth {report['bandwidth_gb_s']:.1f} GB/s (numpy copy)")
     if report["ceiling_tok_s"]:
         lines.append(
@@ -404,6 +442,7 @@ def format_report(report: dict) -> str:
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
     lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
+    lines += _speculation_lines(routes, report.get("verify_cost", {}), report.get("by_kind", {}))
     lines.append(
         "peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading"
     )
@@ -527,3 +566,136 @@ def _detail_lines(by_detail: dict) -> list[str]:
         + ", ".join(f"{level} {v['image_tokens']} tokens {v['vision_ms']:.0f} ms" for level, v in levels.items())
         for key, levels in by_detail.items()
     ]
+
+
+# ---- speculative decoding ------------------------------------------------------------------------
+
+DEMO = "demo"  # the preset that benchmarks the shipped demo model (trained weights: real acceptance)
+DEMO_KINDS = ("locate_all", "find", "describe", "count")  # question kinds timed with --speculation
+
+
+def _demo_bundles(cache: Path, precisions: set[Precision]) -> dict[str, Path]:
+    from hybrid.launch import DEMO_MODEL, ensure_bundle  # loads torch and transformers: only when benchmarking
+
+    return {p: ensure_bundle(DEMO_MODEL, cache / f"bundle-demo-{p}", p, genai=p == "int4") for p in sorted(precisions)}
+
+
+def measure_verify_cost(bundle: Path, threads: int, repeats: int = 30) -> dict:
+    """Milliseconds of a decoder pass of each of `VERIFY_SIZES` tokens after `VERIFY_CONTEXT` cached
+    ones (medians, the sizes taking turns), and each relative to a one-token step: what verifying k
+    drafts costs, whatever the weights. In its own process, like the routes."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_time_passes, (str(bundle), threads, repeats))
+
+
+def _time_passes(bundle: str, threads: int, repeats: int) -> dict:
+    from hybrid.decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(Path(bundle) / DECODER_FILE, threads)
+    rng = np.random.default_rng(0)
+    cache = decoder.new_cache(VERIFY_CONTEXT + max(VERIFY_SIZES))
+    prompt = rng.standard_normal((1, VERIFY_CONTEXT, decoder.hidden_size), dtype=np.float32) * 0.02
+    positions = np.broadcast_to(np.arange(VERIFY_CONTEXT), (3, 1, VERIFY_CONTEXT)).copy()
+    deepstack = np.zeros((decoder.num_deepstack, 1, VERIFY_CONTEXT, decoder.hidden_size), dtype=np.float32)
+    decoder.forward(cache, prompt, positions, deepstack)
+    rows = rng.standard_normal((max(VERIFY_SIZES), decoder.hidden_size), dtype=np.float32) * 0.02
+    times: dict[int, list[float]] = {size: [] for size in VERIFY_SIZES}
+    for run in range(repeats + 2):  # two warm-up rounds: each size binds its buffers on its first pass
+        for size in VERIFY_SIZES if run % 2 == 0 else VERIFY_SIZES[::-1]:
+            start = time.perf_counter()
+            decoder.run_text(cache, rows[:size], VERIFY_CONTEXT)
+            elapsed = time.perf_counter() - start
+            cache.truncate(VERIFY_CONTEXT)
+            if run >= 2:
+                times[size].append(elapsed)
+    one = statistics.median(times[1])
+    return {
+        str(size): {"drafts": size - 1, "ms": 1e3 * statistics.median(t), "vs_step": statistics.median(t) / one}
+        for size, t in times.items()
+    }
+
+
+def measure_demo_speculation(
+    bundles: dict[str, Path], routes: list[str], new_tokens: int, runs: int, threads: int
+) -> dict:
+    """The demo model's decode per question kind, with and without speculation: each round asks
+    every kind about a new scene (the routes taking turns), greedy, up to `new_tokens`."""
+    from hybrid.demo import scenes  # the demo's scenes: only for this preset
+
+    keys = [key for key in routes if ROUTES[key].route == "hybrid"]
+
+    def one(worker: _Worker, key: str, run: int) -> dict:
+        rng = np.random.default_rng(run)
+        answers = {}
+        for kind in DEMO_KINDS:
+            scene = scenes.random_scene(rng, shapes=int(rng.integers(2, 4)))
+            question = scenes.ask(kind, scene, rng).question
+            request = Request(
+                (Message("user", question, (scene.render(),)),), SamplingConfig(max_new_tokens=new_tokens)
+            )
+            answers[kind] = worker.ask(request)
+        return answers
+
+    samples, memory = take_rounds(bundles, keys, threads, runs, one)
+    by_kind = {}
+    for key, rounds in samples.items():
+        by_kind[key] = {}
+        for kind in DEMO_KINDS:
+            timings = [r[kind]["timings"] for r in rounds]
+            by_kind[key][kind] = {
+                "decode_tok_s": statistics.median(t["decode_tok_s"] for t in timings),
+                "tokens": sum(t["decode_tokens"] for t in timings),
+                "draft_tokens": sum(t["draft_tokens"] for t in timings),
+                "accepted_tokens": sum(t["accepted_tokens"] for t in timings),
+            }
+    same = {
+        key: all(
+            r[k]["token_ids"] == p[k]["token_ids"]
+            for r, p in zip(samples[key], samples[ROUTES[key].plain.key])
+            for k in DEMO_KINDS
+        )
+        for key in keys
+        if ROUTES[key].speculative != "off" and ROUTES[key].plain.key in samples
+    }
+    routes_rows = {
+        key: {
+            "decode_tok_s": statistics.median(
+                statistics.median(r[k]["timings"]["decode_tok_s"] for r in rounds) for k in DEMO_KINDS
+            ),
+            "loaded_mb": memory[key][0],
+            "baseline_rss_mb": memory[key][1],
+        }
+        for key, rounds in samples.items()
+    }
+    return {
+        "routes": routes_rows,
+        "by_kind": by_kind,
+        "same_tokens": same,
+        "bandwidth_gb_s": measure_bandwidth_gb_s(),
+        "int4_bytes_per_token": None,
+        "ceiling_tok_s": None,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "ratios": _ratios(routes_rows),
+        "note": "the shipped demo model's answers to its own kinds of questions (scenes from seeds 1..runs)",
+    }
+
+
+def _speculation_lines(routes: dict, verify_cost: dict, by_kind: dict) -> list[str]:
+    lines = []
+    for key, sizes in verify_cost.items():
+        cells = ", ".join(f"k={row['drafts']} {row['ms']:.2f} ms ({row['vs_step']:.2f}x)" for row in sizes.values())
+        lines.append(f"{key} verifying pass after {VERIFY_CONTEXT} tokens: {cells}")
+    for key, kinds in by_kind.items():
+        plain = by_kind.get(ROUTES[key].plain.key) if ROUTES[key].speculative != "off" else None
+        if plain is None:
+            continue
+        for kind, row in kinds.items():
+            ratio = row["decode_tok_s"] / plain[kind]["decode_tok_s"] if plain[kind]["decode_tok_s"] else float("nan")
+            lines.append(
+                f"{key} {kind:<10}: decode {row['decode_tok_s']:.0f} tok/s vs {plain[kind]['decode_tok_s']:.0f} "
+                f"plain ({ratio:.2f}x), kept {row['accepted_tokens']} of {row['draft_tokens']} drafted "
+                f"over {row['tokens']} tokens"
+            )
+    return lines

@@ -27,6 +27,7 @@ class StepInputs:
     logits: np.ndarray  # (1, n, V)
     values: dict[str, ort.OrtValue]  # the pass's input name -> a value sharing the array's memory
     output: ort.OrtValue  # sharing `logits`' memory
+    offsets: np.ndarray  # (3, 1, n): 0..n-1 on each axis, the positions after the first
 
     @property
     def size(self) -> int:
@@ -106,9 +107,9 @@ class OnnxDecoder:
         }
         logits = np.zeros((1, size, self.vocab_size), dtype=np.float32)
         values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-        return StepInputs(
-            arrays["inputs_embeds"], arrays["position_ids"], logits, values, ort.OrtValue.ortvalue_from_numpy(logits)
-        )
+        offsets = np.broadcast_to(np.arange(size, dtype=np.int64), (3, 1, size)).copy()
+        output = ort.OrtValue.ortvalue_from_numpy(logits)
+        return StepInputs(arrays["inputs_embeds"], arrays["position_ids"], logits, values, output, offsets)
 
     def resized(self, cache: KVCache, capacity: int) -> KVCache:
         """A new cache of `capacity` tokens holding a copy of `cache`'s tokens."""
@@ -146,19 +147,21 @@ class OnnxDecoder:
         """One decode step: the token's embedding row `(H,)` at M-RoPE position `position` (the
         same on all three axes for text). Allocates nothing; the returned logits `(V,)` are the
         cache's own buffer, valid until its next run."""
-        return self.run_text(cache, embedding[None], position)[0]
+        return self.run_text(cache, (embedding,), position)[0]
 
-    def run_text(self, cache: KVCache, embeddings: np.ndarray, position: int) -> np.ndarray:
-        """`n` text tokens after the cache in one pass: their embedding rows `(n, H)`, the first at
-        M-RoPE position `position` and each next one after it (all three axes alike, DeepStack rows
-        zero). Returns every position's logits `(n, V)`, row i predicting the token after token i:
-        the cache's own buffer, valid until its next pass of `n` tokens. After the first pass of a
-        size, a pass binds nothing new but the attention mask's length."""
+    def run_text(self, cache: KVCache, embeddings, position: int) -> np.ndarray:
+        """`n` text tokens after the cache in one pass: their embedding rows (`n` rows of `H`), the
+        first at M-RoPE position `position` and each next one after it (all three axes alike,
+        DeepStack rows zero). Returns every position's logits `(n, V)`, row i predicting the token
+        after token i: the cache's own buffer, valid until its next pass of `n` tokens. Allocates
+        nothing; after the first pass of a size, a pass binds nothing new but the attention mask's
+        length."""
         size = len(embeddings)
         self._check_room(cache, size)
         step = self._steps(cache, size)
-        step.embeds[0] = embeddings
-        step.positions[:] = np.arange(position, position + size)
+        for i, row in enumerate(embeddings):
+            step.embeds[0, i] = row
+        np.add(step.offsets, position, out=step.positions)
         if cache.bound != size:
             for name, value in step.values.items():
                 cache.binding.bind_ortvalue_input(name, value)

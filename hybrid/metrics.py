@@ -20,6 +20,22 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_isa() -> str:
+    """The widest vector extension this CPU has that onnxruntime's kernels use ("avx512_vnni",
+    "avx512f", "avx2" or "other"), and its model name: printed beside speed figures, which differ
+    by machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    first = info.split("\n\n", 1)[0]
+    flags = next((line.split(":", 1)[1].split() for line in first.splitlines() if line.startswith("flags")), [])
+    isa = next((name for name in ("avx512_vnni", "avx512f", "avx2") if name in flags), "other")
+    model = next((line.split(":", 1)[1].strip() for line in first.splitlines() if line.startswith("model name")), "")
+    return f"{isa} ({model}, {os.cpu_count()} logical cores)" if model else isa
+
+
 @dataclass(frozen=True)
 class Timings:
     preprocess_ms: float

@@ -10,9 +10,9 @@ The decoder then runs the last token and k drafts in one pass (`OnnxDecoder.run_
 the drafts are kept up to the first one that is not the chosen token, so greedy tokens equal the plain
 loop's, and sampled ones keep its distribution.
 
-`DraftPolicy` decides k for each pass from what this answer has shown so far: how often drafts of
-each match length were kept, and what a pass of each size costs on this machine and model (timed as
-the answer goes). It verifies the k that promises the most tokens per second, which is 0 (a plain
+`DraftPolicy` decides k for each pass from what this answer has shown so far (how often drafts of
+each match length were kept) and from what a pass of each size costs on this machine and model
+(`PassCosts`, timed as answers go and kept by the route). It verifies the k that promises the most tokens per second, which is 0 (a plain
 step) when drafts are rarely right or a wider pass costs too much, so that an answer with nothing
 to match costs what the plain loop costs.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 MAX_NGRAM = 3  # the longest suffix looked up
 MIN_NGRAM = 1  # the shortest: one token that occurred before
 MAX_DRAFT = 8  # drafted tokens per verifying pass at most
-GUESSED_SLOPE = 0.1  # the cost of each token a pass adds, relative to a one-token pass, until timed
+GUESSED_SLOPE = 0.25  # the cost of each token a pass adds, relative to a one-token pass, until timed
 FORGET = 0.95  # how fast old evidence about acceptance fades (per pass that drafted, or declined to)
 
 
@@ -73,19 +73,21 @@ class NgramDrafter:
 NO_DRAFT = Draft([], 0)
 
 
-class DraftPolicy:
-    """How many drafted tokens the next pass verifies: the count that promises the most tokens per
-    second, from the answer's own acceptance and pass costs so far."""
+class PassCosts:
+    """What a decoder pass of each size costs on this machine and model, timed as answers go: kept
+    by the route across answers (it depends on the weights' shapes and the CPU, not on the text)."""
 
     def __init__(self) -> None:
-        self.kept = [1.0] * (MAX_NGRAM + 1)  # per match length: a prior of one kept draft...
-        self.missed = [1.0] * (MAX_NGRAM + 1)  # ...and one rejected (acceptance 0.5)
         self.seconds: dict[int, float] = {}  # pass size -> its running mean time
-        self.timed: dict[int, int] = {}  # pass size -> passes timed (the first of a size is not)
+        self.timed: dict[int, int] = {}  # pass size -> passes seen (the first of a size is not timed)
 
-    def acceptance(self, match: int) -> float:
-        """The chance that a draft found by a suffix of `match` tokens is kept, given the one before was."""
-        return self.kept[match] / (self.kept[match] + self.missed[match])
+    def time(self, size: int, seconds: float) -> None:
+        """A pass of `size` tokens took `seconds` (its first pass binds new buffers: not counted)."""
+        count = self.timed[size] = self.timed.get(size, 0) + 1
+        if count == 1:
+            return
+        mean = self.seconds.get(size)
+        self.seconds[size] = seconds if mean is None else mean + (seconds - mean) / min(count - 1, 64)
 
     def cost(self, size: int) -> float:
         """A pass of `size` tokens, relative to a one-token pass: timed, or else guessed from the
@@ -102,17 +104,31 @@ class DraftPolicy:
         slope = max(0.0, (self.seconds[widest] / one - 1.0) / (widest - 1))
         return 1.0 + slope * (size - 1)
 
+
+class DraftPolicy:
+    """How many drafted tokens the next pass of one answer verifies: the count that promises the
+    most tokens per second, from the answer's own acceptance so far and the route's pass costs."""
+
+    def __init__(self, costs: PassCosts) -> None:
+        self.costs = costs
+        self.kept = [1.0] * (MAX_NGRAM + 1)  # per match length: a prior of one kept draft...
+        self.missed = [1.0] * (MAX_NGRAM + 1)  # ...and one rejected (acceptance 0.5)
+
+    def acceptance(self, match: int) -> float:
+        """The chance that a draft found by a suffix of `match` tokens is kept, given the one before was."""
+        return self.kept[match] / (self.kept[match] + self.missed[match])
+
     def choose(self, draft: Draft) -> int:
         """How many of `draft`'s tokens to verify (0: a plain step)."""
         if not draft.tokens:
             return 0
-        accept = self.acceptance(draft.match)
-        best, best_rate = 0, 1.0 / self.cost(1)
+        accept, cost = self.acceptance(draft.match), self.costs.cost
+        best, best_rate = 0, 1.0 / cost(1)
         expected, chance = 1.0, 1.0
         for k in range(1, len(draft.tokens) + 1):
             chance *= accept
             expected += chance  # tokens a pass of k drafts gives, on average
-            rate = expected / self.cost(k + 1)
+            rate = expected / cost(k + 1)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:  # declined: the evidence fades, so that drafting is tried again later
@@ -124,14 +140,6 @@ class DraftPolicy:
         self._forget(match)
         self.kept[match] += kept
         self.missed[match] += kept < drafted
-
-    def time(self, size: int, seconds: float) -> None:
-        """A pass of `size` tokens took `seconds` (its first pass binds new buffers: not counted)."""
-        count = self.timed[size] = self.timed.get(size, 0) + 1
-        if count == 1:
-            return
-        mean = self.seconds.get(size)
-        self.seconds[size] = seconds if mean is None else mean + (seconds - mean) / min(count - 1, 16)
 
     def _forget(self, match: int) -> None:
         for counts in (self.kept, self.missed):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hybrid.bench import REUSING, ROUTES, _prepare_bundles, preset_spec, round_order
+from hybrid.bench import DEFAULT_ROUTES, DEMO_KINDS, REUSING, ROUTES, _prepare_bundles, preset_spec, round_order
 from hybrid.config import IMAGE_DETAIL
 from hybrid.export.int4 import Int4Scheme
 from hybrid.layout import DECODER_DIR
@@ -29,9 +29,11 @@ def test_presets_have_the_real_shapes():
     assert preset_spec("4b", 6).num_hidden_layers == 6 and preset_spec("4b", None).hidden_size == 2560
 
 
-def test_route_keys_name_their_route_and_precision():
-    assert list(ROUTES) == ["pytorch_fp32", "hybrid_fp32", "hybrid_int4", "genai_int4"]
-    assert all(key == f"{r.route}_{r.precision}" for key, r in ROUTES.items())
+def test_route_keys_name_their_route_precision_and_speculation():
+    assert [r.key for r in DEFAULT_ROUTES] == ["pytorch_fp32", "hybrid_fp32", "hybrid_int4", "genai_int4"]
+    assert list(ROUTES) == [r.key for r in DEFAULT_ROUTES] + ["hybrid_fp32_plain", "hybrid_int4_plain"]
+    assert all(key.startswith(f"{r.route}_{r.precision}") for key, r in ROUTES.items())
+    assert {key for key, r in ROUTES.items() if r.speculative == "off"} == {"hybrid_fp32_plain", "hybrid_int4_plain"}
 
 
 @pytest.mark.slow
@@ -62,6 +64,7 @@ def test_tiny_bench_report(tmp_path):
         "--json",
         "--follow-up",
         "--detail",
+        "--speculation",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -87,10 +90,33 @@ def test_tiny_bench_report(tmp_path):
         assert row["follow_up_ttft_ms"] > 0 and row["follow_up_ttft_ms_no_reuse"] > 0 and row["first_turn_ttft_ms"] > 0
         assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"] and row["follow_up_same_tokens"]
     assert "follow_up_ttft_ms" not in report["routes"]["pytorch_fp32"]
+    assert report["cpu"] and "hybrid_int4/hybrid_int4_plain decode_tok_s" in report["ratios"]
+    assert report["routes"]["hybrid_int4_plain"]["decode_tokens"] == 6
+    for key in ("hybrid_fp32", "hybrid_int4"):
+        passes = report["verify_cost"][key]
+        assert [row["drafts"] for row in passes.values()] == [0, 1, 2, 4, 8] and passes["1"]["vs_step"] == 1.0
+        assert all(row["ms"] > 0 for row in passes.values())
     for key in ("hybrid_fp32", "hybrid_int4"):
         levels = report["vision_by_detail"][key]
         assert list(levels) == list(IMAGE_DETAIL) and all(v["vision_ms"] > 0 for v in levels.values())
         assert all(0 < v["image_tokens"] <= v["max_image_tokens"] for v in levels.values())
+
+
+@pytest.mark.slow
+def test_the_demo_preset_reports_speculation_per_question_kind(tmp_path):
+    command = [sys.executable, "-m", "hybrid", "bench", "--preset", "demo", "--speculation", "--routes", "hybrid_fp32"]
+    command += ["--runs", "1", "--new-tokens", "64", "--cache", str(tmp_path), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["routes"]) == {"hybrid_fp32", "hybrid_fp32_plain"} and report["same_tokens"] == {
+        "hybrid_fp32": True
+    }
+    kinds = report["by_kind"]["hybrid_fp32"]
+    assert list(kinds) == list(DEMO_KINDS) and all(row["decode_tok_s"] > 0 for row in kinds.values())
+    assert kinds["locate_all"]["accepted_tokens"] > 0
+    assert all(row["draft_tokens"] == 0 for row in report["by_kind"]["hybrid_fp32_plain"].values())
+    assert list(report["verify_cost"]) == ["hybrid_fp32"]
 
 
 def test_a_cached_bundle_is_reused_only_while_current(tmp_path):

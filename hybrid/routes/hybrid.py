@@ -23,7 +23,7 @@ from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, sample_against_draft, suppress
-from hybrid.speculative import MAX_DRAFT, NO_DRAFT, DraftPolicy, NgramDrafter
+from hybrid.speculative import MAX_DRAFT, NO_DRAFT, DraftPolicy, NgramDrafter, PassCosts
 from hybrid.types import Chunk, Request, RouteName
 from hybrid.vision import VisionFeatures, VisionTower
 
@@ -44,6 +44,7 @@ class HybridRoute:
         self.embeddings = embeddings
         self.decoder = decoder
         self.conversations = conversations
+        self.pass_costs = PassCosts()  # what verifying drafts costs here, learnt over the answers
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
@@ -89,7 +90,8 @@ class HybridRoute:
     def feed(self, cache: KVCache, tokens: list[int], rope_delta: int) -> np.ndarray:
         """Run generated tokens (one, or one and its drafts) in one pass; returns each position's
         next-token logits `(n, V)` (the decoder's buffer, valid until its next pass of n tokens)."""
-        return self.decoder.run_text(cache, self.embeddings.weight[tokens], cache.length + rope_delta)
+        weight = self.embeddings.weight
+        return self.decoder.run_text(cache, [weight[t] for t in tokens], cache.length + rope_delta)
 
     def cache_for(self, kept: Kept | None, reused: int, capacity: int) -> KVCache:
         """A cache for `capacity` tokens whose first `reused` are the kept conversation's."""
@@ -131,7 +133,7 @@ class HybridRoute:
         rewritten, and the logits are read where the decoder wrote them."""
         picker = _Picker(emitter, self.processor.eos_token_ids, token_ids)
         drafter = NgramDrafter(token_ids) if emitter.sampling.speculative == "ngram" else None
-        policy = DraftPolicy()
+        policy = DraftPolicy(self.pass_costs)
         watch = emitter.watch
         next_memory = len(token_ids) + MEMORY_EVERY
         token = picker.pick(logits)
@@ -148,7 +150,7 @@ class HybridRoute:
                     drafts = draft.tokens[: policy.choose(draft)]
                     started = time.perf_counter()
                     rows = self.feed(cache, [token, *drafts], rope_delta)
-                    policy.time(len(drafts) + 1, time.perf_counter() - started)
+                    self.pass_costs.time(len(drafts) + 1, time.perf_counter() - started)
                 token_ids.append(token)
                 kept = 0
                 for row, guess in zip(rows, drafts):
