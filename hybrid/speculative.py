@@ -10,9 +10,9 @@ The decoder then runs the last token and k drafts in one pass (`OnnxDecoder.run_
 the drafts are kept up to the first one that is not the chosen token, so greedy tokens equal the plain
 loop's, and sampled ones keep its distribution.
 
-`DraftPolicy` decides k for each pass from what this answer has shown so far (how often drafts of
-each match length were kept) and from what a pass of each size costs on this machine and model
-(`PassCosts`, timed as answers go and kept by the route). It verifies the k that promises the most tokens per second, which is 0 (a plain
+`DraftPolicy` decides k for each pass from how often drafts of each match length were kept (in this
+answer, starting from the route's recent answers: `Acceptance`) and from what a pass of each size
+costs on this machine and model (`PassCosts`, timed as answers go and kept by the route). It verifies the k that promises the most tokens per second, which is 0 (a plain
 step) when drafts are rarely right or a wider pass costs too much, so that an answer with nothing
 to match costs what the plain loop costs.
 """
@@ -27,6 +27,8 @@ MIN_NGRAM = 1  # the shortest: one token that occurred before
 MAX_DRAFT = 8  # drafted tokens per verifying pass at most
 GUESSED_SLOPE = 0.25  # the cost of each token a pass adds, relative to a one-token pass, until timed
 FORGET = 0.95  # how fast old evidence about acceptance fades (per pass that drafted, or declined to)
+ROUTE_FORGET = 0.995  # the same over the route's answers, per verifying pass
+PRIOR_WEIGHT = 8.0  # passes the route's history counts for at the start of an answer
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,36 @@ class PassCosts:
         return 1.0 + slope * (size - 1)
 
 
+class Acceptance:
+    """How often drafts of each match length were kept, over the route's recent answers: the
+    starting point of each answer's own estimate (the model and its kind of answers decide it)."""
+
+    def __init__(self) -> None:
+        self.kept = [0.0] * (MAX_NGRAM + 1)
+        self.missed = [0.0] * (MAX_NGRAM + 1)
+
+    def observe(self, match: int, kept: int, missed: bool) -> None:
+        self.kept[match] = ROUTE_FORGET * self.kept[match] + kept
+        self.missed[match] = ROUTE_FORGET * self.missed[match] + missed
+
+    def prior(self, match: int) -> tuple[float, float]:
+        """(kept, missed) worth at most `PRIOR_WEIGHT` passes, over a prior of one of each."""
+        kept, missed = self.kept[match], self.missed[match]
+        scale = min(1.0, PRIOR_WEIGHT / (kept + missed)) if kept + missed else 0.0
+        return 1.0 + scale * kept, 1.0 + scale * missed
+
+
 class DraftPolicy:
     """How many drafted tokens the next pass of one answer verifies: the count that promises the
-    most tokens per second, from the answer's own acceptance so far and the route's pass costs."""
+    most tokens per second, from the answer's acceptance so far (starting from the route's recent
+    answers') and the route's pass costs."""
 
-    def __init__(self, costs: PassCosts) -> None:
+    def __init__(self, costs: PassCosts, seen: Acceptance | None = None) -> None:
         self.costs = costs
-        self.kept = [1.0] * (MAX_NGRAM + 1)  # per match length: a prior of one kept draft...
-        self.missed = [1.0] * (MAX_NGRAM + 1)  # ...and one rejected (acceptance 0.5)
+        self.seen = seen if seen is not None else Acceptance()
+        priors = [self.seen.prior(match) for match in range(MAX_NGRAM + 1)]
+        self.kept = [kept for kept, _ in priors]  # per match length; with no history, one kept draft...
+        self.missed = [missed for _, missed in priors]  # ...and one rejected (acceptance 0.5)
 
     def acceptance(self, match: int) -> float:
         """The chance that a draft found by a suffix of `match` tokens is kept, given the one before was."""
@@ -140,6 +164,7 @@ class DraftPolicy:
         self._forget(match)
         self.kept[match] += kept
         self.missed[match] += kept < drafted
+        self.seen.observe(match, kept, kept < drafted)
 
     def _forget(self, match: int) -> None:
         for counts in (self.kept, self.missed):

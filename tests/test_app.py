@@ -21,7 +21,9 @@ from hybrid.manifest import BUNDLE_FORMAT, checkpoint_fingerprint
 from hybrid.metrics import Timings
 from hybrid.pipeline import Pipeline
 from hybrid.router import ROUTE_CHOICES
+from hybrid.routes import hybrid as hybrid_route
 from hybrid.types import ROUTE_NAMES
+from tests.helpers import VerifyAll
 from tests.page import chat_updates, last, make_service, named, session, settings
 from web.admission import Admission
 from web.page import CHOICE_LABELS, EXAMPLES, EXAMPLES_DIR, build_demo, describe_model
@@ -94,7 +96,8 @@ def test_image_prompt_goes_to_the_hybrid_route_and_keeps_images_for_follow_ups(s
     assert len(request.images) == 1
 
 
-def test_the_speculation_control_reaches_the_route_and_the_latency_table_shows_its_drafts(service):
+def test_the_speculation_control_reaches_the_route_and_the_latency_table_shows_its_drafts(service, monkeypatch):
+    monkeypatch.setattr(hybrid_route, "DraftPolicy", VerifyAll)
     assert (
         Settings.read({"max_new_tokens": 8.0, "temperature": 0.0, "speculative": "off"}).sampling.speculative == "off"
     )

