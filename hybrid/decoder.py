@@ -29,10 +29,6 @@ class StepInputs:
     output: ort.OrtValue  # sharing `logits`' memory
     offsets: np.ndarray  # (3, 1, n): 0..n-1 on each axis, the positions after the first
 
-    @property
-    def size(self) -> int:
-        return int(self.embeds.shape[1])
-
 
 @dataclass
 class KVCache:

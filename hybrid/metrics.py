@@ -29,10 +29,13 @@ def cpu_isa() -> str:
             info = f.read()
     except OSError:
         return "unknown"
-    first = info.split("\n\n", 1)[0]
-    flags = next((line.split(":", 1)[1].split() for line in first.splitlines() if line.startswith("flags")), [])
+    fields = {}  # of the first processor
+    for line in info.split("\n\n", 1)[0].splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    flags = fields.get("flags", "").split()
     isa = next((name for name in ("avx512_vnni", "avx512f", "avx2") if name in flags), "other")
-    model = next((line.split(":", 1)[1].strip() for line in first.splitlines() if line.startswith("model name")), "")
+    model = fields.get("model name", "")
     return f"{isa} ({model}, {os.cpu_count()} logical cores)" if model else isa
 
 

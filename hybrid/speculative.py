@@ -12,9 +12,10 @@ loop's, and sampled ones keep its distribution.
 
 `DraftPolicy` decides k for each pass from how often drafts of each match length were kept (in this
 answer, starting from the route's recent answers: `Acceptance`) and from what a pass of each size
-costs on this machine and model (`PassCosts`, timed as answers go and kept by the route). It verifies the k that promises the most tokens per second, which is 0 (a plain
-step) when drafts are rarely right or a wider pass costs too much, so that an answer with nothing
-to match costs what the plain loop costs.
+costs on this machine and model (`PassCosts`, timed as answers go and kept by the route). It
+verifies the k that promises the most tokens per second, which is 0 (a plain step) when drafts are
+rarely right or a wider pass costs too much, so that an answer with nothing to match costs what the
+plain loop costs.
 """
 
 from __future__ import annotations
@@ -95,15 +96,13 @@ class PassCosts:
         """A pass of `size` tokens, relative to a one-token pass: timed, or else guessed from the
         widest timed size (or `GUESSED_SLOPE` per token before any is)."""
         one = self.seconds.get(1)
-        if one is None:
-            return 1.0 + GUESSED_SLOPE * (size - 1)
-        if size in self.seconds:
+        if one is not None and size in self.seconds:
             return self.seconds[size] / one
-        wider = [n for n in self.seconds if n > 1]
-        if not wider:
-            return 1.0 + GUESSED_SLOPE * (size - 1)
-        widest = max(wider)
-        slope = max(0.0, (self.seconds[widest] / one - 1.0) / (widest - 1))
+        widest = max((n for n in self.seconds if n > 1), default=None)
+        if one is None or widest is None:
+            slope = GUESSED_SLOPE
+        else:
+            slope = max(0.0, (self.seconds[widest] / one - 1.0) / (widest - 1))
         return 1.0 + slope * (size - 1)
 
 

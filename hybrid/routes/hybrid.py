@@ -23,7 +23,7 @@ from hybrid.processor import PreparedInputs, Processor
 from hybrid.rope import get_rope_index
 from hybrid.routes.common import Emitter, prepare, timed
 from hybrid.sampling import sample, sample_against_draft, suppress
-from hybrid.speculative import MAX_DRAFT, NO_DRAFT, Acceptance, DraftPolicy, NgramDrafter, PassCosts
+from hybrid.speculative import MAX_DRAFT, Acceptance, DraftPolicy, NgramDrafter, PassCosts
 from hybrid.types import Chunk, Request, RouteName
 from hybrid.vision import VisionFeatures, VisionTower
 
@@ -142,7 +142,7 @@ class HybridRoute:
         try:
             while not emitter.done:
                 if drafter is None:
-                    draft, drafts = NO_DRAFT, []
+                    drafts = []
                     rows = self.feed(cache, [token], rope_delta)
                 else:
                     drafter.push(token)
