@@ -20,7 +20,7 @@ from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 from hybrid.export.bundle import export_bundle
 from hybrid.export.genai import build_genai
 from hybrid.export.int4 import ACCURACY_LEVEL
-from hybrid.layout import DECODER_FILE, EMBED_FILE
+from hybrid.layout import DECODER_FILE, DECODER_NUM_LOGITS, EMBED_FILE
 from hybrid.tiny import TinySpec, build_checkpoint
 from tests.conftest import RTN_B32, SPECS
 from tests.traced_export import export_decoder, quantize_int4
@@ -59,6 +59,18 @@ def run_decoder(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, {k: v.copy() for k, v in feeds.items()})
 
 
+def first_tokens(feeds: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The same prefill cut to its first `count` tokens (same cache, same capacity)."""
+    past = feeds["attention_mask"].shape[1] - feeds["inputs_embeds"].shape[1]
+    return {
+        **feeds,
+        "inputs_embeds": feeds["inputs_embeds"][:, :count],
+        "attention_mask": feeds["attention_mask"][:, : past + count],
+        "position_ids": feeds["position_ids"][:, :, :count],
+        "deepstack_embeds": feeds["deepstack_embeds"][:, :, :count],
+    }
+
+
 @pytest.fixture(scope="module")
 def bf16_checkpoint(workdir) -> Path:
     return build_checkpoint(workdir / "ckpt-base-bf16", SPECS["base"], seed=1, dtype="bfloat16")
@@ -81,10 +93,19 @@ def test_streamed_decoder_equals_the_traced_export(checkpoint, bundle, bf16_chec
     if precision == "int4":
         quantize_int4(traced)
     feeds = decoder_feeds(ort.InferenceSession(str(traced), providers=["CPUExecutionProvider"]))
-    ours, reference = run_decoder(streamed, feeds), run_decoder(traced, feeds)
+    last = {**feeds, DECODER_NUM_LOGITS: np.array([1], dtype=np.int64)}
+    ours, reference = run_decoder(streamed, last), run_decoder(traced, feeds)
     assert len(ours) == len(reference)
     for a, b in zip(ours, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    # every position's logits (a verification pass) equal the traced prefill that ends there
+    seq = feeds["inputs_embeds"].shape[1]
+    every = run_decoder(streamed, {**feeds, DECODER_NUM_LOGITS: np.array([seq], dtype=np.int64)})[0]
+    assert every.shape[1] == seq
+    for count in range(1, seq + 1):
+        np.testing.assert_allclose(
+            every[:, count - 1], run_decoder(traced, first_tokens(feeds, count))[0][:, -1], rtol=1e-5, atol=2e-5
+        )
 
 
 def test_bundle_parts_are_the_checkpoint_widened(bf16_checkpoint, tmp_path):
