@@ -18,12 +18,12 @@ def small_config(**changes) -> train.TrainConfig:
 
 def test_shared_vision_rows_equal_the_standard_forward():
     torch.manual_seed(0)
-    cfg = small_config(shape_weight=3.0)
+    cfg = small_config(shape_weight=3.0, box_weight=2.0)
     model, processor = train.new_model(train.demo_spec())
     model.eval()
     pictures, rows = train.sample_step(np.random.default_rng(5), cfg)
     assert max(len(row.exchanges) for row in rows) > 1  # some rows are conversations
-    batch = train.collate(processor, pictures, rows, cfg.shape_weight)
+    batch = train.collate(processor, pictures, rows, train.LossWeights.of(processor.tokenizer, cfg))
     grids, spans = batch.pop("picture_grid_thw"), batch.pop("spans")
     weights = batch.pop("weights")
     with torch.no_grad():
@@ -48,11 +48,19 @@ def test_shared_vision_rows_equal_the_standard_forward():
     assert [s.kind for s in row_spans] == [e.kind for e in rows[0].exchanges]
     assert [s.follow_up for s in row_spans] == [False] + [True] * (len(row_spans) - 1)
     shape_ids = train.shape_token_ids(processor.tokenizer)
+    digit_ids = train.digit_token_ids(processor.tokenizer)
     labels = batch["labels"]
     assert torch.all(weights[labels == -100] == 0)
     on_shapes = torch.tensor([[t in shape_ids for t in r] for r in labels.tolist()]) & (labels != -100)
     assert on_shapes.any() and torch.all(weights[on_shapes] == 3.0)
-    assert torch.all(weights[(labels != -100) & ~on_shapes] == 1.0)
+    on_boxes = torch.zeros_like(on_shapes)
+    for span in spans:
+        if span.kind in train.scenes.GROUNDING_KINDS:
+            answer = labels[span.row, span.start : span.end].tolist()
+            on_boxes[span.row, span.start : span.end] = torch.tensor([t in digit_ids for t in answer])
+    assert on_boxes.any() and torch.all(weights[on_boxes] == 2.0)
+    # a sum's digits are not a box's: only grounding answers weigh their digits
+    assert torch.all(weights[(labels != -100) & ~on_shapes & ~on_boxes] == 1.0)
 
 
 def test_a_tower_step_trains_the_tower_and_the_probe_only():

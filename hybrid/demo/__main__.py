@@ -1,8 +1,9 @@
 """CLI for the demo model: `train` it from scratch, or `eval` a checkpoint's accuracy per question kind.
 
     python -m hybrid.demo train --out assets/demo-model [--state DIR] [--steps N] [--tower-steps N] [--lr LR]
-                                [--patch-size P] [--max-pixels N] [--device cpu|cuda] [--seed S] [--threads T]
-    python -m hybrid.demo train --resume DIR [--steps N] [--tower-steps N] [--device D] [--threads T]
+                                [--shape-weight W] [--box-weight W] [--patch-size P] [--max-pixels N]
+                                [--device cpu|cuda] [--seed S] [--threads T]
+    python -m hybrid.demo train --resume DIR [--steps N] [--tower-steps N] [--box-weight W] [--device D] [--threads T]
     python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route hybrid|pytorch|genai]
                                [--style train|edge] [--precision fp32|int4] [--zero-image | --zero-deepstack]
                                [--json]
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=TrainConfig.shape_weight,
         help="weight of the shape words in the answer loss",
+    )
+    fit.add_argument(
+        "--box-weight",
+        type=float,
+        default=None,
+        help=f"weight of a box's digits in the answer loss ({TrainConfig.box_weight}); with --resume: from then on",
     )
     fit.add_argument("--patch-size", type=int, default=4, help="pixels per patch side")
     fit.add_argument("--max-pixels", type=int, default=128 * 128, help="pixels a picture is scaled to at most")
@@ -153,8 +160,8 @@ def run_train(args: argparse.Namespace) -> None:
     }
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.resume:
-        ends = {"steps": args.steps, "tower_steps": args.tower_steps}
-        run = resume(args.resume, **runtime, **{k: v for k, v in ends.items() if v is not None})
+        changes = {"steps": args.steps, "tower_steps": args.tower_steps, "box_weight": args.box_weight}
+        run = resume(args.resume, **runtime, **{k: v for k, v in changes.items() if v is not None})
     else:
         cfg = TrainConfig(
             steps=args.steps or TrainConfig.steps,
@@ -164,6 +171,7 @@ def run_train(args: argparse.Namespace) -> None:
             lr=args.lr,
             warmup=args.warmup,
             shape_weight=args.shape_weight,
+            box_weight=TrainConfig.box_weight if args.box_weight is None else args.box_weight,
             seed=args.seed,
             **runtime,
         )

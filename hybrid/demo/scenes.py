@@ -50,6 +50,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 IMAGE_KINDS = ("shape", "colour", "position", "count", "colour_of", "position_of", "describe", "find", "locate_all")
 SINGLE_KINDS = ("shape", "colour", "position")  # asked only of pictures with one shape
 GROUNDING_KINDS = ("find", "locate_all")
+BOX_KEY = "bbox_2d"  # of a grounding answer's objects (Qwen3-VL's format)
 KINDS = (*IMAGE_KINDS, "text")
 QUESTIONS = {
     "shape": ("What shape is this?", "What shape do you see?", "Which shape is in the picture?", "What is the shape?"),
@@ -397,7 +398,7 @@ def describe(scene: Scene) -> str:
 
 def grounding(scene: Scene, items: tuple[Item, ...]) -> str:
     """Qwen3-VL's grounding answer: a JSON list of `{"bbox_2d": [...], "label": ...}` objects."""
-    return json.dumps([{"bbox_2d": scene.box_2d(item), "label": item.label} for item in items])
+    return json.dumps([{BOX_KEY: scene.box_2d(item), "label": item.label} for item in items])
 
 
 def askable(kind: str, scene: Scene) -> list[Item | None]:

@@ -3,7 +3,7 @@ or a GPU, resumable from its checkpoints.
 
 `train(out_dir, TrainConfig(...), demo_spec(...))` builds the model, teaches it the language of
 `hybrid.demo.scenes` with a teacher-forced loss on the answer tokens only (the shape words weighed
-`shape_weight` times), and writes a normal checkpoint folder with `hybrid.tiny.build_checkpoint`.
+`shape_weight` times, a box's digits `box_weight` times), and writes a normal checkpoint folder with `hybrid.tiny.build_checkpoint`.
 
 Each row is a conversation: one to `questions` questions about one picture, each answer in the
 history of the next, rendered by the chat template exactly as the app sends a follow-up. The vision
@@ -73,6 +73,7 @@ class TrainConfig:
     fixed_text_fraction: float = 0.2  # share of text exchanges that are not sums
     probe_weight: float = 0.5  # weight of the training-only dense vision probe (0: off)
     shape_weight: float = 3.0  # weight of a shape word's tokens in the answer loss
+    box_weight: float = 1.0  # weight of the digit tokens of a grounding answer's boxes
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -84,8 +85,10 @@ class TrainConfig:
             raise InvalidConfig("--steps, --pictures, --questions and --threads must be positive")
         if min(self.text_rows, self.tower_steps) < 0:
             raise InvalidConfig("text_rows and --tower-steps must not be negative")
-        if not self.lr > 0 or self.shape_weight < 1 or self.checkpoint_minutes <= 0:
-            raise InvalidConfig("--lr and --checkpoint-minutes must be positive and --shape-weight at least 1")
+        if not self.lr > 0 or min(self.shape_weight, self.box_weight) < 1 or self.checkpoint_minutes <= 0:
+            raise InvalidConfig(
+                "--lr and --checkpoint-minutes must be positive, --shape-weight and --box-weight at least 1"
+            )
         for name in ("text_with_image", "fixed_text_fraction", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidConfig(f"{name} must be in [0, 1]")
@@ -204,8 +207,33 @@ def shape_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def digit_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of the tokens that are digits alone (a box's coordinates are spelt with them)."""
+    return frozenset(i for token, i in tokenizer.get_vocab().items() if token.strip().isdigit())
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Which answer tokens weigh more than 1 in the loss: shape words, and the digits of boxes."""
+
+    shape_ids: frozenset[int]
+    digit_ids: frozenset[int]
+    shape: float = 1.0
+    box: float = 1.0
+
+    @classmethod
+    def of(cls, tokenizer, cfg: TrainConfig) -> LossWeights:
+        return cls(shape_token_ids(tokenizer), digit_token_ids(tokenizer), cfg.shape_weight, cfg.box_weight)
+
+    def answer(self, text: str, piece: list[int]) -> list[float]:
+        boxes = scenes.BOX_KEY in text
+        return [
+            self.shape if t in self.shape_ids else self.box if boxes and t in self.digit_ids else 1.0 for t in piece
+        ]
+
+
 def tokenize_row(
-    tokenizer, segments: list[str], shape_ids: frozenset[int], shape_weight: float
+    tokenizer, segments: list[str], weighing: LossWeights
 ) -> tuple[list[int], list[int], list[float], list[tuple[int, int]]]:
     """Token ids of the whole row, its labels (-100 outside answers), the answer tokens' loss
     weights and each answer's `(start, end)`; every piece must tokenise as it does in the whole."""
@@ -215,7 +243,7 @@ def tokenize_row(
         if i % 2:
             spans.append((len(ids), len(ids) + len(piece)))
             labels += piece
-            weights += [shape_weight if t in shape_ids else 1.0 for t in piece]
+            weights += weighing.answer(text, piece)
         else:
             labels += [-100] * len(piece)
             weights += [0.0] * len(piece)
@@ -227,14 +255,15 @@ def tokenize_row(
     return ids, labels, weights, spans
 
 
-def collate(processor, pictures: list[scenes.Scene], rows: list[Example], shape_weight: float = 1.0) -> dict:
+def collate(processor, pictures: list[scenes.Scene], rows: list[Example], weighing: LossWeights | None = None) -> dict:
     """Pixels of each distinct picture once; token ids, labels, loss weights and answer spans per
     row (right-padded)."""
     images = processor.image_processor(images=[p.render() for p in pictures], return_tensors="pt")
     merge = processor.image_processor.merge_size
     tokens = (images["image_grid_thw"].prod(-1) // merge**2).tolist()
-    tokenizer, shape_ids = processor.tokenizer, shape_token_ids(processor.tokenizer)
-    encoded = [tokenize_row(tokenizer, row_segments(processor, row, tokens), shape_ids, shape_weight) for row in rows]
+    tokenizer = processor.tokenizer
+    weighing = weighing or LossWeights(frozenset(), frozenset())
+    encoded = [tokenize_row(tokenizer, row_segments(processor, row, tokens), weighing) for row in rows]
     width = max(len(ids) for ids, *_ in encoded)
     pad = tokenizer.pad_token_id
     batch = {
@@ -360,6 +389,7 @@ class Trainer:
         self.model, self.processor, self.cfg = model, processor, cfg
         self.device = torch.device(cfg.device)
         self.merge = processor.image_processor.merge_size
+        self.weighing = LossWeights.of(processor.tokenizer, cfg)
         self.probe = VisionProbe(model.config.vision_config.out_hidden_size)
         model.to(self.device)
         self.probe.to(self.device)
@@ -405,7 +435,7 @@ class Trainer:
     ) -> tuple[dict[tuple[str, bool], list[float]], float, float]:
         """One optimiser step on the answer tokens' weighted mean loss (+ probe); returns each
         answer's mean token loss by (kind, follow-up), the probe's loss and its shape accuracy."""
-        batch = collate(self.processor, pictures, rows, self.cfg.shape_weight)
+        batch = collate(self.processor, pictures, rows, self.weighing)
         grids, spans = batch.pop("picture_grid_thw"), batch.pop("spans")
         vision = self.vision(batch.pop("pixel_values"), grids)
         per_picture = _per_picture(vision, grids, self.merge)
@@ -582,7 +612,8 @@ def resume(state_dir: str | Path, **overrides) -> Run:
     """The training saved in `state_dir`, ready to go on; `overrides` change its settings: those of
     the machine (`device`, `threads`, `checkpoint_minutes`, `log_every`), or `steps` and
     `tower_steps`, new ends for the joint and the tower phase (a cosine schedule then decays to
-    that step from where it stands; a tower phase past its new end goes on to the joint phase)."""
+    that step from where it stands; a tower phase past its new end goes on to the joint phase), or
+    `box_weight` from then on."""
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         raise InvalidConfig(f"no training state in {state_dir} (expected {path})")
