@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from hybrid.cli import add_remote_arguments, add_vision_argument, remote_config, vision_backend
+from hybrid.cli import add_prefill_argument, add_remote_arguments, add_vision_argument, remote_config, vision_backend
 from hybrid.config import PRECISIONS, RuntimeConfig
 from hybrid.errors import HybridError
 from hybrid.launch import AUTO_PRECISION, describe, load_pipeline
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     add_vision_argument(parser)
+    add_prefill_argument(parser)
     parser.add_argument(
         "--conversation-cache-mb",
         type=int,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             conversation_cache_mb=args.conversation_cache_mb,
             vision_backend=vision_backend(args.vision),
+            prefill=args.prefill,
         )
         pipeline = load_pipeline(args.model, args.bundle, args.precision, runtime, remote_config(args))
     except HybridError as exc:

@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from hybrid.bench import add_bench_arguments, run_bench
-from hybrid.cli import add_remote_arguments, add_vision_argument, remote_config, vision_backend
+from hybrid.cli import add_prefill_argument, add_remote_arguments, add_vision_argument, remote_config, vision_backend
 from hybrid.config import (
     DEFAULT_MAX_IMAGE_TOKENS,
     DEFAULT_VIDEO_FRAMES,
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--threads", type=int, default=0, help="0: one per physical core")
     add_vision_argument(gen)
+    add_prefill_argument(gen)
     gen.add_argument("--max-images", type=int, default=RuntimeConfig.max_images, help="refuse more images than this")
     gen.add_argument("--max-videos", type=int, default=RuntimeConfig.max_videos, help="refuse more videos than this")
     gen.add_argument(
@@ -155,6 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_videos=args.max_videos,
         video=VideoLimits(max_frames=args.video_frames),
         vision_backend=vision_backend(args.vision),
+        prefill=args.prefill,
     )
     runtime.check_count(IMAGE, len(args.image))
     runtime.check_count(VIDEO, len(args.video))

@@ -21,9 +21,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hybrid.config import IMAGE_DETAIL, Precision, Precisions, RuntimeConfig, SamplingConfig, Speculative
+from hybrid.config import (
+    IMAGE_DETAIL,
+    Precision,
+    Precisions,
+    Prefill,
+    RuntimeConfig,
+    SamplingConfig,
+    Speculative,
+)
 from hybrid.errors import UserError
-from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PROCESSOR_DIR, VISION_DIR
+from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_FILE, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
 from hybrid.metrics import cpu_isa, rss_mb
 from hybrid.router import can_serve
@@ -36,15 +44,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BenchRoute:
     """One column of the benchmark: a route of the bundle exported at `precision`, with speculative
-    decoding as `speculative` says (only the hybrid route speculates)."""
+    decoding as `speculative` says and the prompt pass `prefill` runs (both only on the hybrid route)."""
 
     route: RouteName
     precision: Precision
     speculative: Speculative = SamplingConfig.speculative
+    prefill: Prefill = RuntimeConfig.prefill
 
     @property
     def key(self) -> str:
-        return f"{self.route}_{self.precision}" + ("_plain" if self.speculative == "off" else "")
+        plain = "_plain" if self.speculative == "off" else ""
+        return f"{self.route}_{self.precision}{plain}" + ("_int4prefill" if self.prefill == "decoder" else "")
 
     @property
     def plain(self) -> BenchRoute:
@@ -57,7 +67,8 @@ DEFAULT_ROUTES = (
     BenchRoute("hybrid", "int4"),
     BenchRoute("genai", "int4"),
 )
-ROUTES = {r.key: r for r in (*DEFAULT_ROUTES, *(r.plain for r in DEFAULT_ROUTES if r.route == "hybrid"))}
+INT4_PREFILL = BenchRoute("hybrid", "int4", prefill="decoder")  # the INT4 graph's own prompt pass
+ROUTES = {r.key: r for r in (*DEFAULT_ROUTES, *(r.plain for r in DEFAULT_ROUTES if r.route == "hybrid"), INT4_PREFILL)}
 VERIFY_SIZES = (1, 2, 3, 5, 9)  # tokens of a verifying pass: the last one and k = 0, 1, 2, 4, 8 drafts
 VERIFY_CONTEXT = 256  # tokens in the cache before the timed passes (a picture's prompt)
 REUSING: frozenset[RouteName] = frozenset({"hybrid", "genai"})  # routes that keep a conversation's KV cache
@@ -323,6 +334,9 @@ def _ratios(routes: dict) -> dict:
         ("hybrid_int4", "pytorch_fp32", "ttft_ms"),
         ("hybrid_fp32", "hybrid_fp32_plain", "decode_tok_s"),
         ("hybrid_int4", "hybrid_int4_plain", "decode_tok_s"),
+        ("hybrid_int4", "hybrid_int4_int4prefill", "prefill_tok_s"),
+        ("hybrid_int4", "hybrid_int4_int4prefill", "ttft_ms"),
+        ("hybrid_int4", "hybrid_int4_int4prefill", "decode_tok_s"),
     ]
     for a, b, field in pairs:
         if a in routes and b in routes and routes[b][field]:
@@ -358,7 +372,8 @@ class _Worker:
     def __init__(self, ctx, bundle: Path, column: BenchRoute, threads: int) -> None:
         self.speculative = column.speculative
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, str(bundle), column.route, threads), daemon=True)
+        runtime = RuntimeConfig(threads=threads, prefill=column.prefill)
+        self.process = ctx.Process(target=_serve, args=(child, str(bundle), column.route, runtime), daemon=True)
         self.process.start()
         ready = self.conn.recv()
         if "error" in ready:
@@ -379,7 +394,7 @@ class _Worker:
         self.process.join(timeout=30)
 
 
-def _serve(conn, bundle: str, route: RouteName, threads: int) -> None:
+def _serve(conn, bundle: str, route: RouteName, runtime: RuntimeConfig) -> None:
     setup_logging(logging.WARNING)
     try:
         import torch  # noqa: F401  (import cost counts as baseline, not as the route's load)
@@ -387,7 +402,7 @@ def _serve(conn, bundle: str, route: RouteName, threads: int) -> None:
         from hybrid.pipeline import Pipeline  # in the worker only: the parent process never loads a route
 
         baseline = rss_mb()
-        pipeline = Pipeline.load(bundle, RuntimeConfig(threads=threads), verify=False, only=(route,))
+        pipeline = Pipeline.load(bundle, runtime, verify=False, only=(route,))
         if route == "pytorch":
             _ = pipeline.routes["pytorch"].model  # load now, not inside the first timed request
         conn.send({"loaded_mb": _loaded_mb(Path(bundle), route, pipeline), "baseline_rss_mb": baseline})
@@ -408,6 +423,8 @@ def _loaded_mb(bundle: Path, route: RouteName, pipeline) -> float:
         files = list(folder.glob("*.safetensors"))
     elif route == "hybrid":
         files = list((bundle / VISION_DIR).glob("*.safetensors")) + list((bundle / DECODER_DIR).glob("model.onnx*"))
+        if pipeline.runtime.prefill == "int8":
+            files += list((bundle / DECODER_DIR).glob(Path(PREFILL_FILE).name + ".data"))
     else:
         files = list((bundle / GENAI_DIR).glob("model.onnx*"))
     return sum(f.stat().st_size for f in files) / 2**20

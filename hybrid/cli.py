@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from hybrid.config import VISION_BACKENDS, VisionBackend
+from hybrid.config import PREFILLS, VISION_BACKENDS, VisionBackend
 from hybrid.routes.remote import RemoteConfig
 
 AUTO_VISION = "auto"  # the command-line word for "ONNX where the bundle has it"
@@ -19,6 +19,17 @@ def add_vision_argument(parser) -> None:
         default=AUTO_VISION,
         help="the hybrid route's vision tower: onnx (onnxruntime) or torch (PyTorch); "
         "auto: onnx where the bundle has it",
+    )
+
+
+def add_prefill_argument(parser) -> None:
+    """The `--prefill` option of `app.py` and `generate` (`RuntimeConfig.prefill`)."""
+    parser.add_argument(
+        "--prefill",
+        choices=PREFILLS,
+        default=PREFILLS[0],
+        help="an INT4 bundle's prompt pass: int8 (its int8 graph, about twice as fast on long prompts) "
+        "or decoder (the INT4 decoder's own graph); fp32 bundles prefill in fp32",
     )
 
 

@@ -21,6 +21,10 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 MAX_IMAGE_PIXELS = 50_000_000  # an image above this is refused before it is decoded (decompression bombs)
 VisionBackend = Literal["onnx", "torch"]  # which runtime runs the hybrid route's vision tower
 VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
+# What runs an INT4 bundle's prompt pass: its int8 graph (`hybrid.export.prefill`: int8 GEMMs, about
+# twice the INT4 kernel's speed on many rows), or the INT4 decoder itself. fp32 bundles prefill in fp32.
+Prefill = Literal["int8", "decoder"]
+PREFILLS: tuple[Prefill, ...] = get_args(Prefill)
 # How the hybrid route decodes: "ngram" drafts tokens from the conversation and verifies them in one
 # pass (`hybrid.speculative`: the same greedy tokens, the same sampling distribution); "off": one token a pass
 Speculative = Literal["ngram", "off"]
@@ -51,18 +55,22 @@ class Precisions:
     """What each part of a bundle runs in. One word names them all: "fp32" (everything fp32, exact
     against PyTorch) or "int4" (the vision tower's linear layers in INT8, the hybrid decoder in one
     of our INT4 schemes, the GenAI model in its builder's INT4, the embedding table in fp16: half
-    the bytes of the largest fp32 part, read a row a token)."""
+    the bytes of the largest fp32 part, read a row a token, and a second decoder graph with int8
+    layers for the prompt pass: `hybrid.export.prefill`)."""
 
     vision: Literal["fp32", "int8"]
     decoder: Precision
     genai: Precision
     embeddings: Literal["fp32", "fp16"]
+    prompt: Literal["fp32", "int8"] = "fp32"  # the prompt pass's own graph: int8, or none (the decoder's)
 
     @classmethod
     def of(cls, precision: str) -> Precisions:
         if precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        return cls("int8", "int4", "int4", "fp16") if precision == "int4" else cls("fp32", "fp32", "fp32", "fp32")
+        if precision == "int4":
+            return cls("int8", "int4", "int4", "fp16", prompt="int8")
+        return cls("fp32", "fp32", "fp32", "fp32")
 
     @property
     def vision_int8(self) -> bool:
@@ -139,6 +147,7 @@ class RuntimeConfig:
     max_videos: int = 2
     video: VideoLimits = field(default_factory=VideoLimits)
     vision_backend: VisionBackend | None = None  # None: ONNX where the bundle has the graph, else PyTorch
+    prefill: Prefill = "int8"  # an INT4 bundle's prompt pass (`PREFILLS`)
 
     def __post_init__(self) -> None:
         _check_int("threads", self.threads, low=0)
@@ -147,6 +156,8 @@ class RuntimeConfig:
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
         _check_int("conversation_cache_mb", self.conversation_cache_mb, low=0)
         _check_int("max_videos", self.max_videos, low=0)
+        if self.prefill not in PREFILLS:
+            raise UserError(f"the prefill must be one of {', '.join(PREFILLS)}, got {self.prefill!r}")
         if self.vision_backend is not None and self.vision_backend not in VISION_BACKENDS:
             raise UserError(
                 f"the vision backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}"

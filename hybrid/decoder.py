@@ -1,7 +1,9 @@
 """The ONNX text decoder in onnxruntime: a KV cache per request, `forward` for prefill and each step.
 
 The session is created once; a `KVCache` is created per request, and either dropped with it or
-kept for the conversation's next request (see `hybrid.conversation`).
+kept for the conversation's next request (see `hybrid.conversation`). An INT4 bundle's prompt pass
+can run a second session, the decoder's graph with int8 layers (`hybrid.export.prefill`), on the
+same cache buffers; decode steps and verifying passes always run the decoder's own graph.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class KVCache:
     buffers: list[np.ndarray]
     binding: ort.IOBinding
     mask: np.ndarray  # (1, capacity)
+    prompt_binding: ort.IOBinding | None = None  # the prompt pass's own session's, on the same buffers
     steps: dict[int, StepInputs] = field(default_factory=dict)
     length: int = 0
     bound: int = 0
@@ -64,11 +67,11 @@ class KVCache:
 
 
 class OnnxDecoder:
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
+    """The decoder at `path`; `prompt`, where given, is the graph that runs prompt passes (`forward`)."""
+
+    def __init__(self, path: str | Path, threads: int = 0, prompt: str | Path | None = None) -> None:
+        self.session = _session(path, threads)
+        self.prompt_session = None if prompt is None else _session(prompt, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         past = inputs["past_key_values.0.key"].shape
@@ -84,14 +87,14 @@ class OnnxDecoder:
         """An empty cache for up to `capacity` tokens (prompt and generated)."""
         shape = (1, self.num_kv_heads, capacity, self.head_dim)
         buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
-        binding = self.session.io_binding()
-        for i, buffer in enumerate(buffers):
-            layer, kind = divmod(i, 2)
-            name = ("key", "value")[kind]
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the buffer's memory
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", value)
-            binding.bind_ortvalue_output(f"present.{layer}.{name}", value)
-        return KVCache(buffers=buffers, binding=binding, mask=np.ones((1, capacity), dtype=np.int64))
+        values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]  # sharing the buffers' memory
+        prompt = None if self.prompt_session is None else _bind_cache(self.prompt_session, values)
+        return KVCache(
+            buffers=buffers,
+            binding=_bind_cache(self.session, values),
+            mask=np.ones((1, capacity), dtype=np.int64),
+            prompt_binding=prompt,
+        )
 
     def _step_inputs(self, size: int) -> StepInputs:
         """The bound-once inputs and logits of a text pass of `size` tokens (DeepStack rows zero)."""
@@ -124,19 +127,22 @@ class OnnxDecoder:
         position_ids: np.ndarray,  # (3, 1, S)
         deepstack_embeds: np.ndarray,  # (D, 1, S, H)
     ) -> np.ndarray:
-        """Run S new tokens after the cached ones (a prefill); returns a copy of the last position's
-        logits `(V,)`."""
+        """Run S new tokens after the cached ones (a prefill, by the prompt graph where there is
+        one); returns a copy of the last position's logits `(V,)`."""
         seq = inputs_embeds.shape[1]
         self._check_room(cache, seq)
         one = self._steps(cache, 1)
-        binding = cache.binding
+        if cache.prompt_binding is None:
+            session, binding = self.session, cache.binding
+            cache.bound = 0  # the step inputs are bound again by the next text pass
+        else:
+            session, binding = self.prompt_session, cache.prompt_binding
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(deepstack_embeds, dtype=np.float32))
         binding.bind_ortvalue_input(DECODER_NUM_LOGITS, one.values[DECODER_NUM_LOGITS])
         binding.bind_ortvalue_output("logits", one.output)
-        cache.bound = 0
-        self._run(cache, seq)
+        self._run(cache, seq, session, binding)
         return one.logits[0, -1].copy()
 
     def step(self, cache: KVCache, embedding: np.ndarray, position: int) -> np.ndarray:
@@ -163,7 +169,7 @@ class OnnxDecoder:
                 cache.binding.bind_ortvalue_input(name, value)
             cache.binding.bind_ortvalue_output("logits", step.output)
             cache.bound = size
-        self._run(cache, size)
+        self._run(cache, size, self.session, cache.binding)
         return step.logits[0]
 
     def _steps(self, cache: KVCache, size: int) -> StepInputs:
@@ -176,8 +182,27 @@ class OnnxDecoder:
         if cache.length + seq > cache.capacity:
             raise ValueError(f"the KV cache holds {cache.capacity} tokens, {cache.length + seq} asked")
 
-    def _run(self, cache: KVCache, seq: int) -> None:
+    @staticmethod
+    def _run(cache: KVCache, seq: int, session: ort.InferenceSession, binding: ort.IOBinding) -> None:
         """Bind the attention mask for `seq` new tokens (a view of the cache's row of ones) and run."""
-        cache.binding.bind_cpu_input("attention_mask", cache.mask[:, : cache.length + seq])
-        self.session.run_with_iobinding(cache.binding)
+        binding.bind_cpu_input("attention_mask", cache.mask[:, : cache.length + seq])
+        session.run_with_iobinding(binding)
         cache.length += seq
+
+
+def _session(path: str | Path, threads: int) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
+
+
+def _bind_cache(session: ort.InferenceSession, values: list[ort.OrtValue]) -> ort.IOBinding:
+    """A binding of `session` with the cache's buffers as both past and present of every layer."""
+    binding = session.io_binding()
+    for i, value in enumerate(values):
+        layer, kind = divmod(i, 2)
+        name = ("key", "value")[kind]
+        binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", value)
+        binding.bind_ortvalue_output(f"present.{layer}.{name}", value)
+    return binding

@@ -21,6 +21,7 @@ VISION_ONNX = {"fp32": "model-fp32.onnx", "int8": "model-int8.onnx"}  # in VISIO
 EMBED_FILE = "embed_tokens.npy"
 DECODER_DIR = "decoder"
 DECODER_FILE = f"{DECODER_DIR}/model.onnx"
+PREFILL_FILE = f"{DECODER_DIR}/prefill-int8.onnx"  # INT4 bundles: the prompt pass's graph (hybrid.export.prefill)
 DECODER_NUM_LOGITS = "num_logits"  # the decoder's input `(1,)` int64: how many last positions get logits
 GENAI_DIR = "genai"
 GENAI_CONFIG = "genai_config.json"  # GenAI's own name for its model's config

@@ -16,8 +16,9 @@ from hybrid.errors import BundleError
 MANIFEST_NAME = "manifest.json"
 # 2: the residual adds fused into the norms in the decoder graph, the ONNX vision tower, the INT4
 # scheme named, the source checkpoint's fingerprint; 3: an INT4 bundle's embedding table in fp16;
-# 4: the decoder's `num_logits` input (logits of the last k + 1 positions, to verify drafted tokens)
-BUNDLE_FORMAT = 4
+# 4: the decoder's `num_logits` input (logits of the last k + 1 positions, to verify drafted tokens);
+# 5: INT4 bundles' int8 prompt-pass graph
+BUNDLE_FORMAT = 5
 
 
 @dataclass(frozen=True)

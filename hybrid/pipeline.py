@@ -24,6 +24,7 @@ from hybrid.layout import (
     DECODER_FILE,
     EMBED_FILE,
     GENAI_DIR,
+    PREFILL_FILE,
     PROCESSOR_DIR,
     ROUTE_PARTS,
     SHARED_PARTS,
@@ -65,9 +66,15 @@ class _Loader:
                 backend=self.runtime.vision_backend,
             ),
             EmbeddingTable(self.bundle / EMBED_FILE),
-            OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads),
+            OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads, self.prompt_graph()),
             self.conversations,
         )
+
+    def prompt_graph(self) -> Path | None:
+        """The int8 prompt pass's graph, unless the bundle has none or the runtime asks for the decoder's."""
+        if Precisions.of(self.manifest.precision).prompt != "int8" or self.runtime.prefill == "decoder":
+            return None
+        return self.bundle / PREFILL_FILE
 
     def genai(self) -> Route:
         if not (self.bundle / GENAI_DIR).is_dir():

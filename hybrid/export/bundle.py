@@ -23,6 +23,7 @@ from hybrid.errors import BundleError, UserError
 from hybrid.export import decoder
 from hybrid.export.genai import build_genai
 from hybrid.export.int4 import Int4Scheme
+from hybrid.export.prefill import write_int8_prefill
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
@@ -30,6 +31,7 @@ from hybrid.layout import (
     DECODER_FILE,
     EMBED_FILE,
     GENAI_DIR,
+    PREFILL_FILE,
     PROCESSOR_DIR,
     VISION_CONFIG,
     VISION_DIR,
@@ -170,9 +172,12 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
         embed = decoder.TEXT + "embed_tokens.weight"
         dtype = np.float16 if Precisions.of(precision).embeddings == "fp16" else np.float32
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows), dtype=dtype)
-    what = f"int4 {int4.name}" if Precisions.of(precision).decoder == "int4" else "fp32"
+    precisions = Precisions.of(precision)
+    what = f"int4 {int4.name}, int8 prompt pass" if precisions.decoder == "int4" else "fp32"
     with _step(3, steps, f"writing the ONNX text decoder ({what})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
+        if precisions.prompt == "int8":
+            write_int8_prefill(work / DECODER_FILE, work / PREFILL_FILE)
     if genai:
         with _step(4, steps, f"building the GenAI text model ({precision})"):
             build_genai(checkpoint, work / GENAI_DIR, precision, processor)
@@ -222,7 +227,9 @@ def _describe_parts(work: Path, precisions: Precisions) -> dict[str, PartInfo]:
     for path in sorted(p for p in work.rglob("*") if p.is_file() and p.name != LOCK_FILE):
         rel = path.relative_to(work).as_posix()
         graph = not rel.endswith(".json")
-        if graph and rel.startswith(DECODER_DIR + "/"):
+        if rel.startswith(PREFILL_FILE):  # the int8 prompt pass's graph and its .data
+            precision = "int8"
+        elif graph and rel.startswith(DECODER_DIR + "/"):
             precision = precisions.decoder
         elif graph and rel.startswith(GENAI_DIR + "/"):
             precision = precisions.genai

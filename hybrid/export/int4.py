@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from hybrid.errors import UserError
-from hybrid.export.tensors import ExternalData
+from hybrid.export.tensors import ExternalData, read_initializer
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
             if tensor.data_location != TensorProto.EXTERNAL:
                 initializers.append(tensor)
                 continue
-            array = _read_external(tensor, path.parent)
+            array = read_initializer(tensor, path.parent)
             if tensor.name in targets:
                 weight = quantize_int4(array.T, setting)  # a MatMul weight (K, N) is an nn.Linear's (N, K)
                 initializers += [data.add(n, a) for n, a in int4_arrays(tensor.name, weight)]
@@ -359,11 +359,3 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
     path.write_bytes(model.SerializeToString())
     log.debug("quantized %d MatMuls of %s to INT4 (%s)", len(targets), path, setting.name)
     return len(targets)
-
-
-def _read_external(tensor: TensorProto, folder: Path) -> np.ndarray:
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims))
-    array = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
-    return array.reshape(tuple(tensor.dims))

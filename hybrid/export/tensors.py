@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.errors import BundleError
 
@@ -166,3 +166,14 @@ class ExternalData:
         for key, value in (("location", self.location), ("offset", offset), ("length", length)):
             tensor.external_data.add(key=key, value=str(value))
         return tensor
+
+
+def read_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
+    """The array of an ONNX initializer, from the graph or from its external-data file in `folder`."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims))
+    array = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    return array.reshape(tuple(tensor.dims))

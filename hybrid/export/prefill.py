@@ -1,0 +1,155 @@
+"""An int8 prompt pass beside an INT4 decoder: the same graph with each INT4 layer as an int8 GEMM.
+
+onnxruntime's `MatMulNBits` runs many rows at about a third of what the cores can do (int8
+activations, but block-wise sums), while its int8 GEMM (`DynamicQuantizeMatMul`, MLAS's QGEMM)
+runs near their peak: measured on a Zen 4 core pair with AVX-512 VNNI, 2048 x 6144 at 192 rows,
+293 against 832 GOP/s (docs/benchmarks.md). A decode step of one row reads the weights once and is
+bound by memory, where INT4's half of the bytes wins; a prompt pass of hundreds of rows is bound by
+compute. So a bundle's INT4 decoder keeps its graph for decode steps, and the prompt pass runs a
+second session of the same graph whose layers (every `MatMulNBits` but the head's, which the prompt
+pass runs for one row) are int8 weights derived at export from the INT4 ones:
+
+- the INT4 weight is expanded to its float values (scales and zero points per block) and each
+  output column is quantized to int8 by its own largest value (per-column symmetric: the INT4
+  grid's step is 17 times int8's at equal range, so the derived weight is the INT4 one to within
+  a small fraction of INT4's own error; prompt pass and decode steps use the same weights, to
+  that fraction);
+- the activations go in per row: each row is divided by its own largest magnitude before the
+  GEMM's per-tensor 8-bit quantization and the product multiplied back, so a row of small values
+  keeps its 8 bits beside a row of large ones.
+
+Decode steps, and the passes that verify drafted tokens (`hybrid.speculative`: their tokens must
+equal the plain loop's), run the INT4 graph: the int8 pass only writes the prompt's keys and values
+and gives the first token's logits. The int8 weights cost memory (one byte a weight: 1.4 GB for the
+2B's layers, in memory and on disk: the graph and its weights are a part of the bundle, written at
+export).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from hybrid.export.tensors import ExternalData, read_initializer
+
+log = logging.getLogger(__name__)
+
+CONTRIB = "com.microsoft"
+HEAD_PREFIX = "lm_head."
+AXES, FLOOR = "int8_prefill_axes", "int8_prefill_floor"  # the graph's two new constants
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """A `MatMulNBits` weight as stored: packed `(N, blocks, block / 2)`, scales `(N, blocks)`,
+    packed zero points `(N, ceil(blocks / 2))` (None: symmetric, 8)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    k: int
+    block: int
+
+    def dequantized(self) -> np.ndarray:
+        """The float weight `(N, K)` that `MatMulNBits` multiplies by: `(q - zero) * scale`."""
+        n, blocks, _ = self.packed.shape
+        values = np.empty((n, blocks, self.block), dtype=np.float32)
+        values[..., 0::2] = self.packed & 0x0F
+        values[..., 1::2] = self.packed >> 4
+        if self.zero_points is None:
+            values -= 8.0
+        else:
+            pairs = np.empty((n, 2 * self.zero_points.shape[1]), dtype=np.float32)
+            pairs[:, 0::2] = self.zero_points & 0x0F
+            pairs[:, 1::2] = self.zero_points >> 4
+            values -= pairs[:, :blocks, None]
+        values *= self.scales.reshape(n, blocks)[..., None]
+        return values.reshape(n, blocks * self.block)[:, : self.k]
+
+
+def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A weight `(N, K)` as `DynamicQuantizeMatMul`'s B `(K, N)` int8 and its per-column scales `(N,)`
+    (symmetric: the largest magnitude of each output column maps to 127)."""
+    peak = np.abs(weight).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    codes = np.rint(weight / scale[:, None])
+    return np.ascontiguousarray(np.clip(codes, -127, 127, out=codes).astype(np.int8).T), scale
+
+
+def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
+    """Write the int8 prompt-pass graph of the INT4 decoder at `decoder_path` to `out_path`, in the
+    same folder: its int8 weights in `out_path`.data, every other weight read from the decoder's
+    own data file. One weight is held at a time. Returns the bytes of int8 weights written."""
+    decoder_path, out_path = Path(decoder_path), Path(out_path)
+    if decoder_path.parent != out_path.parent:
+        raise ValueError("the int8 prompt pass reads the decoder's data file: write it in the decoder's folder")
+    start = time.perf_counter()
+    model = onnx.load(str(decoder_path), load_external_data=False)
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    location = out_path.name + ".data"
+    nodes, derived = [], []
+    with open(out_path.parent / location, "wb") as file:
+        data = ExternalData(file, location)
+        for node in graph.node:
+            if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
+                nodes.append(node)
+                continue
+            weight = _nbits_weight(node, stored, decoder_path.parent)
+            codes, scales = int8_columns(weight.dequantized())
+            stem = node.input[1].removesuffix("_Q4")
+            derived += [data.add(stem + "_int8", codes), data.add(stem + "_int8_scales", scales)]
+            nodes += _int8_nodes(node, stem)
+    if not derived:
+        raise ValueError(f"{decoder_path} has no INT4 layers to run in int8")
+    used = {name for node in nodes for name in node.input}
+    constants = [
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), AXES),
+        numpy_helper.from_array(np.array(1e-30, dtype=np.float32), FLOOR),
+    ]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    kept = [t for t in stored.values() if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept + constants + derived)
+    out_path.write_bytes(model.SerializeToString())
+    size = (out_path.parent / location).stat().st_size
+    log.info(
+        "int8 prompt pass: %d layers, %.0f MB, in %.1fs", len(derived) // 2, size / 2**20, time.perf_counter() - start
+    )
+    return size
+
+
+def _nbits_weight(node: onnx.NodeProto, stored: dict[str, TensorProto], folder: Path) -> NBitsWeight:
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("bits", 4) != 4:
+        raise ValueError(f"{node.name}: only 4-bit MatMulNBits can run in int8, not {attributes['bits']}-bit")
+    arrays = [read_initializer(stored[name], folder) for name in node.input[1:]]
+    zero_points = arrays[2] if len(arrays) > 2 else None
+    return NBitsWeight(arrays[0], arrays[1], zero_points, attributes["K"], attributes["block_size"])
+
+
+def _int8_nodes(node: onnx.NodeProto, stem: str) -> list[onnx.NodeProto]:
+    """`node`'s product as an int8 GEMM of each row divided by its largest magnitude, multiplied back."""
+    x, (y,) = node.input[0], node.output
+    magnitude, peak, rows, scaled, product = (f"{y}_int8_{part}" for part in ("abs", "peak", "rows", "scaled", "mm"))
+    return [
+        helper.make_node("Abs", [x], [magnitude]),
+        helper.make_node("ReduceMax", [magnitude, AXES], [peak], keepdims=1),
+        helper.make_node("Max", [peak, FLOOR], [rows]),
+        helper.make_node("Div", [x, rows], [scaled]),
+        helper.make_node(
+            "DynamicQuantizeMatMul",
+            [scaled, stem + "_int8", stem + "_int8_scales"],
+            [product],
+            name=node.name + "_int8",
+            domain=CONTRIB,
+        ),
+        helper.make_node("Mul", [product, rows], [y]),
+    ]

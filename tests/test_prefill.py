@@ -1,0 +1,141 @@
+"""The int8 prompt pass of INT4 bundles: its weights are the INT4 ones to within int8's step, it
+writes the keys and values the INT4 decoder would to within quantization error, decode steps after
+it run the INT4 graph, and the app's answers do not change for it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hybrid.config import RuntimeConfig, UserError
+from hybrid.decoder import OnnxDecoder
+from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
+from hybrid.export.prefill import NBitsWeight, int8_columns
+from hybrid.layout import DECODER_FILE, PREFILL_FILE
+from hybrid.manifest import Manifest
+from hybrid.pipeline import Pipeline
+from tests.helpers import ask, run
+
+
+def nbits_product(weight, setting: Int4Setting, x: np.ndarray) -> np.ndarray:
+    """What onnxruntime's `MatMulNBits` computes for `x @ W.T` of this INT4 weight (fp32 compute)."""
+    n, k = weight.packed.shape[0], x.shape[1]
+    arrays = int4_arrays("w", weight)
+    attributes = {**matmul_nbits_attributes(setting, k, n), "accuracy_level": 0}
+    node = helper.make_node(
+        "MatMulNBits", ["x", *(name for name, _ in arrays)], ["y"], domain="com.microsoft", **attributes
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])],
+        [numpy_helper.from_array(array, name) for name, array in arrays],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("setting", [Int4Setting(64, "rtn-zp"), Int4Setting(32, "rtn"), Int4Setting(128, "mse-zp")])
+def test_the_int4_weight_expands_to_what_matmulnbits_multiplies_by(setting):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((48, 320)).astype(np.float32)  # 320: not a multiple of 128
+    quantized = quantize_int4(weight, setting)
+    expanded = NBitsWeight(quantized.packed, quantized.scales, quantized.zero_points, 320, setting.block_size)
+    eye = np.eye(320, dtype=np.float32)
+    np.testing.assert_allclose(expanded.dequantized(), nbits_product(quantized, setting, eye).T, rtol=1e-6, atol=1e-6)
+    assert np.abs(expanded.dequantized() - weight).mean() < 0.15  # and it is near the weight it quantized
+
+
+def test_int8_columns_round_to_within_half_a_step():
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((40, 96)).astype(np.float32) * rng.uniform(0.01, 3.0, (40, 1)).astype(np.float32)
+    weight[3] = 0.0  # a column of zeros keeps a finite scale
+    codes, scales = int8_columns(weight)
+    assert codes.shape == (96, 40) and codes.dtype == np.int8 and np.isfinite(scales).all()
+    back = codes.T.astype(np.float32) * scales[:, None]
+    assert np.all(np.abs(back - weight) <= scales[:, None] / 2 + 1e-7)
+    assert np.abs(codes).max() == 127
+
+
+def test_an_int4_bundle_has_the_int8_graph_and_an_fp32_one_does_not(bundle):
+    int4 = Manifest.load(bundle("base", "int4"))
+    assert {int4.parts[PREFILL_FILE].precision, int4.parts[PREFILL_FILE + ".data"].precision} == {"int8"}
+    assert PREFILL_FILE not in Manifest.load(bundle("base")).parts
+    assert not (bundle("base") / PREFILL_FILE).exists()
+
+
+def prompt(decoder: OnnxDecoder, seq: int, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((1, seq, decoder.hidden_size)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(seq)[None, None], (3, 1, seq)).copy()
+    deepstack = rng.standard_normal((decoder.num_deepstack, 1, seq, decoder.hidden_size)).astype(np.float32) * 0.1
+    return embeds, positions, deepstack
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("name", ["base", "wide"])
+def test_the_int8_prompt_pass_writes_what_the_int4_decoder_would(bundle, name):
+    folder = bundle(name, "int4")
+    plain = OnnxDecoder(folder / DECODER_FILE)
+    fast = OnnxDecoder(folder / DECODER_FILE, prompt=folder / PREFILL_FILE)
+    inputs = prompt(plain, 40)
+    slow_cache, fast_cache = plain.new_cache(48), fast.new_cache(48)
+    slow_logits, fast_logits = plain.forward(slow_cache, *inputs), fast.forward(fast_cache, *inputs)
+    assert fast_cache.length == slow_cache.length == 40
+    assert cosine(fast_logits, slow_logits) > 0.995  # an unscaled row or a transposed weight gives far less
+    for ours, theirs in zip(fast_cache.buffers, slow_cache.buffers):
+        assert cosine(ours[:, :, :40], theirs[:, :, :40]) > 0.995
+    # the steps after it run the INT4 graph: on equal caches, the two decoders' steps are equal
+    for ours, theirs in zip(fast_cache.buffers, slow_cache.buffers):
+        ours[:, :, :40] = theirs[:, :, :40]
+    row = inputs[0][0, -1]
+    np.testing.assert_array_equal(fast.step(fast_cache, row, 40), plain.step(slow_cache, row, 40))
+    two = [row, row * 0.5]
+    np.testing.assert_array_equal(fast.run_text(fast_cache, two, 41), plain.run_text(slow_cache, two, 41))
+
+
+def test_a_follow_up_prefill_after_steps_binds_the_step_inputs_again(bundle):
+    """The prompt graph has a binding of its own: a decode step after a second prefill still reads
+    its own inputs (a prefill through the decoder's binding must rebind them)."""
+    folder = bundle("base", "int4")
+    for decoder in (
+        OnnxDecoder(folder / DECODER_FILE),
+        OnnxDecoder(folder / DECODER_FILE, prompt=folder / PREFILL_FILE),
+    ):
+        cache = decoder.new_cache(64)
+        inputs = prompt(decoder, 12)
+        decoder.forward(cache, *inputs)
+        first = decoder.step(cache, inputs[0][0, 0], 12).copy()
+        more = prompt(decoder, 6, seed=4)
+        decoder.forward(cache, more[0], more[1] + 13, more[2])
+        again = decoder.step(cache, inputs[0][0, 0], 19).copy()
+        assert np.isfinite(again).all() and not np.array_equal(first, again)
+        assert cache.length == 20
+
+
+def test_the_route_prefills_in_int8_unless_asked_and_answers_alike(bundle):
+    folder = bundle("base", "int4")
+    fast = Pipeline.load(folder, verify=False, only=("hybrid",))
+    slow = Pipeline.load(folder, RuntimeConfig(prefill="decoder"), verify=False, only=("hybrid",))
+    assert fast.routes["hybrid"].decoder.prompt_session is not None
+    assert slow.routes["hybrid"].decoder.prompt_session is None
+    fp32 = Pipeline.load(bundle("base"), verify=False, only=("hybrid",))
+    assert fp32.routes["hybrid"].decoder.prompt_session is None  # fp32 bundles prefill in fp32
+    request = ask("Describe a sunny morning in a small town, in one long sentence.")
+    ours, theirs = run(fast, request, "hybrid"), run(slow, request, "hybrid")
+    # random tiny weights have near-ties; the first tokens are the prompt pass's own logits
+    assert ours["token_ids"][:2] == theirs["token_ids"][:2]
+
+
+def test_an_unknown_prefill_is_refused():
+    with pytest.raises(UserError, match="int8, decoder"):
+        RuntimeConfig(prefill="int4")
