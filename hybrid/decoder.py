@@ -71,7 +71,8 @@ class OnnxDecoder:
 
     def __init__(self, path: str | Path, threads: int = 0, prompt: str | Path | None = None) -> None:
         self.session = _session(path, threads)
-        self.prompt_session = None if prompt is None else _session(prompt, threads)
+        # its threads sleep once a prompt pass ends: spinning, they would share the cores with the steps
+        self.prompt_session = None if prompt is None else _session(prompt, threads, spin=False)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         past = inputs["past_key_values.0.key"].shape
@@ -190,9 +191,12 @@ class OnnxDecoder:
         cache.length += seq
 
 
-def _session(path: str | Path, threads: int) -> ort.InferenceSession:
+def _session(path: str | Path, threads: int, spin: bool = True) -> ort.InferenceSession:
+    options = session_options(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
 

@@ -3,7 +3,10 @@
 For a checkpoint, the text decoder is exported once in fp32 and once per INT4 setting (cached). The
 fp32 decoder answers a few chat prompts greedily; that answer is the reference sequence. Each
 setting then reads the same sequences teacher-forced and is compared position by position with the
-fp32 logits: top-1 agreement and the mean KL divergence KL(fp32 || int4). Each setting also answers
+fp32 logits: top-1 agreement and the mean KL divergence KL(fp32 || int4). With `--int8-prefill`,
+each setting has a second row whose prompt passes run the int8 graph derived from it
+(`hybrid.export.prefill`), as INT4 bundles do by default: the prompt's keys and values and the first
+logits come from it, every later position from the INT4 decoder. Each setting also answers
 greedily on its own: the share of answers equal to fp32's, and the mean share of their tokens
 before the first divergence. Decode speed is the median time of a one-token step, all settings
 timed in turns in one process (this machine is noisy). With `--demo-eval N`, a bundle per setting
@@ -43,6 +46,19 @@ PROMPTS = (
 )
 
 
+INT8_PREFILL = "+int8-prefill"  # a row's name suffix: its prompt passes run the int8 graph
+PROMPT_FILE = "prefill-int8.onnx"  # beside each INT4 decoder in the cache
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A decoder to grade: its graph, the embedding table, and the prompt pass's graph (None: its own)."""
+
+    path: Path
+    embed: Path
+    prompt: Path | None = None
+
+
 @dataclass(frozen=True)
 class SettingQuality:
     """One decoder's figures against fp32's on the same prompts."""
@@ -73,6 +89,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per reference answer")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
     parser.add_argument("--demo-eval", type=int, default=0, help="demo questions per setting (a demo model only)")
+    parser.add_argument(
+        "--int8-prefill", action="store_true", help="also grade each setting with its int8 prompt pass (a row each)"
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", default=".cache/quality", help="where the exported decoders are kept")
     parser.add_argument("--json", action="store_true")
@@ -91,13 +110,14 @@ def run_quality(args: argparse.Namespace) -> int:
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} is not a checkpoint folder (no config.json)")
     work = Path(args.cache) / hashlib.sha256(str(checkpoint).encode()).hexdigest()[:12]
-    decoders = _export_decoders(checkpoint, work, schemes)
+    decoders = _export_decoders(checkpoint, work, schemes, args.int8_prefill)
     results = measure(
         decoders, _prompt_ids(checkpoint, args.prompts), args.new_tokens, args.threads or physical_cores()
     )
     if args.demo_eval:
         for name, scheme in [(FP32, None), *schemes.items()]:
-            results[name] = _with_demo_eval(results[name], checkpoint, work, scheme, args.demo_eval)
+            for row in (name, name + INT8_PREFILL) if scheme and args.int8_prefill else (name,):
+                results[row] = _with_demo_eval(results[row], checkpoint, work, scheme, args.demo_eval)
     report = {
         "model": str(checkpoint),
         "new_tokens": args.new_tokens,
@@ -108,11 +128,15 @@ def run_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_decoders(checkpoint: Path, work: Path, schemes: dict[str, Int4Scheme]) -> dict[str, tuple[Path, Path]]:
-    """(decoder.onnx, embeddings.npy) of fp32 and of each scheme, exported unless already in `work`."""
+def _export_decoders(
+    checkpoint: Path, work: Path, schemes: dict[str, Int4Scheme], int8_prefill: bool = False
+) -> dict[str, Candidate]:
+    """The fp32 decoder and each scheme's (and with `int8_prefill`, each scheme's again with its int8
+    prompt pass), exported unless already in `work`."""
     from transformers import AutoConfig
 
     from hybrid.export import decoder
+    from hybrid.export.prefill import write_int8_prefill
     from hybrid.export.tensors import CheckpointTensors, write_npy
 
     config = AutoConfig.from_pretrained(str(checkpoint))
@@ -130,9 +154,13 @@ def _export_decoders(checkpoint: Path, work: Path, schemes: dict[str, Int4Scheme
             start = time.perf_counter()
             precision = FP32 if scheme is None else "int4"
             decoder.export_decoder(tensors, config, path, precision, int4=scheme or Int4Scheme())
+            if scheme is not None:
+                write_int8_prefill(path, path.with_name(PROMPT_FILE))
             done.write_text("")
             log.info("exported the %s decoder in %.0f s", name, time.perf_counter() - start)
-        paths[name] = (path, embed)
+        paths[name] = Candidate(path, embed)
+        if scheme is not None and int8_prefill:
+            paths[name + INT8_PREFILL] = Candidate(path, embed, path.with_name(PROMPT_FILE))
     return paths
 
 
@@ -150,11 +178,11 @@ def _prompt_ids(checkpoint: Path, count: int) -> list[np.ndarray]:
 
 
 def measure(
-    decoders: dict[str, tuple[Path, Path]], prompts: list[np.ndarray], new_tokens: int, threads: int
+    decoders: dict[str, Candidate], prompts: list[np.ndarray], new_tokens: int, threads: int
 ) -> dict[str, SettingQuality]:
     """Every decoder against the first one (fp32), as the module docstring says."""
-    embed = np.load(next(iter(decoders.values()))[1], mmap_mode="r")
-    loaded = {name: OnnxDecoder(path, threads) for name, (path, _) in decoders.items()}
+    embed = np.load(next(iter(decoders.values())).embed, mmap_mode="r")
+    loaded = {name: OnnxDecoder(d.path, threads, d.prompt) for name, d in decoders.items()}
     steps: dict[str, list[float]] = {name: [] for name in loaded}
     greedy: dict[str, list[np.ndarray]] = {name: [] for name in loaded}
     for ids in prompts:  # settings in turns, so that a noisy moment hits all of them
@@ -170,7 +198,7 @@ def measure(
         top1, kl = _agreement(ref_logits, logits)
         equal = [np.array_equal(a, b) for a, b in zip(answers, greedy[name])]
         prefix = [_common_prefix(a, b) / len(a) for a, b in zip(answers, greedy[name])]
-        path = decoders[name][0]
+        path = decoders[name].path
         results[name] = SettingQuality(
             setting=name,
             weight_mb=round(path.with_name(path.name + ".data").stat().st_size / 2**20, 3),
@@ -246,7 +274,8 @@ def _with_demo_eval(
         export_bundle(
             str(checkpoint), bundle, FP32 if scheme is None else "int4", genai=False, int4=scheme or Int4Scheme()
         )
-    pipeline = Pipeline.load(bundle, RuntimeConfig(), verify=False, only=("hybrid",))
+    runtime = RuntimeConfig(prefill="int8" if result.setting.endswith(INT8_PREFILL) else "decoder")
+    pipeline = Pipeline.load(bundle, runtime, verify=False, only=("hybrid",))
     report = evaluate(pipeline_answerer(pipeline, "hybrid"), eval_exchanges(n, seed=1234, text=False))
     demo = {kind: round(score.accuracy, 3) for kind, score in report.asked.items()}
     return SettingQuality(**{**asdict(result), "demo": demo})

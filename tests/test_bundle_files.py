@@ -1,5 +1,5 @@
-"""What a bundle holds on disk: an INT4 bundle's embedding table in fp16 (read back as float32, the
-rows the decoder takes), and the folders a killed export left behind removed by the next one."""
+"""What a bundle holds on disk: an INT4 bundle's embedding tables in fp16 (read back as float32, the
+rows the decoder takes; the GenAI model's alike), and the folders a killed export left behind removed by the next one."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import time
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 
 from hybrid.export.bundle import LOCK_FILE, STALE_UNLOCKED_S, _hold, remove_stale_work
 from hybrid.export.tensors import write_npy
 from hybrid.injection import EmbeddingTable
-from hybrid.layout import EMBED_FILE
+from hybrid.layout import EMBED_FILE, GENAI_DIR
 from hybrid.manifest import Manifest
 
 
@@ -32,6 +34,18 @@ def test_an_int4_bundle_keeps_its_embeddings_in_fp16_and_fp32_stays_fp32(bundle)
         assert np.load(folder / EMBED_FILE, mmap_mode="r").dtype == dtype
         assert Manifest.load(folder).parts[EMBED_FILE].precision == np.dtype(dtype).name.replace("float", "fp")
         assert not (folder / LOCK_FILE).exists()
+
+
+def test_the_genai_model_of_an_int4_bundle_keeps_its_embedding_table_in_fp16(bundle):
+    """As the hybrid route's table: a Gather of fp16 rows cast back to float32 (fp32 bundles: fp32)."""
+    for precision, dtype in (("int4", TensorProto.FLOAT16), ("fp32", TensorProto.FLOAT)):
+        model = onnx.load(str(bundle("base", precision) / GENAI_DIR / "model.onnx"), load_external_data=False)
+        weights = {t.name: t for t in model.graph.initializer}
+        gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights]
+        assert gathers and {weights[n.input[0]].data_type for n in gathers} == {dtype}
+        if dtype == TensorProto.FLOAT16:
+            casts = {n.input[0]: n for n in model.graph.node if n.op_type == "Cast"}
+            assert all(casts[n.output[0]].attribute[0].i == TensorProto.FLOAT for n in gathers)
 
 
 def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones_folder(tmp_path):

@@ -13,9 +13,10 @@ from hybrid.errors import UserError
 from hybrid.export import decoder as export
 from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import BLOCK_SIZES, QUANTIZERS, Int4Scheme, Int4Setting, quantize_int4
+from hybrid.export.prefill import write_int8_prefill
 from hybrid.export.tensors import CheckpointTensors, write_npy
 from hybrid.manifest import Manifest
-from hybrid.quality import FP32, measure
+from hybrid.quality import FP32, Candidate, measure
 
 SETTINGS = [Int4Setting(block, quantizer) for quantizer, block in itertools.product(QUANTIZERS, BLOCK_SIZES)]
 
@@ -140,10 +141,13 @@ def test_the_fidelity_figures_are_consistent(checkpoint, tmp_path):
     export.export_decoder(
         tensors, config, tmp_path / "coarse" / "decoder.onnx", "int4", int4=Int4Scheme(coarse, coarse)
     )
+    coarse_path = tmp_path / "coarse" / "decoder.onnx"
+    write_int8_prefill(coarse_path, coarse_path.with_name("prefill-int8.onnx"))
     decoders = {
-        FP32: (tmp_path / "fp32" / "decoder.onnx", embed),
-        "again": (tmp_path / "fp32" / "decoder.onnx", embed),
-        "coarse": (tmp_path / "coarse" / "decoder.onnx", embed),
+        FP32: Candidate(tmp_path / "fp32" / "decoder.onnx", embed),
+        "again": Candidate(tmp_path / "fp32" / "decoder.onnx", embed),
+        "coarse": Candidate(coarse_path, embed),
+        "coarse+int8": Candidate(coarse_path, embed, coarse_path.with_name("prefill-int8.onnx")),
     }
     prompts = [np.array([1, 5, 9, 2], np.int64), np.array([7, 3, 3, 8, 4], np.int64)]
     results = measure(decoders, prompts, new_tokens=12, threads=1)
@@ -152,3 +156,5 @@ def test_the_fidelity_figures_are_consistent(checkpoint, tmp_path):
     assert rough.kl > 1e-4 and rough.kl > again.kl
     assert rough.weight_mb < results[FP32].weight_mb / 2  # a tiny model: norms and small tensors stay fp32
     assert all(r.step_ms > 0 for r in results.values())
+    fast = results["coarse+int8"]  # the int8 prompt pass moves the figures a little, never far
+    assert fast.kl != rough.kl and abs(fast.kl - rough.kl) < max(rough.kl, 1e-3) and fast.top1 > 0.5

@@ -29,8 +29,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
     """GenAI's text model of `checkpoint` in `out`: built in fp32 by the builder, which streams its
-    weights to disk, then (for `int4`) quantized MatMul by MatMul. The builder's own INT4 pass would
-    first hold every weight in fp32 at once (14.5 GiB for the 2B); this gives the same bytes."""
+    weights to disk, then (for `int4`) quantized MatMul by MatMul, its embedding table in fp16 as the
+    hybrid route's is. The builder's own INT4 pass would first hold every weight in fp32 at once
+    (14.5 GiB for the 2B); this gives the same bytes."""
     command = [
         sys.executable,
         "-m",
@@ -55,8 +56,9 @@ def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise BundleError(f"the onnxruntime-genai builder failed:\n{tail}")
-    if Precisions.of(precision).genai == "int4":
-        quantize_onnx_file(out / "model.onnx")
+    precisions = Precisions.of(precision)
+    if precisions.genai == "int4":
+        quantize_onnx_file(out / "model.onnx", half_tables=precisions.embeddings == "fp16")
     with tempfile.TemporaryDirectory() as tmp:
         processor.tokenizer.save_pretrained(tmp)
         for name in TOKENIZER_FILES:

@@ -307,13 +307,23 @@ def int4_arrays(name: str, weight: Int4Weight) -> list[tuple[str, np.ndarray]]:
     return list(zip(int4_names(name, weight.setting), arrays, strict=True))
 
 
-def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
+def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING, half_tables: bool = False) -> int:
     """Rewrite the ONNX model `path` (weights in `path.data`) so that every MatMul with a 2-D float
-    weight runs as INT4 `MatMulNBits`, as onnxruntime's `MatMulNBitsQuantizer` would; the other weights
-    are copied. Holds one weight at a time. Returns how many MatMuls were quantized."""
+    weight runs as INT4 `MatMulNBits`, as onnxruntime's `MatMulNBitsQuantizer` would; with
+    `half_tables`, every table a `Gather` reads rows of (the embedding table) is stored in fp16 and
+    its rows cast back to float32. The other weights are copied. Holds one weight at a time. Returns
+    how many MatMuls were quantized."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
+    tables = {
+        node.input[0]
+        for node in graph.node
+        if half_tables
+        and node.op_type == "Gather"
+        and node.input[0] in weights
+        and weights[node.input[0]].data_type == TensorProto.FLOAT
+    }
     targets = {
         node.input[1]
         for node in graph.node
@@ -335,6 +345,8 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
             if tensor.name in targets:
                 weight = quantize_int4(array.T, setting)  # a MatMul weight (K, N) is an nn.Linear's (N, K)
                 initializers += [data.add(n, a) for n, a in int4_arrays(tensor.name, weight)]
+            elif tensor.name in tables:
+                initializers.append(data.add(tensor.name, array.astype(np.float16)))
             else:
                 initializers.append(data.add(tensor.name, array))
     nodes = []
@@ -349,6 +361,14 @@ def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING) -> int:
                 name=node.name + "_Q4",
                 domain=CONTRIB,
                 **matmul_nbits_attributes(setting, k, n),
+            )
+        elif node.op_type == "Gather" and node.input[0] in tables:
+            half = onnx.NodeProto()
+            half.CopyFrom(node)
+            half.output[0] = node.output[0] + "_fp16"
+            nodes.append(half)
+            node = helper.make_node(
+                "Cast", [half.output[0]], [node.output[0]], name=node.name + "_float", to=TensorProto.FLOAT
             )
         nodes.append(node)
     graph.ClearField("initializer")
