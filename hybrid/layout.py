@@ -16,7 +16,11 @@ from hybrid.types import RouteName
 PROCESSOR_DIR = "processor"
 VISION_DIR = "vision"
 VISION_CONFIG = "config.json"  # in VISION_DIR: the vision config alone
+CHECKPOINT_VISION_PREFIX = "model.visual."  # the vision tower's tensors in a Qwen3-VL checkpoint
 VISION_WEIGHTS = "model.safetensors"  # in VISION_DIR: the `model.visual.*` tensors, prefix dropped
+# What an INT4 bundle keeps of them: what the ONNX tower reads at load (its PyTorch tower, on
+# request, reads the source checkpoint; fp32 bundles keep every tensor)
+ONNX_VISION_TENSORS = ("pos_embed.weight",)
 VISION_ONNX = {"fp32": "model-fp32.onnx", "int8": "model-int8.onnx"}  # in VISION_DIR: hybrid.export.vision
 EMBED_FILE = "embed_tokens.npy"
 DECODER_DIR = "decoder"

@@ -64,6 +64,7 @@ class _Loader:
                 self.runtime.threads,
                 int8=Precisions.of(self.manifest.precision).vision_int8,
                 backend=self.runtime.vision_backend,
+                checkpoint=self.manifest.checkpoint,
             ),
             EmbeddingTable(self.bundle / EMBED_FILE),
             OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads, self.prompt_graph()),

@@ -21,7 +21,7 @@ import torch
 
 from hybrid.config import VISION_BACKENDS, VisionBackend
 from hybrid.errors import BundleError
-from hybrid.layout import VISION_CONFIG, VISION_WEIGHTS, vision_graph
+from hybrid.layout import CHECKPOINT_VISION_PREFIX, ONNX_VISION_TENSORS, VISION_CONFIG, VISION_WEIGHTS, vision_graph
 from hybrid.processor import pixel_digest
 from hybrid.vision_onnx import OnnxVisionTower
 
@@ -59,10 +59,16 @@ class FeatureCache:
 
 class VisionTower:
     """`encode(pixel_values, image_grid_thw)` -> `VisionFeatures`, cached by pixels and grid.
-    `backend` None: ONNX where the bundle has the graph of this precision, else PyTorch (with a warning)."""
+    `backend` None: ONNX where the bundle has the graph of this precision, else PyTorch (with a warning).
+    `checkpoint`: the bundle's source, where the PyTorch tower of an INT4 bundle reads its weights."""
 
     def __init__(
-        self, folder: str | Path, threads: int, int8: bool = False, backend: VisionBackend | None = None
+        self,
+        folder: str | Path,
+        threads: int,
+        int8: bool = False,
+        backend: VisionBackend | None = None,
+        checkpoint: str | Path | None = None,
     ) -> None:
         folder = Path(folder)
         graph = folder / vision_graph(int8)
@@ -85,7 +91,7 @@ class VisionTower:
         self.spatial_merge_size = config.spatial_merge_size
         self.threads = threads
         self.cache = FeatureCache()
-        self.model = _load_torch(folder, config, int8) if backend == "torch" else None
+        self.model = _load_torch(folder, config, int8, checkpoint) if backend == "torch" else None
         self.onnx = OnnxVisionTower(folder, config, graph, threads) if backend == "onnx" else None
 
     def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
@@ -122,7 +128,7 @@ def _load_config(folder: Path):
         raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
 
 
-def _load_torch(folder: Path, config, int8: bool) -> torch.nn.Module:
+def _load_torch(folder: Path, config, int8: bool, checkpoint: str | Path | None) -> torch.nn.Module:
     from safetensors.torch import load
 
     try:
@@ -130,10 +136,27 @@ def _load_torch(folder: Path, config, int8: bool) -> torch.nn.Module:
         state = load((folder / VISION_WEIGHTS).read_bytes())
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot load the vision tower from {folder}: {exc}") from exc
+    if set(state) <= set(ONNX_VISION_TENSORS):  # an INT4 bundle: the tower's weights are the checkpoint's
+        state = _checkpoint_tower(checkpoint)
     config._attn_implementation = "sdpa"
     model = _from_state(config, state)
     del state
     return _int8_linears(model) if int8 else model
+
+
+def _checkpoint_tower(checkpoint: str | Path | None) -> dict[str, torch.Tensor]:
+    """The `model.visual.*` tensors of the source checkpoint in float32, prefix dropped."""
+    from hybrid.export.tensors import CheckpointTensors
+
+    prefix = CHECKPOINT_VISION_PREFIX
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        raise BundleError(
+            f"an INT4 bundle holds only the ONNX vision tower; its PyTorch tower reads the source checkpoint "
+            f"({checkpoint}), which is not there: use --vision onnx, or export the bundle again from a checkpoint"
+        )
+    tensors = CheckpointTensors(Path(checkpoint))
+    names = [name for name in tensors.entries if name.startswith(prefix)]
+    return {name[len(prefix) :]: torch.from_numpy(tensors.read(name)) for name in names}
 
 
 def _from_state(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:

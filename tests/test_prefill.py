@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.config import RuntimeConfig, UserError
 from hybrid.decoder import OnnxDecoder
+from hybrid.export import prefill
 from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
 from hybrid.export.prefill import NBitsWeight, int8_columns
 from hybrid.layout import DECODER_FILE, PREFILL_FILE
@@ -41,13 +42,19 @@ def nbits_product(weight, setting: Int4Setting, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("setting", [Int4Setting(64, "rtn-zp"), Int4Setting(32, "rtn"), Int4Setting(128, "mse-zp")])
-def test_the_int4_weight_expands_to_what_matmulnbits_multiplies_by(setting):
+def test_the_int4_weight_expands_to_what_matmulnbits_multiplies_by(setting, monkeypatch):
+    monkeypatch.setattr(prefill, "ROW_BLOCK", 20)  # 48 rows: three blocks, the last one short
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((48, 320)).astype(np.float32)  # 320: not a multiple of 128
     quantized = quantize_int4(weight, setting)
     expanded = NBitsWeight(quantized.packed, quantized.scales, quantized.zero_points, 320, setting.block_size)
     eye = np.eye(320, dtype=np.float32)
     np.testing.assert_allclose(expanded.dequantized(), nbits_product(quantized, setting, eye).T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(expanded.dequantized(slice(5, 9)), expanded.dequantized()[5:9])
+    whole, scales = int8_columns(expanded.dequantized())
+    by_rows = expanded.int8()  # a block of output rows at a time: the same codes
+    np.testing.assert_array_equal(by_rows[0], whole)
+    np.testing.assert_array_equal(by_rows[1], scales)
     assert np.abs(expanded.dequantized() - weight).mean() < 0.15  # and it is near the weight it quantized
 
 

@@ -1,13 +1,16 @@
 """The PyTorch vision tower alone: fp32 as in the checkpoint, INT8 linear layers in INT4 bundles (the
-ONNX tower, the default where a bundle has it, is tested in test_vision_onnx)."""
+ONNX tower, the default where a bundle has it, is tested in test_vision_onnx); an INT4 bundle's
+PyTorch tower reads the source checkpoint."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from hybrid.layout import VISION_DIR
+from hybrid.errors import BundleError
+from hybrid.layout import ONNX_VISION_TENSORS, VISION_DIR, VISION_WEIGHTS
 from hybrid.types import Message
 from hybrid.vision import VisionTower
 from tests.conftest import draw_scene
@@ -16,7 +19,8 @@ from tests.conftest import draw_scene
 def tower_features(pipe, image):
     route = pipe.routes["hybrid"]
     inputs = route.processor.prepare((Message("user", "What is this?", (image,)),))
-    tower = VisionTower(pipe.bundle / VISION_DIR, 0, int8=pipe.manifest.precision == "int4", backend="torch")
+    int8 = pipe.manifest.precision == "int4"
+    tower = VisionTower(pipe.bundle / VISION_DIR, 0, int8=int8, backend="torch", checkpoint=pipe.manifest.checkpoint)
     return tower, tower._run(inputs.pixel_values, inputs.image_grid_thw)
 
 
@@ -35,3 +39,14 @@ def test_int4_bundles_run_the_tower_with_int8_linears_close_to_fp32(pipeline):
     for a, b in ((fp32.image_embeds, int8.image_embeds), (fp32.deepstack_embeds, int8.deepstack_embeds)):
         cosine = float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
         assert 0.99 < cosine < 1.0, cosine
+
+
+def test_an_int4_bundle_keeps_only_the_onnx_towers_tensors_and_its_torch_tower_reads_the_checkpoint(bundle, checkpoint):
+    folder = bundle("base", "int4") / VISION_DIR
+    assert set(load_file(str(folder / VISION_WEIGHTS))) == set(ONNX_VISION_TENSORS)
+    full = VisionTower(bundle("base") / VISION_DIR, 0, backend="torch")  # fp32: every tensor in the bundle
+    ours = VisionTower(folder, 0, backend="torch", checkpoint=checkpoint("base"))
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(ours.model.state_dict()[name], tensor), name
+    with pytest.raises(BundleError, match="--vision onnx"):
+        VisionTower(folder, 0, backend="torch", checkpoint="/nonexistent/checkpoint")

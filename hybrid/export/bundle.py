@@ -27,10 +27,12 @@ from hybrid.export.prefill import write_int8_prefill
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
+    CHECKPOINT_VISION_PREFIX,
     DECODER_DIR,
     DECODER_FILE,
     EMBED_FILE,
     GENAI_DIR,
+    ONNX_VISION_TENSORS,
     PREFILL_FILE,
     PROCESSOR_DIR,
     VISION_CONFIG,
@@ -46,7 +48,6 @@ LOCK_FILE = ".export.lock"  # in a partial folder: held by the export writing it
 STALE_UNLOCKED_S = 60.0  # a partial folder without a lock is left alone this long after it was made
 
 BAR_WIDTH = 24
-CHECKPOINT_PREFIX = "model.visual."  # the vision tower's tensors in a Qwen3-VL checkpoint
 
 
 def resolve_checkpoint(source: str) -> Path:
@@ -194,16 +195,19 @@ def _generation_config(checkpoint: Path, config):
 
 
 def _write_vision_tower(tensors, config, folder: Path, int8: bool) -> None:
-    """The `model.visual.*` tensors alone, in float32, with the vision config (the PyTorch tower), and
-    the ONNX tower, INT8 in INT4 bundles: what `VisionTower` loads."""
-    names = sorted(name for name in tensors.entries if name.startswith(CHECKPOINT_PREFIX))
+    """The vision config, the ONNX tower (INT8 in INT4 bundles) and, in float32, the `model.visual.*`
+    tensors: all of them in fp32 bundles (the PyTorch tower), only what the ONNX tower reads at
+    load in INT4 ones (their PyTorch tower reads the checkpoint): what `VisionTower` loads."""
+    names = sorted(name for name in tensors.entries if name.startswith(CHECKPOINT_VISION_PREFIX))
     if not names:
-        raise BundleError(f"the checkpoint has no {CHECKPOINT_PREFIX}* tensors: not a Qwen3-VL checkpoint?")
+        raise BundleError(f"the checkpoint has no {CHECKPOINT_VISION_PREFIX}* tensors: not a Qwen3-VL checkpoint?")
+    if int8:
+        names = [CHECKPOINT_VISION_PREFIX + name for name in ONNX_VISION_TENSORS]
     folder.mkdir(parents=True, exist_ok=True)
-    listed = [(name[len(CHECKPOINT_PREFIX) :], tensors.shape(name)) for name in names]
-    write_safetensors(folder / VISION_WEIGHTS, listed, lambda name: tensors.read(CHECKPOINT_PREFIX + name))
+    listed = [(name[len(CHECKPOINT_VISION_PREFIX) :], tensors.shape(name)) for name in names]
+    write_safetensors(folder / VISION_WEIGHTS, listed, lambda name: tensors.read(CHECKPOINT_VISION_PREFIX + name))
     (folder / VISION_CONFIG).write_text(config.vision_config.to_json_string())
-    export_vision(tensors, CHECKPOINT_PREFIX, config.vision_config, folder / vision_graph(int8), int8)
+    export_vision(tensors, CHECKPOINT_VISION_PREFIX, config.vision_config, folder / vision_graph(int8), int8)
 
 
 def _model_info(config, tensors) -> dict:

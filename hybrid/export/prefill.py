@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 CONTRIB = "com.microsoft"
 HEAD_PREFIX = "lm_head."
 AXES, FLOOR = "int8_prefill_axes", "int8_prefill_floor"  # the graph's two new constants
+ROW_BLOCK = 512  # output rows of a weight expanded to float at a time
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,33 @@ class NBitsWeight:
     k: int
     block: int
 
-    def dequantized(self) -> np.ndarray:
-        """The float weight `(N, K)` that `MatMulNBits` multiplies by: `(q - zero) * scale`."""
-        n, blocks, _ = self.packed.shape
+    def dequantized(self, rows: slice = slice(None)) -> np.ndarray:
+        """The float weight `(N, K)` (or its output rows `rows`) that `MatMulNBits` multiplies by:
+        `(q - zero) * scale`."""
+        packed = self.packed[rows]
+        n, blocks, _ = packed.shape
         values = np.empty((n, blocks, self.block), dtype=np.float32)
-        values[..., 0::2] = self.packed & 0x0F
-        values[..., 1::2] = self.packed >> 4
+        values[..., 0::2] = packed & 0x0F
+        values[..., 1::2] = packed >> 4
         if self.zero_points is None:
             values -= 8.0
         else:
-            pairs = np.empty((n, 2 * self.zero_points.shape[1]), dtype=np.float32)
-            pairs[:, 0::2] = self.zero_points & 0x0F
-            pairs[:, 1::2] = self.zero_points >> 4
+            zero_points = self.zero_points[rows]
+            pairs = np.empty((n, 2 * zero_points.shape[1]), dtype=np.float32)
+            pairs[:, 0::2] = zero_points & 0x0F
+            pairs[:, 1::2] = zero_points >> 4
             values -= pairs[:, :blocks, None]
-        values *= self.scales.reshape(n, blocks)[..., None]
+        values *= self.scales[rows].reshape(n, blocks)[..., None]
         return values.reshape(n, blocks * self.block)[:, : self.k]
+
+    def int8(self) -> tuple[np.ndarray, np.ndarray]:
+        """`int8_columns` of the float weight, `ROW_BLOCK` output rows expanded at a time."""
+        n = self.packed.shape[0]
+        codes, scales = np.empty((self.k, n), dtype=np.int8), np.empty(n, dtype=np.float32)
+        for first in range(0, n, ROW_BLOCK):
+            rows = slice(first, min(first + ROW_BLOCK, n))
+            codes[:, rows], scales[rows] = int8_columns(self.dequantized(rows))
+        return codes, scales
 
 
 def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +92,7 @@ def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     peak = np.abs(weight).max(axis=1)
     scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
     codes = np.rint(weight / scale[:, None])
-    return np.ascontiguousarray(np.clip(codes, -127, 127, out=codes).astype(np.int8).T), scale
+    return np.clip(codes, -127, 127, out=codes).astype(np.int8).T, scale
 
 
 def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
@@ -102,7 +115,7 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
                 nodes.append(node)
                 continue
             weight = _nbits_weight(node, stored, decoder_path.parent)
-            codes, scales = int8_columns(weight.dequantized())
+            codes, scales = weight.int8()
             stem = node.input[1].removesuffix("_Q4")
             derived += [data.add(stem + "_int8", codes), data.add(stem + "_int8_scales", scales)]
             nodes += _int8_nodes(node, stem)
