@@ -29,9 +29,14 @@ def test_presets_have_the_real_shapes():
     assert preset_spec("4b", 6).num_hidden_layers == 6 and preset_spec("4b", None).hidden_size == 2560
 
 
-def test_route_keys_name_their_route_precision_and_speculation():
+def test_route_keys_name_their_route_precision_speculation_and_prefill():
     assert [r.key for r in DEFAULT_ROUTES] == ["pytorch_fp32", "hybrid_fp32", "hybrid_int4", "genai_int4"]
-    assert list(ROUTES) == [r.key for r in DEFAULT_ROUTES] + ["hybrid_fp32_plain", "hybrid_int4_plain"]
+    assert list(ROUTES) == [r.key for r in DEFAULT_ROUTES] + [
+        "hybrid_fp32_plain",
+        "hybrid_int4_plain",
+        "hybrid_int4_int4prefill",
+    ]
+    assert {key for key, r in ROUTES.items() if r.prefill == "decoder"} == {"hybrid_int4_int4prefill"}
     assert all(key.startswith(f"{r.route}_{r.precision}") for key, r in ROUTES.items())
     assert {key for key, r in ROUTES.items() if r.speculative == "off"} == {"hybrid_fp32_plain", "hybrid_int4_plain"}
 
@@ -91,6 +96,7 @@ def test_tiny_bench_report(tmp_path):
         assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"] and row["follow_up_same_tokens"]
     assert "follow_up_ttft_ms" not in report["routes"]["pytorch_fp32"]
     assert report["cpu"] and "hybrid_int4/hybrid_int4_plain decode_tok_s" in report["ratios"]
+    assert report["ratios"]["hybrid_int4/hybrid_int4_int4prefill prefill_tok_s"] > 0
     assert report["routes"]["hybrid_int4_plain"]["decode_tokens"] == 6
     for key in ("hybrid_fp32", "hybrid_int4"):
         passes = report["verify_cost"][key]
