@@ -11,13 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.config import RuntimeConfig, UserError
 from hybrid.decoder import OnnxDecoder
+from hybrid.demo.eval import eval_exchanges, evaluate, pipeline_answerer
 from hybrid.export import prefill
 from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
 from hybrid.export.prefill import NBitsWeight, int8_columns
 from hybrid.layout import DECODER_FILE, PREFILL_FILE
 from hybrid.manifest import Manifest
 from hybrid.pipeline import Pipeline
-from tests.helpers import ask, run
 
 
 def nbits_product(weight, setting: Int4Setting, x: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_int8_columns_round_to_within_half_a_step():
     assert codes.shape == (96, 40) and codes.dtype == np.int8 and np.isfinite(scales).all()
     back = codes.T.astype(np.float32) * scales[:, None]
     assert np.all(np.abs(back - weight) <= scales[:, None] / 2 + 1e-7)
-    assert np.abs(codes).max() == 127
+    assert np.abs(codes).max() == prefill.LEVELS == 63  # 7 bits: no saturation in MLAS's AVX2 kernel
 
 
 def test_an_int4_bundle_has_the_int8_graph_and_an_fp32_one_does_not(bundle):
@@ -129,18 +129,22 @@ def test_a_follow_up_prefill_after_steps_binds_the_step_inputs_again(bundle):
         assert cache.length == 20
 
 
-def test_the_route_prefills_in_int8_unless_asked_and_answers_alike(bundle):
-    folder = bundle("base", "int4")
+def test_the_route_prefills_in_int8_unless_asked_and_answers_alike(bundle, demo_bundle):
+    """On the trained demo model (the random tiny models have logit margins below what 8-bit
+    activations move): most replies are the same word for word; what differs is within the accuracy
+    that test_demo_model's INT4 test holds to fp32's."""
+    fp32 = Pipeline.load(bundle("base"), verify=False, only=("hybrid",))
+    assert fp32.routes["hybrid"].decoder.prompt_session is None  # fp32 bundles prefill in fp32
+    folder = demo_bundle("int4")
     fast = Pipeline.load(folder, verify=False, only=("hybrid",))
     slow = Pipeline.load(folder, RuntimeConfig(prefill="decoder"), verify=False, only=("hybrid",))
     assert fast.routes["hybrid"].decoder.prompt_session is not None
     assert slow.routes["hybrid"].decoder.prompt_session is None
-    fp32 = Pipeline.load(bundle("base"), verify=False, only=("hybrid",))
-    assert fp32.routes["hybrid"].decoder.prompt_session is None  # fp32 bundles prefill in fp32
-    request = ask("Describe a sunny morning in a small town, in one long sentence.")
-    ours, theirs = run(fast, request, "hybrid"), run(slow, request, "hybrid")
-    # random tiny weights have near-ties; the first tokens are the prompt pass's own logits
-    assert ours["token_ids"][:2] == theirs["token_ids"][:2]
+    exchanges = eval_exchanges(12, seed=99, text=False)
+    ours, theirs = (evaluate(pipeline_answerer(p, "hybrid"), exchanges, keep=len(exchanges)) for p in (fast, slow))
+    same = [a.reply == b.reply for a, b in zip(ours.samples, theirs.samples, strict=True)]
+    assert len(same) == len(exchanges) and sum(same) >= 0.75 * len(same), f"{sum(same)} of {len(same)} alike"
+    assert abs(ours.any_label_hit_rate - theirs.any_label_hit_rate) <= 0.15
 
 
 def test_an_unknown_prefill_is_refused():
