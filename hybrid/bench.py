@@ -160,7 +160,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
         raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
     if args.speculation:
-        routes += [ROUTES[key].plain.key for key in routes if ROUTES[key].route == "hybrid"]
+        plain = [ROUTES[key].plain.key for key in routes if ROUTES[key].route == "hybrid"]
+        routes += [key for key in plain if key in ROUTES]  # the int4-prefill column has no plain twin
         routes = list(dict.fromkeys(routes))
     if args.preset == DEMO:
         bundles, layers = _demo_bundles(Path(args.cache), {ROUTES[r].precision for r in routes}), None

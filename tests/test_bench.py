@@ -70,6 +70,8 @@ def test_tiny_bench_report(tmp_path):
         "--follow-up",
         "--detail",
         "--speculation",
+        "--routes",
+        ",".join(key for key, r in ROUTES.items() if r.speculative != "off"),  # the plain ones come with --speculation
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -90,10 +92,14 @@ def test_tiny_bench_report(tmp_path):
     hybrid = report["routes"]["hybrid_int4"]
     assert hybrid["decode_tok_s"] < report["ceiling_tok_s"], "no route decodes faster than memory allows"
     assert 0 < hybrid["ceiling_share"] < 1
-    for key in [k for k, r in ROUTES.items() if r.route in REUSING]:
+    for key, r in [(k, r) for k, r in ROUTES.items() if r.route in REUSING]:
         row = report["routes"][key]
         assert row["follow_up_ttft_ms"] > 0 and row["follow_up_ttft_ms_no_reuse"] > 0 and row["first_turn_ttft_ms"] > 0
-        assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"] and row["follow_up_same_tokens"]
+        assert 0 < row["follow_up_reused_tokens"] < row["follow_up_prompt_tokens"]
+        # reuse gives a fresh request's tokens where the prompt pass is the decoder's own graph; with
+        # the int8 one, the kept answer's keys came from INT4 steps and a fresh prefill writes them in int8
+        exact = r.route == "genai" or r.precision == "fp32" or r.prefill == "decoder"
+        assert row["follow_up_same_tokens"] or not exact, key
     assert "follow_up_ttft_ms" not in report["routes"]["pytorch_fp32"]
     assert report["cpu"] and "hybrid_int4/hybrid_int4_plain decode_tok_s" in report["ratios"]
     assert report["ratios"]["hybrid_int4/hybrid_int4_int4prefill prefill_tok_s"] > 0
