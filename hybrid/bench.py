@@ -31,7 +31,7 @@ from hybrid.config import (
     Speculative,
 )
 from hybrid.errors import UserError
-from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_FILE, PROCESSOR_DIR, VISION_DIR
+from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_GRAPH, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
 from hybrid.metrics import cpu_isa, rss_mb
 from hybrid.router import can_serve
@@ -425,7 +425,7 @@ def _loaded_mb(bundle: Path, route: RouteName, pipeline) -> float:
     elif route == "hybrid":
         files = list((bundle / VISION_DIR).glob("*.safetensors")) + list((bundle / DECODER_DIR).glob("model.onnx*"))
         if pipeline.runtime.prefill == "int8":
-            files += list((bundle / DECODER_DIR).glob(Path(PREFILL_FILE).name + ".data"))
+            files += list((bundle / DECODER_DIR).glob(PREFILL_GRAPH + ".data"))
     else:
         files = list((bundle / GENAI_DIR).glob("model.onnx*"))
     return sum(f.stat().st_size for f in files) / 2**20

@@ -29,6 +29,7 @@ import numpy as np
 from hybrid.decoder import KVCache, OnnxDecoder
 from hybrid.errors import UserError
 from hybrid.export.int4 import QUANTIZERS, Int4Scheme, Int4Setting
+from hybrid.layout import PREFILL_GRAPH
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ PROMPTS = (
 
 
 INT8_PREFILL = "+int8-prefill"  # a row's name suffix: its prompt passes run the int8 graph
-PROMPT_FILE = "prefill-int8.onnx"  # beside each INT4 decoder in the cache
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,16 @@ def _export_decoders(
             start = time.perf_counter()
             precision = FP32 if scheme is None else "int4"
             decoder.export_decoder(tensors, config, path, precision, int4=scheme or Int4Scheme())
-            if scheme is not None:
-                write_int8_prefill(path, path.with_name(PROMPT_FILE))
             done.write_text("")
             log.info("exported the %s decoder in %.0f s", name, time.perf_counter() - start)
         paths[name] = Candidate(path, embed)
         if scheme is not None and int8_prefill:
-            paths[name + INT8_PREFILL] = Candidate(path, embed, path.with_name(PROMPT_FILE))
+            prompt = path.with_name(PREFILL_GRAPH)
+            prompt_done = path.with_name("done-" + PREFILL_GRAPH)
+            if not prompt_done.is_file():
+                write_int8_prefill(path, prompt)
+                prompt_done.write_text("")
+            paths[name + INT8_PREFILL] = Candidate(path, embed, prompt)
     return paths
 
 

@@ -148,15 +148,14 @@ def _checkpoint_tower(checkpoint: str | Path | None) -> dict[str, torch.Tensor]:
     """The `model.visual.*` tensors of the source checkpoint in float32, prefix dropped."""
     from hybrid.export.tensors import CheckpointTensors
 
-    prefix = CHECKPOINT_VISION_PREFIX
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise BundleError(
             f"an INT4 bundle holds only the ONNX vision tower; its PyTorch tower reads the source checkpoint "
             f"({checkpoint}), which is not there: use --vision onnx, or export the bundle again from a checkpoint"
         )
     tensors = CheckpointTensors(Path(checkpoint))
-    names = [name for name in tensors.entries if name.startswith(prefix)]
-    return {name[len(prefix) :]: torch.from_numpy(tensors.read(name)) for name in names}
+    names = [name for name in tensors.entries if name.startswith(CHECKPOINT_VISION_PREFIX)]
+    return {name.removeprefix(CHECKPOINT_VISION_PREFIX): torch.from_numpy(tensors.read(name)) for name in names}
 
 
 def _from_state(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:

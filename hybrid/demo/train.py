@@ -3,7 +3,8 @@ or a GPU, resumable from its checkpoints.
 
 `train(out_dir, TrainConfig(...), demo_spec(...))` builds the model, teaches it the language of
 `hybrid.demo.scenes` with a teacher-forced loss on the answer tokens only (the shape words weighed
-`shape_weight` times, a box's digits `box_weight` times), and writes a normal checkpoint folder with `hybrid.tiny.build_checkpoint`.
+`shape_weight` times, a box's digits `box_weight` times), and writes a normal checkpoint folder
+with `hybrid.tiny.build_checkpoint`.
 
 Each row is a conversation: one to `questions` questions about one picture, each answer in the
 history of the next, rendered by the chat template exactly as the app sends a follow-up. The vision

@@ -161,6 +161,7 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
     """Every part of the bundle, each tensor read from the checkpoint as it is written."""
     from transformers import AutoConfig, AutoProcessor
 
+    precisions = Precisions.of(precision)
     steps = 4 if genai else 3
     with _step(1, steps, "reading the checkpoint's config, processor and tensor index"):
         config = AutoConfig.from_pretrained(str(checkpoint))
@@ -169,12 +170,12 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
     with _step(2, steps, "saving the processor, the vision tower and the embedding table"):
         processor.save_pretrained(str(work / PROCESSOR_DIR))
         _generation_config(checkpoint, config).save_pretrained(str(work / PROCESSOR_DIR))
-        _write_vision_tower(tensors, config, work / VISION_DIR, int8=Precisions.of(precision).vision_int8)
+        _write_vision_tower(tensors, config, work / VISION_DIR, int8=precisions.vision_int8)
         embed = decoder.TEXT + "embed_tokens.weight"
-        dtype = np.float16 if Precisions.of(precision).embeddings == "fp16" else np.float32
+        dtype = np.float16 if precisions.embeddings == "fp16" else np.float32
         write_npy(work / EMBED_FILE, tensors.shape(embed), lambda rows: tensors.read(embed, rows), dtype=dtype)
-    precisions = Precisions.of(precision)
-    what = f"int4 {int4.name}, int8 prompt pass" if precisions.decoder == "int4" else "fp32"
+    what = f"int4 {int4.name}" if precisions.decoder == "int4" else "fp32"
+    what += ", int8 prompt pass" if precisions.prompt == "int8" else ""
     with _step(3, steps, f"writing the ONNX text decoder ({what})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
         if precisions.prompt == "int8":

@@ -36,11 +36,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hybrid.export.int4 import CONTRIB
 from hybrid.export.tensors import ExternalData, read_initializer
 
 log = logging.getLogger(__name__)
 
-CONTRIB = "com.microsoft"
 HEAD_PREFIX = "lm_head."
 AXES, FLOOR = "int8_prefill_axes", "int8_prefill_floor"  # the graph's two new constants
 ROW_BLOCK = 512  # output rows of a weight expanded to float at a time
@@ -66,17 +66,8 @@ class NBitsWeight:
         `(q - zero) * scale`."""
         packed = self.packed[rows]
         n, blocks, _ = packed.shape
-        values = np.empty((n, blocks, self.block), dtype=np.float32)
-        values[..., 0::2] = packed & 0x0F
-        values[..., 1::2] = packed >> 4
-        if self.zero_points is None:
-            values -= 8.0
-        else:
-            zero_points = self.zero_points[rows]
-            pairs = np.empty((n, 2 * zero_points.shape[1]), dtype=np.float32)
-            pairs[:, 0::2] = zero_points & 0x0F
-            pairs[:, 1::2] = zero_points >> 4
-            values -= pairs[:, :blocks, None]
+        values = _unpacked(packed)  # (n, blocks, block)
+        values -= 8.0 if self.zero_points is None else _unpacked(self.zero_points[rows])[:, :blocks, None]
         values *= self.scales[rows].reshape(n, blocks)[..., None]
         return values.reshape(n, blocks * self.block)[:, : self.k]
 
@@ -88,6 +79,14 @@ class NBitsWeight:
             rows = slice(first, min(first + ROW_BLOCK, n))
             codes[:, rows], scales[rows] = int8_columns(self.dequantized(rows))
         return codes, scales
+
+
+def _unpacked(packed: np.ndarray) -> np.ndarray:
+    """4-bit values two a byte (element 2i in the low nibble, as `int4._nibbles` packs them) as float32."""
+    values = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=np.float32)
+    values[..., 0::2] = packed & 0x0F
+    values[..., 1::2] = packed >> 4
+    return values
 
 
 def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
