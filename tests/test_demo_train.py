@@ -4,6 +4,8 @@ are the chat template's own text, and a training resumed from its state goes on 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,23 @@ def test_bad_training_settings_are_refused_with_what_is_wrong():
         train.TrainConfig(steps=0)
     with pytest.raises(train.InvalidConfig, match="image tokens"):
         train.demo_spec(patch_size=4, max_pixels=256 * 256)
+
+
+def test_a_warm_start_begins_from_the_trained_model_and_keeps_its_record(tmp_path):
+    spec = train.demo_spec(patch_size=16, max_pixels=128 * 128)
+    first = train.start(tmp_path / "first", tmp_path / "first.state", small_config(steps=1, tower_steps=0), spec)
+    out = train.finish(first)
+    assert train.init_spec(out) == spec
+    warm = train.start(
+        tmp_path / "warm", tmp_path / "warm.state", small_config(steps=1, tower_steps=0, seed=3), spec, out
+    )
+    for (name, a), b in zip(first.trainer.model.state_dict().items(), warm.trainer.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert warm.warm_start["model"] == str(out) and warm.warm_start["config"]["steps"] == 1
+    record = json.loads((train.finish(warm) / train.TRAINING_RECORD).read_text())
+    assert record["warm_start"]["model"] == str(out)
+    other = train.demo_spec(patch_size=8, max_pixels=128 * 128)
+    with pytest.raises(train.InvalidConfig, match="patch_size"):
+        train.start(tmp_path / "x", tmp_path / "x.state", small_config(), other, out)
+    with pytest.raises(train.InvalidConfig, match="not a trained demo model"):
+        train.init_spec(tmp_path)

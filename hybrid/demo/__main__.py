@@ -3,6 +3,7 @@
     python -m hybrid.demo train --out assets/demo-model [--state DIR] [--steps N] [--tower-steps N] [--lr LR]
                                 [--shape-weight W] [--box-weight W] [--patch-size P] [--max-pixels N]
                                 [--device cpu|cuda] [--seed S] [--threads T]
+    python -m hybrid.demo train --out DIR --init MODEL [--tower-steps 0] [...]   (a warm start from MODEL's weights)
     python -m hybrid.demo train --resume DIR [--steps N] [--tower-steps N] [--box-weight W] [--device D] [--threads T]
     python -m hybrid.demo eval --model assets/demo-model [--n N] [--seed S] [--route hybrid|pytorch|genai]
                                [--style train|edge] [--precision fp32|int4] [--zero-image | --zero-deepstack]
@@ -36,7 +37,7 @@ from hybrid.demo.eval import (
     zero_deepstack,
     zero_image_features,
 )
-from hybrid.demo.train import InvalidConfig, TrainConfig, demo_spec, finish, resume, start
+from hybrid.demo.train import InvalidConfig, TrainConfig, demo_spec, finish, init_spec, resume, start
 from hybrid.errors import HybridError
 from hybrid.launch import TRAINING_RECORD
 from hybrid.logs import FORMAT, setup_logging
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where = fit.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="checkpoint folder to write")
     where.add_argument("--resume", metavar="DIR", help="go on with the training whose state is in DIR")
+    fit.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="with --out: begin from the weights of this trained demo model (fresh optimisers; its patch size "
+        "and pixels; give --tower-steps 0 to skip the tower phase)",
+    )
     fit.add_argument("--state", help="folder of the training state and its checkpoints (default: OUT.state)")
     fit.add_argument(
         "--steps",
@@ -160,6 +167,8 @@ def run_train(args: argparse.Namespace) -> None:
     }
     runtime = {k: v for k, v in runtime.items() if v is not None}
     if args.resume:
+        if args.init:
+            raise InvalidConfig("--init begins a new training (--out); a resumed one has its weights")
         changes = {"steps": args.steps, "tower_steps": args.tower_steps, "box_weight": args.box_weight}
         run = resume(args.resume, **runtime, **{k: v for k, v in changes.items() if v is not None})
     else:
@@ -176,7 +185,8 @@ def run_train(args: argparse.Namespace) -> None:
             **runtime,
         )
         state = args.state or args.out.rstrip("/") + ".state"
-        run = start(args.out, state, cfg, demo_spec(args.patch_size, args.max_pixels))
+        spec = init_spec(args.init) if args.init else demo_spec(args.patch_size, args.max_pixels)
+        run = start(args.out, state, cfg, spec, init=args.init)
     log_to_file(run.state_dir / "train.log")
     finish(run)
 

@@ -502,6 +502,7 @@ class Run:
     phase: str = "tower"
     step: int = 0  # steps done in `phase`
     curves: Curves = field(default_factory=Curves)
+    warm_start: dict | None = None  # the record of the model this training began from (None: random)
 
     def save(self) -> None:
         """The whole state to `state_dir/state.pt`, atomically (a kill mid-write keeps the old one)."""
@@ -516,6 +517,7 @@ class Run:
             "phase": self.phase,
             "step": self.step,
             "curves": asdict(self.curves),
+            "warm_start": self.warm_start,
         }
         partial = self.state_dir / (STATE_FILE + ".partial")
         torch.save(state, partial)
@@ -600,13 +602,49 @@ def _log_point(run: Run, total: int, window: dict[tuple[str, bool], list[float]]
     probes.clear()
 
 
-def start(out_dir: str | Path, state_dir: str | Path, cfg: TrainConfig, spec: TinySpec) -> Run:
-    """A new training of a randomly initialised model of `spec`."""
+def start(
+    out_dir: str | Path, state_dir: str | Path, cfg: TrainConfig, spec: TinySpec, init: str | Path | None = None
+) -> Run:
+    """A new training of a randomly initialised model of `spec`, or, with `init`, of the weights of
+    that trained demo model (its `training.json` must name the same shapes; the optimisers and the
+    probe start afresh, and the earlier record is kept under `warm_start`)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, processor = new_model(spec)
+    warm_start = None
+    if init is not None:
+        warm_start = load_weights(model, spec, Path(init))
     log.info("model: %d parameters, spec %s", parameter_count(model), _shapes(spec))
-    return Run(Trainer(model, processor, cfg), np.random.default_rng(cfg.seed), spec, Path(out_dir), Path(state_dir))
+    trainer = Trainer(model, processor, cfg)
+    return Run(trainer, np.random.default_rng(cfg.seed), spec, Path(out_dir), Path(state_dir), warm_start=warm_start)
+
+
+def init_spec(init: str | Path) -> TinySpec:
+    """The demo spec of the trained model in `init`, from the patch size and pixels its record names."""
+    record = _record_of(Path(init))
+    return demo_spec(record["spec"]["patch_size"], record["spec"]["max_pixels"])
+
+
+def _record_of(folder: Path) -> dict:
+    path = folder / TRAINING_RECORD
+    if not path.is_file():
+        raise InvalidConfig(f"--init {folder}: not a trained demo model (no {TRAINING_RECORD} in it)")
+    return json.loads(path.read_text())
+
+
+def load_weights(model, spec: TinySpec, folder: Path) -> dict:
+    """Copy the weights of the trained demo model in `folder` into `model` (same shapes, or an
+    `InvalidConfig` that says which differ); returns what the warm start keeps of its record."""
+    record = _record_of(folder)
+    expected = json.loads(json.dumps(_shapes(spec)))
+    differ = sorted(k for k in expected if record["spec"].get(k) != expected[k])
+    if differ:
+        raise InvalidConfig(f"--init {folder}: its model differs from the spec to train in {', '.join(differ)}")
+    trained = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    model.load_state_dict(trained.state_dict())
+    log.info("warm start from %s (%.0f s trained there)", folder, record.get("train_seconds", 0.0))
+    kept = ("config", "train_seconds", "runs", "note", "curves")
+    return {"model": str(folder)} | {k: record[k] for k in kept if k in record}
 
 
 def resume(state_dir: str | Path, **overrides) -> Run:
@@ -633,7 +671,8 @@ def resume(state_dir: str | Path, **overrides) -> Run:
     log.info(
         "resuming %s at %s step %d (%.0f s trained so far)", state_dir, state["phase"], state["step"], curves.seconds
     )
-    return Run(trainer, rng, spec, Path(state["out"]), Path(state_dir), state["phase"], state["step"], curves)
+    where = (Path(state["out"]), Path(state_dir), state["phase"], state["step"], curves, state.get("warm_start"))
+    return Run(trainer, rng, spec, *where)
 
 
 def _shapes(spec: TinySpec) -> dict:
@@ -654,6 +693,8 @@ def finish(run: Run) -> Path:
         "curves": run.curves.points,
         "shape_sizes": [scenes.MIN_SIZE, scenes.MAX_SIZE],  # of the short side: what the model has seen
     }
+    if run.warm_start is not None:
+        record["warm_start"] = run.warm_start
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("trained in %.0fs; wrote %s", run.curves.seconds, out)
     return out
