@@ -15,7 +15,7 @@ import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from hybrid.config import (
 from hybrid.errors import UserError
 from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_GRAPH, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
+from hybrid.manifest import Manifest
 from hybrid.metrics import cpu_isa, rss_mb
 from hybrid.router import can_serve
 from hybrid.tiny import TinySpec, build_checkpoint
@@ -130,6 +131,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of " + ",".join(ROUTES) + " (_plain: without speculative decoding)",
     )
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--peers",
+        default="",
+        help="comma-separated peers to measure beside the routes: openvino (OpenVINO GenAI's VLMPipeline on an "
+        "optimum-intel INT4 export of the same checkpoint, in its own environment under .cache/peers)",
+    )
     parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
@@ -163,16 +170,22 @@ def run_bench(args: argparse.Namespace) -> int:
         plain = [ROUTES[key].plain.key for key in routes if ROUTES[key].route == "hybrid"]
         routes += [key for key in plain if key in ROUTES]  # the int4-prefill column has no plain twin
         routes = list(dict.fromkeys(routes))
+    peers = _parse_peers(args.peers)
+    if peers and args.preset == DEMO:
+        raise UserError("--peers measures the 2b, 4b and tiny presets (the demo model's tokenizer is its own)")
     if args.preset == DEMO:
         bundles, layers = _demo_bundles(Path(args.cache), {ROUTES[r].precision for r in routes}), None
     else:
         spec = preset_spec(args.preset, args.layers)
         bundles = _prepare_bundles(Path(args.cache), args.preset, spec, {ROUTES[r].precision for r in routes})
         layers = spec.num_hidden_layers
+        peers = _prepare_peers(Path(args.cache), args.preset, spec, peers)
     if args.speculation and args.preset == DEMO:
         report = measure_demo_speculation(bundles, routes, args.new_tokens, args.runs, args.threads)
     else:
-        report = measure(bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
+        report = measure(
+            bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads, peers
+        )
     report.update(preset=args.preset, layers=layers, image=args.image, cpu=cpu_isa())
     if args.speculation:
         hybrid = sorted({ROUTES[key].precision for key in routes if ROUTES[key].route == "hybrid"})
@@ -207,13 +220,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[Precision]) -> dict[str, Path]:
     from hybrid.launch import ensure_bundle  # loads torch and transformers: only when benchmarking
 
-    name = f"{preset}-L{spec.num_hidden_layers}"
-    checkpoint = cache / f"checkpoint-{name}"
-    if not (checkpoint / "config.json").is_file():
-        log.info(
-            "building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint
-        )
-        build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
+    name = _checkpoint_name(preset, spec)
+    checkpoint = _prepare_checkpoint(cache, preset, spec)
     bundles = {}
     for precision in sorted(precisions):
         # a cached bundle is reused only while it is what an export would write today
@@ -221,6 +229,54 @@ def _prepare_bundles(cache: Path, preset: str, spec: TinySpec, precisions: set[P
             checkpoint, cache / f"bundle-{name}-{precision}", precision, genai=precision == "int4"
         )
     return bundles
+
+
+def _checkpoint_name(preset: str, spec: TinySpec) -> str:
+    return f"{preset}-L{spec.num_hidden_layers}"
+
+
+def _prepare_checkpoint(cache: Path, preset: str, spec: TinySpec) -> Path:
+    checkpoint = cache / f"checkpoint-{_checkpoint_name(preset, spec)}"
+    if not (checkpoint / "config.json").is_file():
+        log.info(
+            "building a random-weight %s checkpoint (%d text layers) in %s", preset, spec.num_hidden_layers, checkpoint
+        )
+        build_checkpoint(checkpoint, spec, seed=0, dtype=CHECKPOINT_DTYPE)
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer column: its environment's Python, its export of the bench's checkpoint and that export's record."""
+
+    python: Path
+    model: Path
+    export: dict
+
+
+PEERS = {"openvino": "openvino_int4"}  # --peers name: its column
+
+
+def _parse_peers(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(PEERS)
+    if unknown:
+        raise UserError(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    return list(dict.fromkeys(names))
+
+
+def _prepare_peers(cache: Path, preset: str, spec: TinySpec, names: list[str]) -> dict[str, Peer]:
+    """Each named peer's environment (built once) and its export of the bench's checkpoint."""
+    if not names:
+        return {}
+    from hybrid.peers.openvino import OpenVinoScheme, ensure_env, ensure_export
+
+    checkpoint = _prepare_checkpoint(cache, preset, spec)
+    python = ensure_env()
+    scheme = OpenVinoScheme()
+    out = cache / f"openvino-{_checkpoint_name(preset, spec)}-{scheme.name}"
+    record = ensure_export(python, checkpoint, out, scheme)
+    return {PEERS["openvino"]: Peer(python, out, asdict(record))}
 
 
 def measure(
@@ -232,30 +288,53 @@ def measure(
     new_tokens: int,
     runs: int,
     threads: int,
+    peers: dict[str, Peer] | None = None,
 ) -> dict:
-    """Per route: medians of the timings of an image prompt (a text prompt as long, for a text-only
-    route), a new picture every round so that the vision feature cache never answers for the tower."""
+    """Per route (and peer): medians of the timings of an image prompt (a text prompt as long, for a
+    text-only route), a new picture every round so that the vision feature cache never answers for
+    the tower."""
     image_tokens: dict[str, int] = {}
+    peers = peers or {}
 
     def one(worker: _Worker, key: str, run: int) -> dict:
         image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
-        if not can_serve(ROUTES[key].route, image_prompt):
+        if key not in peers and not can_serve(ROUTES[key].route, image_prompt):
             return worker.ask(_text_request(image_tokens.get("image", prompt_tokens), new_tokens))
         result = worker.ask(image_prompt)
         image_tokens["image"] = result["timings"]["prompt_tokens"]
         return result
 
-    samples, memory = take_rounds(bundles, routes, threads, runs, one)
-    return _summarise(samples, memory, bundles, new_tokens)
+    samples, memory = take_rounds(bundles, [*routes, *peers], threads, runs, one, peers)
+    report = _summarise(samples, memory, bundles, new_tokens)
+    for key, row in report["routes"].items():
+        row["disk_mb"] = peers[key].export["disk_mb"] if key in peers else _disk_mb(bundles, ROUTES[key])
+    report["peers"] = {
+        key: {"export": peer.export, "settings": samples[key][0]["settings"]} for key, peer in peers.items()
+    }
+    report["ratios"] = _ratios(report["routes"])
+    return report
+
+
+def _disk_mb(bundles: dict[str, Path], column: BenchRoute) -> float:
+    """What a route needs on disk: its whole bundle (the GenAI model is part of an INT4 bundle), or
+    for the PyTorch route the checkpoint it reads."""
+    bundle = bundles[column.precision]
+    folder = Path(Manifest.load(bundle).checkpoint) if column.route == "pytorch" else bundle
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def take_rounds(
-    bundles: dict[str, Path], keys: list[str], threads: int, runs: int, one: Callable[[_Worker, str, int], dict]
+    bundles: dict[str, Path],
+    keys: list[str],
+    threads: int,
+    runs: int,
+    one: Callable[[_Worker, str, int], dict],
+    peers: dict[str, Peer] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, tuple[float, float]]]:
     """`one(worker, key, run)` for each route in its own worker process, `runs` rounds after a warm-up
     round that is left out, the routes taking turns going first (`round_order`). Returns each
     route's samples and its worker's (loaded MB, baseline RSS MB)."""
-    workers = _start_workers(bundles, keys, threads)
+    workers = _start_workers(bundles, keys, threads, peers or {})
     try:
         samples: dict[str, list[dict]] = {key: [] for key in keys}
         for run in range(runs + 1):
@@ -275,9 +354,18 @@ def round_order(keys: list[str], run: int) -> list[str]:
     return keys if run % 2 == 0 else keys[::-1]
 
 
-def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int) -> dict[str, _Worker]:
+def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int, peers: dict[str, Peer]) -> dict:
     ctx = mp.get_context("spawn")
-    return {key: _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads) for key in keys}
+    workers = {}
+    for key in keys:
+        if key in peers:
+            from hybrid.peers.openvino import OpenVinoWorker
+
+            peer = peers[key]
+            workers[key] = OpenVinoWorker(peer.python, peer.model, threads, peer.model.parent / f"{key}-worker.log")
+        else:
+            workers[key] = _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads)
+    return workers
 
 
 def _image_request(width: int, height: int, prompt_tokens: int, new_tokens: int, seed: int) -> Request:
@@ -338,9 +426,15 @@ def _ratios(routes: dict) -> dict:
         ("hybrid_int4", "hybrid_int4_int4prefill", "prefill_tok_s"),
         ("hybrid_int4", "hybrid_int4_int4prefill", "ttft_ms"),
         ("hybrid_int4", "hybrid_int4_int4prefill", "decode_tok_s"),
+        ("hybrid_int4", "openvino_int4", "prefill_tok_s"),
+        ("hybrid_int4", "openvino_int4", "ttft_ms"),
+        ("hybrid_int4", "openvino_int4", "decode_tok_s"),
+        ("hybrid_int4", "openvino_int4", "vision_ms"),
+        ("hybrid_int4", "openvino_int4", "disk_mb"),
+        ("genai_int4", "openvino_int4", "decode_tok_s"),
     ]
     for a, b, field in pairs:
-        if a in routes and b in routes and routes[b][field]:
+        if a in routes and b in routes and routes[b].get(field) and field in routes[a]:
             ratios[f"{a}/{b} {field}"] = routes[a][field] / routes[b][field]
     return ratios
 
@@ -442,6 +536,7 @@ def format_report(report: dict) -> str:
         "peak_rss_mb",
         "baseline_rss_mb",
         "loaded_mb",
+        "disk_mb",
     )
     depth = f"{report['layers']} text layers" if report["layers"] else "the shipped demo model"
     lines = [
@@ -459,6 +554,13 @@ def format_report(report: dict) -> str:
             f"decode ceiling {report['ceiling_tok_s']:.1f} tok/s"
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    for key, peer in report.get("peers", {}).items():
+        export = peer["export"]
+        lines.append(
+            f"{key}: optimum-cli export openvino {export['scheme']} took {export['seconds']:.0f} s, "
+            f"peak {export['peak_rss_mb']:.0f} MB (process tree), {export['disk_mb']:.0f} MB on disk; CPU plugin "
+            + ", ".join(f"{name} {value}" for name, value in peer["settings"].items())
+        )
     lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
     lines += _speculation_lines(routes, report.get("verify_cost", {}), report.get("by_kind", {}))
     lines.append(

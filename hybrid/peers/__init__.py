@@ -1,0 +1,1 @@
+"""Runtimes people would pick instead, measured beside the routes by `bench --peers`."""
