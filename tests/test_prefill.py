@@ -14,7 +14,8 @@ from hybrid.decoder import OnnxDecoder
 from hybrid.demo.eval import eval_exchanges, evaluate, pipeline_answerer
 from hybrid.export import prefill
 from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
-from hybrid.export.prefill import NBitsWeight, int8_columns
+from hybrid.export.int8 import LEVELS, int8_columns
+from hybrid.export.prefill import NBitsWeight
 from hybrid.layout import DECODER_FILE, PREFILL_FILE
 from hybrid.manifest import Manifest
 from hybrid.pipeline import Pipeline
@@ -66,7 +67,7 @@ def test_int8_columns_round_to_within_half_a_step():
     assert codes.shape == (96, 40) and codes.dtype == np.int8 and np.isfinite(scales).all()
     back = codes.T.astype(np.float32) * scales[:, None]
     assert np.all(np.abs(back - weight) <= scales[:, None] / 2 + 1e-7)
-    assert np.abs(codes).max() == prefill.LEVELS == 63  # 7 bits: no saturation in MLAS's AVX2 kernel
+    assert np.abs(codes).max() == LEVELS == 63  # 7 bits: no saturation in MLAS's AVX2 kernel
 
 
 def test_an_int4_bundle_has_the_int8_graph_and_an_fp32_one_does_not(bundle):

@@ -11,7 +11,7 @@ pass runs for one row) are int8 weights derived at export from the INT4 ones:
 
 - the INT4 weight is expanded to its float values (scales and zero points per block) and each
   output column is quantized to 7 bits in int8 by its own largest value (per-column symmetric,
-  `LEVELS`: the INT4 grid's step is about 8 times this one's at equal range, so the derived weight
+  `hybrid.export.int8`: the INT4 grid's step is about 8 times this one's at equal range, so the derived weight
   is the INT4 one to within a small fraction of INT4's own error; prompt pass and decode steps use
   the same weights, to that fraction);
 - the activations go in per row: each row is divided by its own largest magnitude before the
@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hybrid.export.int4 import CONTRIB
+from hybrid.export.int8 import int8_columns
 from hybrid.export.tensors import ExternalData, read_initializer
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "lm_head."
 AXES, FLOOR = "int8_prefill_axes", "int8_prefill_floor"  # the graph's two new constants
 ROW_BLOCK = 512  # output rows of a weight expanded to float at a time
-# 7-bit weights: without VNNI (AVX2, AVX-512F), MLAS's u8 x s8 kernel adds pairs of products in 16
-# bits (vpmaddubsw), which saturates for 255 x 127 + 255 x 127; 255 x 63 twice fits. Still 8 times
-# finer than the INT4 grid the weights come from, and the same kernel speed.
-LEVELS = 63
 
 
 @dataclass(frozen=True)
@@ -87,15 +84,6 @@ def _unpacked(packed: np.ndarray) -> np.ndarray:
     values[..., 0::2] = packed & 0x0F
     values[..., 1::2] = packed >> 4
     return values
-
-
-def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A weight `(N, K)` as `DynamicQuantizeMatMul`'s B `(K, N)` int8 and its per-column scales `(N,)`
-    (symmetric: the largest magnitude of each output column maps to `LEVELS`)."""
-    peak = np.abs(weight).max(axis=1)
-    scale = np.where(peak > 0, peak / LEVELS, 1.0).astype(np.float32)
-    codes = np.rint(weight / scale[:, None])
-    return np.clip(codes, -LEVELS, LEVELS, out=codes).astype(np.int8).T, scale
 
 
 def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:

@@ -7,8 +7,8 @@ interpolated position embeddings (added after the patch embedding) and the 2-D r
 per-patch cos/sin table that onnxruntime's `RotaryEmbedding` reads with positions `0..N-1`). Attention
 never crosses images, so one image per run needs no mask; the caller runs the images one by one.
 
-`int8`: every linear layer but the patch embedding is a `DynamicQuantizeMatMul` with INT8 weights,
-symmetric per output column, and activations quantized per run (what torch's dynamic quantization
+`int8`: every linear layer but the patch embedding is a `DynamicQuantizeMatMul` with 7-bit weights in
+int8, symmetric per output column (`hybrid.export.int8`: no 16-bit saturation on AVX2), and activations quantized per run (what torch's dynamic quantization
 does, in onnxruntime's kernels).
 """
 
@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from hybrid.errors import BundleError
 from hybrid.export.graph import GraphWriter, write_graph
 from hybrid.export.int4 import CONTRIB
+from hybrid.export.int8 import int8_columns
 from hybrid.export.tensors import CheckpointTensors, ExternalData
 
 LAYER_NORM_EPS = 1e-6  # transformers' `Qwen3VLVisionBlock` and `Qwen3VLVisionPatchMerger` hard-code it
@@ -37,15 +38,6 @@ def export_vision(tensors: CheckpointTensors, prefix: str, config, out_path: Pat
     if config.hidden_act not in _GELU:
         raise BundleError(f"the vision export supports {', '.join(_GELU)} activations, got {config.hidden_act!r}")
     write_graph(out_path, lambda data: _Writer(data, tensors, prefix, config, int8).build())
-
-
-def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An `nn.Linear` weight `(N, K)` as `DynamicQuantizeMatMul` takes it: INT8 `(K, N)` and a scale
-    per output column `(N,)`, symmetric (no zero point)."""
-    scale = np.abs(weight).max(axis=1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(quantized.T), scale
 
 
 class _Writer(GraphWriter):
@@ -161,8 +153,8 @@ class _Writer(GraphWriter):
         if not int8:
             product = self.op("MatMul", x, self.initializer(name + ".weight", np.ascontiguousarray(weight.T)))
             return self.op("Add", product, bias_name, output=output)
-        quantized, scale = quantize_int8(weight)
-        weight_name = self.initializer(name + ".weight", quantized)
+        quantized, scale = int8_columns(weight)
+        weight_name = self.initializer(name + ".weight", np.ascontiguousarray(quantized))
         scale_name = self.initializer(name + ".scale", scale)
         return self.op(
             "DynamicQuantizeMatMul", x, weight_name, scale_name, "", bias_name, domain=CONTRIB, output=output
