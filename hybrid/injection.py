@@ -7,6 +7,7 @@ order: row-major over the prompt), and a dense `deepstack_embeds` tensor that is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hybrid.errors import BundleError, UserError
+from hybrid.layout import EMBED_FILE, EMBED_SHARED
 from hybrid.media import Media
 from hybrid.vision import VisionFeatures
 
@@ -33,6 +35,20 @@ class EmbeddingTable:
             self.weight = np.load(str(path), mmap_mode="r")  # (V, H)
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the embedding table {path}: {exc}") from exc
+
+    @classmethod
+    def of_bundle(cls, bundle: Path) -> EmbeddingTable:
+        """The bundle's table: its own file, or where `EMBED_SHARED` says the GenAI model holds it."""
+        if (bundle / EMBED_FILE).is_file() or not (bundle / EMBED_SHARED).is_file():
+            return cls(bundle / EMBED_FILE)
+        table = cls.__new__(cls)
+        try:
+            where = json.loads((bundle / EMBED_SHARED).read_text())
+            shape, dtype = tuple(where["shape"]), np.dtype(where["dtype"]).newbyteorder("<")
+            table.weight = np.memmap(bundle / where["file"], dtype=dtype, mode="r", offset=where["offset"], shape=shape)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"cannot load the embedding table that {bundle / EMBED_SHARED} points to: {exc}") from exc
+        return table
 
     @property
     def hidden_size(self) -> int:

@@ -23,6 +23,10 @@ VISION_WEIGHTS = "model.safetensors"  # in VISION_DIR: the `model.visual.*` tens
 ONNX_VISION_TENSORS = ("pos_embed.weight",)
 VISION_ONNX = {"fp32": "model-fp32.onnx", "int8": "model-int8.onnx"}  # in VISION_DIR: hybrid.export.vision
 EMBED_FILE = "embed_tokens.npy"
+# Instead of EMBED_FILE where the GenAI model holds the same table bit for bit (an INT4 bundle's fp16
+# one): where in which file it lies ({"file", "offset", "shape", "dtype"}), read in place
+EMBED_SHARED = "embed_tokens.json"
+GENAI_EMBED = "model.embed_tokens.weight"  # the table's initializer in the GenAI model
 DECODER_DIR = "decoder"
 DECODER_FILE = f"{DECODER_DIR}/model.onnx"
 PREFILL_GRAPH = "prefill-int8.onnx"  # beside an INT4 decoder: the prompt pass's graph (hybrid.export.prefill)
@@ -30,11 +34,12 @@ PREFILL_FILE = f"{DECODER_DIR}/{PREFILL_GRAPH}"
 DECODER_NUM_LOGITS = "num_logits"  # the decoder's input `(1,)` int64: how many last positions get logits
 GENAI_DIR = "genai"
 GENAI_CONFIG = "genai_config.json"  # GenAI's own name for its model's config
+GENAI_DATA = f"{GENAI_DIR}/model.onnx.data"  # the GenAI model's weights (and a shared embedding table)
 
 # The parts each route reads (the PyTorch route reads the source checkpoint, outside the bundle);
 # the processor is shared by every route.
 ROUTE_PARTS: dict[RouteName, tuple[str, ...]] = {
-    "hybrid": (VISION_DIR, EMBED_FILE, DECODER_DIR),
+    "hybrid": (VISION_DIR, EMBED_FILE, EMBED_SHARED, DECODER_DIR),
     "genai": (GENAI_DIR,),
     "pytorch": (),
 }
@@ -51,17 +56,30 @@ def part_of(rel: str, parts: tuple[str, ...]) -> bool:
     return any(rel == part or rel.startswith(part + "/") for part in parts)
 
 
-def verify_parts(bundle: Path, manifest: Manifest, parts: tuple[str, ...] | None = None) -> None:
+def route_parts(route: RouteName, bundle: Path) -> tuple[str, ...]:
+    """The parts `route` reads from `bundle`: `ROUTE_PARTS`, and for the hybrid route the GenAI
+    model's weights where its embedding table is read from there."""
+    parts = ROUTE_PARTS.get(route, ())
+    if route == "hybrid" and (bundle / EMBED_SHARED).is_file():
+        parts += (GENAI_DATA,)
+    return parts
+
+
+def verify_parts(
+    bundle: Path, manifest: Manifest, parts: tuple[str, ...] | None = None, done: set[str] | None = None
+) -> None:
     """Every file the manifest names (or only those among `parts`) exists with its recorded size
-    and checksum."""
+    and checksum; `done`: files already verified (skipped), to which the verified ones are added."""
+    done = set() if done is None else done
     for rel, part in manifest.parts.items():
-        if parts is not None and not part_of(rel, parts):
+        if (parts is not None and not part_of(rel, parts)) or rel in done:
             continue
         path = bundle / rel
         if not path.is_file():
             raise BundleError(f"{path} is missing from the bundle; export it again")
         if path.stat().st_size != part.bytes or sha256(path) != part.sha256:
             raise BundleError(f"{path} is corrupted (checksum mismatch); export the bundle again")
+        done.add(rel)
 
 
 def sha256(path: Path) -> str:

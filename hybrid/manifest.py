@@ -18,7 +18,8 @@ MANIFEST_NAME = "manifest.json"
 # scheme named, the source checkpoint's fingerprint; 3: an INT4 bundle's embedding table in fp16;
 # 4: the decoder's `num_logits` input (logits of the last k + 1 positions, to verify drafted tokens);
 # 5: INT4 bundles' int8 prompt-pass graph, and of their vision tower's tensors only what the ONNX tower reads;
-# 6: the int8 vision tower's weights in 7 bits, as the prompt pass's (MLAS's AVX2 kernel saturates on 8)
+# 6: the int8 vision tower's weights in 7 bits, as the prompt pass's (MLAS's AVX2 kernel saturates on 8), and
+# the embedding table read from the GenAI model where it holds the same one (`layout.EMBED_SHARED`)
 BUNDLE_FORMAT = 6
 
 

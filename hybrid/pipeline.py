@@ -22,13 +22,12 @@ from hybrid.errors import BundleError, HybridError, RouteError, UserError
 from hybrid.injection import EmbeddingTable
 from hybrid.layout import (
     DECODER_FILE,
-    EMBED_FILE,
     GENAI_DIR,
     PREFILL_FILE,
     PROCESSOR_DIR,
-    ROUTE_PARTS,
     SHARED_PARTS,
     VISION_DIR,
+    route_parts,
     verify_parts,
 )
 from hybrid.manifest import Manifest
@@ -66,7 +65,7 @@ class _Loader:
                 backend=self.runtime.vision_backend,
                 checkpoint=self.manifest.checkpoint,
             ),
-            EmbeddingTable(self.bundle / EMBED_FILE),
+            EmbeddingTable.of_bundle(self.bundle),
             OnnxDecoder(self.bundle / DECODER_FILE, self.runtime.threads, self.prompt_graph()),
             self.conversations,
         )
@@ -100,6 +99,7 @@ class Pipeline:
     processor: Processor  # shared by the routes: prompts, images and videos in
     routes: dict[RouteName, Route] = field(default_factory=dict)
     unavailable: dict[RouteName, str] = field(default_factory=dict)  # route -> why it did not load
+    verified: set[str] = field(default_factory=set)  # bundle files whose checksums were checked at load
     sampling: CheckpointSampling = field(default_factory=CheckpointSampling)  # the checkpoint's own
     opens_thinking: bool = False  # a Thinking template: replies start inside `<think>`
     load_seconds: float = 0.0
@@ -150,7 +150,7 @@ class Pipeline:
         """Build one route, or record why it cannot serve; the other routes load regardless."""
         try:
             if verify:
-                verify_parts(self.bundle, self.manifest, ROUTE_PARTS.get(name, ()))
+                verify_parts(self.bundle, self.manifest, route_parts(name, self.bundle), self.verified)
             self.routes[name] = build()
         except HybridError as exc:
             self.unavailable[name] = str(exc)

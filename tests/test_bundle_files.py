@@ -3,17 +3,22 @@ rows the decoder takes; the GenAI model's alike), and the folders a killed expor
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto
+from safetensors.torch import load_file
 
-from hybrid.export.bundle import LOCK_FILE, STALE_UNLOCKED_S, _hold, remove_stale_work
+from hybrid.errors import BundleError
+from hybrid.export.bundle import LOCK_FILE, STALE_UNLOCKED_S, _hold, export_bundle, remove_stale_work
 from hybrid.export.tensors import write_npy
 from hybrid.injection import EmbeddingTable
-from hybrid.layout import EMBED_FILE, GENAI_DIR
+from hybrid.layout import EMBED_FILE, EMBED_SHARED, GENAI_DATA, GENAI_DIR, route_parts
 from hybrid.manifest import Manifest
 
 
@@ -28,12 +33,39 @@ def test_an_embedding_table_round_trips_through_fp16(tmp_path):
     np.testing.assert_allclose(rows[0], table[[0, 5, 36]], rtol=1e-3, atol=1e-3)
 
 
-def test_an_int4_bundle_keeps_its_embeddings_in_fp16_and_fp32_stays_fp32(bundle):
+def test_an_int4_bundle_keeps_its_embeddings_in_fp16_and_fp32_stays_fp32(bundle, checkpoint):
+    reference = load_file(str(checkpoint("base") / "model.safetensors"))["model.language_model.embed_tokens.weight"]
     for precision, dtype in (("int4", np.float16), ("fp32", np.float32)):
         folder = bundle("base", precision)
-        assert np.load(folder / EMBED_FILE, mmap_mode="r").dtype == dtype
-        assert Manifest.load(folder).parts[EMBED_FILE].precision == np.dtype(dtype).name.replace("float", "fp")
+        table = EmbeddingTable.of_bundle(folder).weight
+        assert table.dtype == dtype and table.shape == tuple(reference.shape)
+        np.testing.assert_array_equal(np.asarray(table), reference.numpy().astype(dtype))
+        part = EMBED_SHARED if precision == "int4" else EMBED_FILE
+        assert Manifest.load(folder).parts[part].precision == np.dtype(dtype).name.replace("float", "fp")
         assert not (folder / LOCK_FILE).exists()
+
+
+def test_an_int4_bundle_reads_its_embedding_table_from_the_genai_model(bundle, tmp_path):
+    """One copy on disk: the pointer names the GenAI model's data, where the table lies bit for bit;
+    a pointer past the file's end, or a missing GenAI model, is a clear bundle error."""
+    folder = bundle("base", "int4")
+    assert not (folder / EMBED_FILE).exists()
+    where = json.loads((folder / EMBED_SHARED).read_text())
+    assert where["file"] == GENAI_DATA and where["dtype"] == "float16"
+    assert GENAI_DATA in route_parts("hybrid", folder) and GENAI_DATA not in route_parts("hybrid", bundle("base"))
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / EMBED_SHARED).write_text(json.dumps(where | {"offset": (copy / GENAI_DATA).stat().st_size}))
+    with pytest.raises(BundleError, match="embedding table"):
+        EmbeddingTable.of_bundle(copy)
+    (copy / GENAI_DATA).unlink()
+    with pytest.raises(BundleError, match="embedding table"):
+        EmbeddingTable.of_bundle(copy)
+
+
+def test_without_a_genai_model_an_int4_bundle_keeps_its_own_table(checkpoint, tmp_path):
+    out = export_bundle(str(checkpoint("base")), tmp_path / "b", "int4", genai=False)
+    assert np.load(out / EMBED_FILE, mmap_mode="r").dtype == np.float16 and not (out / EMBED_SHARED).exists()
 
 
 def test_the_genai_model_of_an_int4_bundle_keeps_its_embedding_table_in_fp16(bundle):
