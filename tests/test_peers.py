@@ -18,6 +18,7 @@ from PIL import Image
 from hybrid.config import SamplingConfig
 from hybrid.demo.eval import zero_deepstack
 from hybrid.peers import openvino
+from hybrid.pipeline import Pipeline
 from hybrid.types import Message, Request, collect
 
 
@@ -34,7 +35,7 @@ def picture(seed: int, size=(96, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_the_fp32_export_answers_with_the_pytorch_routes_tokens(peer_python, checkpoint, pipeline, tmp_path):
+def test_the_fp32_export_answers_with_the_pytorch_routes_tokens(peer_python, checkpoint, bundle, pipeline, tmp_path):
     export = tmp_path / "openvino-wide-fp32"
     record = openvino.ensure_export(peer_python, checkpoint("wide"), export, openvino.OpenVinoScheme("fp32"))
     assert record.scheme == "fp32" and record.peak_rss_mb > 0 and record.disk_mb > 0
@@ -63,8 +64,9 @@ def test_the_fp32_export_answers_with_the_pytorch_routes_tokens(peer_python, che
         )
     finally:
         worker.close()
-    zero_deepstack(reference, "pytorch")
-    blind = collect("pytorch", reference.stream(request, "pytorch"))
+    blind_pipeline = Pipeline.load(bundle("wide", "fp32"), verify=False, only=("pytorch",))  # not the shared one
+    zero_deepstack(blind_pipeline, "pytorch")
+    blind = collect("pytorch", blind_pipeline.stream(request, "pytorch"))
     assert blind["token_ids"] != theirs["tokens"]  # so the equality above could tell DeepStack was dropped
 
 
