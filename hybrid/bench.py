@@ -305,13 +305,11 @@ def measure(
         return result
 
     samples, memory = take_rounds(bundles, [*routes, *peers], threads, runs, one, peers)
-    report = _summarise(samples, memory, bundles, new_tokens)
-    for key, row in report["routes"].items():
-        row["disk_mb"] = peers[key].export["disk_mb"] if key in peers else _disk_mb(bundles, ROUTES[key])
+    disk = {key: peers[key].export["disk_mb"] if key in peers else _disk_mb(bundles, ROUTES[key]) for key in samples}
+    report = _summarise(samples, memory, disk, bundles, new_tokens)
     report["peers"] = {
         key: {"export": peer.export, "settings": samples[key][0]["settings"]} for key, peer in peers.items()
     }
-    report["ratios"] = _ratios(report["routes"])
     return report
 
 
@@ -384,7 +382,9 @@ def _text_request(total_tokens: int, new_tokens: int) -> Request:
     return Request((Message("user", text),), sampling)
 
 
-def _summarise(samples: dict, memory: dict[str, tuple[float, float]], bundles: dict, new_tokens: int) -> dict:
+def _summarise(
+    samples: dict, memory: dict[str, tuple[float, float]], disk: dict[str, float], bundles: dict, new_tokens: int
+) -> dict:
     bandwidth = measure_bandwidth_gb_s()
     weight_bytes = int4_decode_bytes(bundles["int4"]) if "int4" in bundles else None
     ceiling = bandwidth * 1e9 / weight_bytes if weight_bytes else None
@@ -398,6 +398,7 @@ def _summarise(samples: dict, memory: dict[str, tuple[float, float]], bundles: d
             decode_tokens=timings[0]["decode_tokens"],
             loaded_mb=memory[key][0],
             baseline_rss_mb=memory[key][1],
+            disk_mb=disk[key],
         )
         if ceiling:
             row["ceiling_share"] = row["decode_tok_s"] / ceiling
@@ -434,7 +435,7 @@ def _ratios(routes: dict) -> dict:
         ("genai_int4", "openvino_int4", "decode_tok_s"),
     ]
     for a, b, field in pairs:
-        if a in routes and b in routes and routes[b].get(field) and field in routes[a]:
+        if a in routes and b in routes and routes[b][field]:
             ratios[f"{a}/{b} {field}"] = routes[a][field] / routes[b][field]
     return ratios
 

@@ -34,6 +34,7 @@ from hybrid.layout import (
     DECODER_FILE,
     EMBED_FILE,
     EMBED_SHARED,
+    GENAI_DATA,
     GENAI_DIR,
     GENAI_EMBED,
     ONNX_VISION_TENSORS,
@@ -202,9 +203,10 @@ def share_embedding_table(work: Path, rows: int = 4096) -> bool:
         return False
     tensor = found[0]
     where = {entry.key: entry.value for entry in tensor.external_data}
-    if tuple(tensor.dims) != table.shape or "location" not in where:
+    data = f"{GENAI_DIR}/{where.get('location')}"
+    if tuple(tensor.dims) != table.shape or data != GENAI_DATA:  # the file the hybrid route verifies
         return False
-    offset, data = int(where.get("offset", 0)), f"{GENAI_DIR}/{where['location']}"
+    offset = int(where.get("offset", 0))
     theirs = np.memmap(work / data, dtype="<f2", mode="r", offset=offset, shape=table.shape)
     for start in range(0, table.shape[0], rows):
         if not np.array_equal(
