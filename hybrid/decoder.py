@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from hybrid.errors import BundleError
@@ -70,9 +71,11 @@ class OnnxDecoder:
     """The decoder at `path`; `prompt`, where given, is the graph that runs prompt passes (`forward`)."""
 
     def __init__(self, path: str | Path, threads: int = 0, prompt: str | Path | None = None) -> None:
-        self.session = _session(path, threads)
+        self.session, self._borrowed = _session(path, threads)
         # its threads sleep once a prompt pass ends: spinning, they would share the cores with the steps
-        self.prompt_session = None if prompt is None else _session(prompt, threads, spin=False)
+        self.prompt_session, self._prompt_borrowed = (
+            (None, None) if prompt is None else _session(prompt, threads, spin=False)
+        )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         past = inputs["past_key_values.0.key"].shape
@@ -191,12 +194,47 @@ class OnnxDecoder:
         cache.length += seq
 
 
-def _session(path: str | Path, threads: int, spin: bool = True) -> ort.InferenceSession:
+class _Borrowed:
+    """The initializers of a graph whose bytes lie in a file outside its folder, mapped read-only:
+    an INT4 bundle's decoder reads its INT4 weights from the GenAI model's data file
+    (`hybrid.export.shared`), and onnxruntime refuses such a location itself. The maps and values
+    live as long as the session that uses them."""
+
+    def __init__(self, path: Path) -> None:
+        self.names: list[str] = []
+        self.values: list[ort.OrtValue] = []
+        self.maps: dict[Path, np.memmap] = {}
+        folder, bundle = path.parent.resolve(), path.parent.parent.resolve()
+        for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or "location" not in info:
+                continue
+            file = (folder / info["location"]).resolve()
+            if file.parent == folder:
+                continue
+            if not file.is_relative_to(bundle):
+                raise BundleError(f"{path} names weights outside its bundle ({info['location']}); export it again")
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            array = self._map(file)[offset : offset + length]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            self.names.append(tensor.name)
+            self.values.append(ort.OrtValue.ortvalue_from_numpy(array.view(dtype).reshape(tuple(tensor.dims))))
+
+    def _map(self, file: Path) -> np.memmap:
+        if file not in self.maps:
+            self.maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        return self.maps[file]
+
+
+def _session(path: str | Path, threads: int, spin: bool = True) -> tuple[ort.InferenceSession, _Borrowed]:
     options = session_options(threads)
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        borrowed = _Borrowed(Path(path))
+        if borrowed.names:
+            options.add_external_initializers(borrowed.names, borrowed.values)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), borrowed
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
 

@@ -35,6 +35,10 @@ DECODER_NUM_LOGITS = "num_logits"  # the decoder's input `(1,)` int64: how many 
 GENAI_DIR = "genai"
 GENAI_CONFIG = "genai_config.json"  # GenAI's own name for its model's config
 GENAI_DATA = f"{GENAI_DIR}/model.onnx.data"  # the GenAI model's weights (and a shared embedding table)
+# In an INT4 bundle with GenAI the decoder's INT4 weights lie in GENAI_DATA (hybrid.export.shared):
+# its graphs name them at this location, relative to DECODER_DIR, and this record says so
+BORROWED_LOCATION = f"../{GENAI_DATA}"
+BORROWED_FILE = f"{DECODER_DIR}/borrowed.json"
 
 # The parts each route reads (the PyTorch route reads the source checkpoint, outside the bundle);
 # the processor is shared by every route.
@@ -58,9 +62,9 @@ def part_of(rel: str, parts: tuple[str, ...]) -> bool:
 
 def route_parts(route: RouteName, bundle: Path) -> tuple[str, ...]:
     """The parts `route` reads from `bundle`: `ROUTE_PARTS`, and for the hybrid route the GenAI
-    model's weights where its embedding table is read from there."""
+    model's weights where its embedding table or its INT4 weights are read from there."""
     parts = ROUTE_PARTS.get(route, ())
-    if route == "hybrid" and (bundle / EMBED_SHARED).is_file():
+    if route == "hybrid" and ((bundle / EMBED_SHARED).is_file() or (bundle / BORROWED_FILE).is_file()):
         parts += (GENAI_DATA,)
     return parts
 

@@ -19,8 +19,9 @@ MANIFEST_NAME = "manifest.json"
 # 4: the decoder's `num_logits` input (logits of the last k + 1 positions, to verify drafted tokens);
 # 5: INT4 bundles' int8 prompt-pass graph, and of their vision tower's tensors only what the ONNX tower reads;
 # 6: the int8 vision tower's weights in 7 bits, as the prompt pass's (MLAS's AVX2 kernel saturates on 8), and
-# the embedding table read from the GenAI model where it holds the same one (`layout.EMBED_SHARED`)
-BUNDLE_FORMAT = 6
+# the embedding table read from the GenAI model where it holds the same one (`layout.EMBED_SHARED`);
+# 7: INT4 bundles' GenAI model runs the decoder's INT4 weights, kept once in its data file (`layout.BORROWED_FILE`)
+BUNDLE_FORMAT = 7
 
 
 @dataclass(frozen=True)

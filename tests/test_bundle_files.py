@@ -1,5 +1,6 @@
 """What a bundle holds on disk: an INT4 bundle's embedding tables in fp16 (read back as float32, the
-rows the decoder takes; the GenAI model's alike), and the folders a killed export left behind removed by the next one."""
+rows the decoder takes; the GenAI model's alike), its INT4 weights once, and the folders a killed
+export left behind removed by the next one."""
 
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ import pytest
 from onnx import TensorProto
 from safetensors.torch import load_file
 
+from hybrid.decoder import OnnxDecoder
 from hybrid.errors import BundleError
 from hybrid.export.bundle import LOCK_FILE, STALE_UNLOCKED_S, _hold, export_bundle, remove_stale_work
 from hybrid.export.tensors import write_npy
 from hybrid.injection import EmbeddingTable
-from hybrid.layout import EMBED_FILE, EMBED_SHARED, GENAI_DATA, GENAI_DIR, route_parts
+from hybrid.layout import (
+    BORROWED_FILE,
+    BORROWED_LOCATION,
+    DECODER_DIR,
+    DECODER_FILE,
+    EMBED_FILE,
+    EMBED_SHARED,
+    GENAI_DATA,
+    GENAI_DIR,
+    route_parts,
+)
 from hybrid.manifest import Manifest
 
 
@@ -66,6 +78,43 @@ def test_an_int4_bundle_reads_its_embedding_table_from_the_genai_model(bundle, t
 def test_without_a_genai_model_an_int4_bundle_keeps_its_own_table(checkpoint, tmp_path):
     out = export_bundle(str(checkpoint("base")), tmp_path / "b", "int4", genai=False)
     assert np.load(out / EMBED_FILE, mmap_mode="r").dtype == np.float16 and not (out / EMBED_SHARED).exists()
+
+
+def test_an_int4_bundle_keeps_its_int4_weights_once_in_the_genai_model(bundle, checkpoint, tmp_path):
+    """Every `MatMulNBits` input of the decoder's graphs lies in GenAI's data file, where the GenAI
+    model reads the same bytes (its projections are row ranges of the fused tensors); the decoder's
+    own data file holds none of them, and a bundle without GenAI keeps its own."""
+    folder = bundle("base", "int4")
+    genai = onnx.load(str(folder / GENAI_DIR / "model.onnx"), load_external_data=False).graph
+    theirs = {_where(t)[1] for t in genai.initializer if t.data_location == TensorProto.EXTERNAL}
+    for graph_file in ("model.onnx", "prefill-int8.onnx"):
+        graph = onnx.load(str(folder / DECODER_DIR / graph_file), load_external_data=False).graph
+        int4 = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:]}
+        located = {t.name: _where(t) for t in graph.initializer if t.name in int4}
+        assert located and {location for location, _ in located.values()} == {BORROWED_LOCATION}
+        assert {offset for _, offset in located.values()} <= theirs  # each begins where a GenAI tensor does
+    record = json.loads((folder / BORROWED_FILE).read_text())
+    assert record["file"] == GENAI_DATA and record["bytes"] > (folder / DECODER_DIR / "model.onnx.data").stat().st_size
+    alone = export_bundle(str(checkpoint("base")), tmp_path / "alone", "int4", genai=False)
+    assert not (alone / BORROWED_FILE).exists()
+    graph = onnx.load(str(alone / DECODER_FILE), load_external_data=False).graph
+    assert {_where(t)[0] for t in graph.initializer if t.data_location == TensorProto.EXTERNAL} == {"model.onnx.data"}
+
+
+def test_a_decoder_that_names_weights_outside_its_bundle_is_refused(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle("base", "int4"), copy)
+    model = onnx.load(str(copy / DECODER_FILE), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if _where(t)[0] == BORROWED_LOCATION)
+    next(e for e in tensor.external_data if e.key == "location").value = "../../elsewhere.data"
+    (copy / DECODER_FILE).write_bytes(model.SerializeToString())
+    with pytest.raises(BundleError, match="outside its bundle"):
+        OnnxDecoder(copy / DECODER_FILE)
+
+
+def _where(tensor: onnx.TensorProto) -> tuple[str, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    return info.get("location", ""), int(info.get("offset", 0))
 
 
 def test_the_genai_model_of_an_int4_bundle_keeps_its_embedding_table_in_fp16(bundle):

@@ -15,12 +15,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLForConditionalGeneration
 
 from hybrid.export.bundle import export_bundle
-from hybrid.export.genai import build_genai
 from hybrid.export.int4 import ACCURACY_LEVEL
-from hybrid.layout import DECODER_FILE, DECODER_NUM_LOGITS, EMBED_FILE
+from hybrid.layout import DECODER_FILE, DECODER_NUM_LOGITS, EMBED_FILE, GENAI_DIR
 from hybrid.tiny import TinySpec, build_checkpoint
 from tests.conftest import RTN_B32, SPECS
 from tests.traced_export import export_decoder, quantize_int4
@@ -185,11 +184,12 @@ def test_fused_attention_writes_the_present_outputs(bundle):
 
 
 def test_genai_int4_is_the_builders_own_int4(bf16_checkpoint, tmp_path):
-    """Our streamed INT4 pass over GenAI's fp32 build gives exactly the weights and nodes of the
-    builder's own `-p int4` (which holds the whole model in fp32 to make them), but for the embedding
-    table: ours keeps it in fp16 (the builder's values rounded) and casts its rows back to float32."""
-    ours = tmp_path / "ours"
-    build_genai(bf16_checkpoint, ours, "int4", AutoProcessor.from_pretrained(str(bf16_checkpoint)))
+    """A bundle exported with the builder's INT4 setting (`rtn-b32`) holds in its GenAI model exactly
+    the weights and nodes of the builder's own `-p int4` (which holds the whole model in fp32 to make
+    them), though its weights are the decoder's, fused q|k|v and gate|up cut back into rows, but for
+    the embedding table: ours keeps it in fp16 (the builder's values rounded) and casts its rows
+    back to float32."""
+    ours = export_bundle(str(bf16_checkpoint), tmp_path / "bundle", "int4", int4=RTN_B32) / GENAI_DIR
     builders = tmp_path / "builder"
     subprocess.run(
         [

@@ -26,6 +26,7 @@ from hybrid.export import decoder
 from hybrid.export.genai import build_genai
 from hybrid.export.int4 import Int4Scheme
 from hybrid.export.prefill import write_int8_prefill
+from hybrid.export.shared import borrow_from_genai
 from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
@@ -78,8 +79,8 @@ def resolve_checkpoint(source: str) -> Path:
 def export_bundle(
     source: str, out: str | Path, precision: str = "fp32", genai: bool = True, int4: Int4Scheme = Int4Scheme()
 ) -> Path:
-    """Export `source` to the bundle `out`; an INT4 decoder is quantized by `int4` (the GenAI model
-    keeps its builder's own INT4, so that the comparison between the two stays fair)."""
+    """Export `source` to the bundle `out`; an INT4 decoder is quantized by `int4`, and the GenAI
+    model runs the same INT4 weights (one copy on disk: `hybrid.export.shared`)."""
     parts = Precisions.of(precision)
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -187,8 +188,10 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
             write_int8_prefill(work / DECODER_FILE, work / PREFILL_FILE)
     if genai:
         with _step(4, steps, f"building the GenAI text model ({precision})"):
-            build_genai(checkpoint, work / GENAI_DIR, precision, processor)
+            lent = build_genai(checkpoint, work / GENAI_DIR, precision, processor, work / DECODER_FILE)
         share_embedding_table(work)
+        if lent:
+            borrow_from_genai(work, DECODER_DIR, lent)
     return _model_info(config, tensors)
 
 

@@ -2,9 +2,10 @@
 
 For text-only input Qwen3-VL's text model is exactly a Qwen3 causal LM, which is what the builder
 makes of a Qwen3-VL checkpoint with `exclude_embeds=false`. It runs through `genai_builder`, which
-loads the checkpoint in its own dtype (a bfloat16 model in half the memory of float32). The builder
-writes a placeholder tokenizer when it cannot find the checkpoint's, so the checkpoint's real
-tokenizer files are copied over its output.
+loads the checkpoint in its own dtype (a bfloat16 model in half the memory of float32). Its INT4
+weights are the hybrid decoder's (`hybrid.export.shared`). The builder writes a placeholder
+tokenizer when it cannot find the checkpoint's, so the checkpoint's real tokenizer files are copied
+over its output.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from hybrid.config import Precisions
 from hybrid.errors import BundleError
-from hybrid.export.int4 import quantize_onnx_file
+from hybrid.export.shared import lend_int4_weights
 from hybrid.layout import GENAI_CONFIG
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,12 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
+def build_genai(checkpoint: Path, out: Path, precision: str, processor, decoder: Path | None = None) -> dict[str, int]:
     """GenAI's text model of `checkpoint` in `out`: built in fp32 by the builder, which streams its
-    weights to disk, then (for `int4`) quantized MatMul by MatMul, its embedding table in fp16 as the
-    hybrid route's is. The builder's own INT4 pass would first hold every weight in fp32 at once
-    (14.5 GiB for the 2B); this gives the same bytes."""
+    weights to disk, then (for `int4`) each MatMul run in `MatMulNBits` on the INT4 weights of the
+    hybrid decoder at `decoder`, its embedding table in fp16 as the hybrid route's is (the builder's
+    own INT4 pass would first hold every weight in fp32 at once: 14.5 GiB for the 2B). Returns
+    where the decoder's INT4 tensors lie in GenAI's data file (none for fp32)."""
     command = [
         sys.executable,
         "-m",
@@ -57,13 +59,17 @@ def build_genai(checkpoint: Path, out: Path, precision: str, processor) -> None:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise BundleError(f"the onnxruntime-genai builder failed:\n{tail}")
     precisions = Precisions.of(precision)
+    lent = {}
     if precisions.genai == "int4":
-        quantize_onnx_file(out / "model.onnx", half_tables=precisions.embeddings == "fp16")
+        if decoder is None:
+            raise ValueError("an INT4 GenAI model takes the INT4 decoder's weights: give its path")
+        lent = lend_int4_weights(out / "model.onnx", decoder, half_tables=precisions.embeddings == "fp16")
     with tempfile.TemporaryDirectory() as tmp:
         processor.tokenizer.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             (out / name).write_bytes((Path(tmp) / name).read_bytes())
     _drop_default_search(out / GENAI_CONFIG)
+    return lent
 
 
 def _drop_default_search(config_path: Path) -> None:

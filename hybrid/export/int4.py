@@ -1,6 +1,5 @@
-"""INT4 weights in onnxruntime's `MatMulNBits` layout, made one weight at a time: for the hybrid
-decoder as it is written, and for an fp32 ONNX file already on disk (the GenAI model), rewritten
-MatMul by MatMul.
+"""INT4 weights in onnxruntime's `MatMulNBits` layout, made one weight at a time as the hybrid
+decoder is written (the GenAI model then runs the same ones: `hybrid.export.shared`).
 
 An `Int4Setting` is a block size (32, 64 or 128 weights share a scale) and a quantizer:
 - `rtn`: round to nearest, symmetric (zero point 8), onnxruntime's own kernel (what its
@@ -21,14 +20,10 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
 
 from hybrid.errors import UserError
-from hybrid.export.tensors import ExternalData, read_initializer
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -72,7 +67,8 @@ class Int4Setting:
         return cls(int(block), quantizer)
 
 
-# What GenAI's model builder writes, and so the GenAI model's INT4 here: block 32, round to nearest.
+# What GenAI's model builder writes for INT4 (block 32, round to nearest): a bundle exported with this
+# setting for layers and head holds the builder's own INT4 weights.
 GENAI_SETTING = Int4Setting(32, "rtn")
 
 
@@ -305,77 +301,3 @@ def int4_arrays(name: str, weight: Int4Weight) -> list[tuple[str, np.ndarray]]:
     """The initializers (name, array) of `weight`, in `MatMulNBits`' input order."""
     arrays = [weight.packed, weight.scales] + ([] if weight.zero_points is None else [weight.zero_points])
     return list(zip(int4_names(name, weight.setting), arrays, strict=True))
-
-
-def quantize_onnx_file(path: Path, setting: Int4Setting = GENAI_SETTING, half_tables: bool = False) -> int:
-    """Rewrite the ONNX model `path` (weights in `path.data`) so that every MatMul with a 2-D float
-    weight runs as INT4 `MatMulNBits`, as onnxruntime's `MatMulNBitsQuantizer` would; with
-    `half_tables`, every table a `Gather` reads rows of (the embedding table) is stored in fp16 and
-    its rows cast back to float32. The other weights are copied. Holds one weight at a time. Returns
-    how many MatMuls were quantized."""
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    tables = {
-        node.input[0]
-        for node in graph.node
-        if half_tables
-        and node.op_type == "Gather"
-        and node.input[0] in weights
-        and weights[node.input[0]].data_type == TensorProto.FLOAT
-    }
-    targets = {
-        node.input[1]
-        for node in graph.node
-        if node.op_type == "MatMul"
-        and node.input[1] in weights
-        and len(weights[node.input[1]].dims) == 2
-        and weights[node.input[1]].data_type == TensorProto.FLOAT
-    }
-    location = path.name + ".data"
-    staged = path.with_name(location + ".int4")
-    with open(staged, "wb") as file:
-        data = ExternalData(file, location)
-        initializers = []
-        for tensor in graph.initializer:
-            if tensor.data_location != TensorProto.EXTERNAL:
-                initializers.append(tensor)
-                continue
-            array = read_initializer(tensor, path.parent)
-            if tensor.name in targets:
-                weight = quantize_int4(array.T, setting)  # a MatMul weight (K, N) is an nn.Linear's (N, K)
-                initializers += [data.add(n, a) for n, a in int4_arrays(tensor.name, weight)]
-            elif tensor.name in tables:
-                initializers.append(data.add(tensor.name, array.astype(np.float16)))
-            else:
-                initializers.append(data.add(tensor.name, array))
-    nodes = []
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1:2] and node.input[1] in targets:
-            k, n = weights[node.input[1]].dims
-            inputs = [node.input[0], *int4_names(node.input[1], setting)]
-            node = helper.make_node(
-                "MatMulNBits",
-                inputs,
-                list(node.output),
-                name=node.name + "_Q4",
-                domain=CONTRIB,
-                **matmul_nbits_attributes(setting, k, n),
-            )
-        elif node.op_type == "Gather" and node.input[0] in tables:
-            half = onnx.NodeProto()
-            half.CopyFrom(node)
-            half.output[0] = node.output[0] + "_fp16"
-            nodes.append(half)
-            node = helper.make_node(
-                "Cast", [half.output[0]], [node.output[0]], name=node.name + "_float", to=TensorProto.FLOAT
-            )
-        nodes.append(node)
-    graph.ClearField("initializer")
-    graph.initializer.extend(initializers)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    staged.replace(path.with_name(location))
-    path.write_bytes(model.SerializeToString())
-    log.debug("quantized %d MatMuls of %s to INT4 (%s)", len(targets), path, setting.name)
-    return len(targets)

@@ -161,11 +161,24 @@ class ExternalData:
         expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if length != expected:
             raise BundleError(f"wrote {length} bytes for {name}, its shape {shape} needs {expected}")
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", offset), ("length", length)):
-            tensor.external_data.add(key=key, value=str(value))
-        return tensor
+        data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        return external_tensor(name, data_type, list(shape), self.location, offset, length)
+
+    def add_bytes(self, name: str, data_type: int, dims: list[int], raw: bytes) -> TensorProto:
+        """A tensor of ONNX type `data_type` whose bytes are `raw`, as they were in another file."""
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        self.file.write(raw)
+        return external_tensor(name, data_type, dims, self.location, offset, len(raw))
+
+
+def external_tensor(name: str, data_type: int, dims: list[int], location: str, offset: int, length: int) -> TensorProto:
+    """An initializer whose `length` bytes lie at `offset` in the file `location` (beside the graph)."""
+    tensor = TensorProto(name=name, data_type=data_type, dims=dims)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        tensor.external_data.add(key=key, value=str(value))
+    return tensor
 
 
 def read_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
