@@ -31,7 +31,8 @@ from hybrid.config import (
     Speculative,
 )
 from hybrid.errors import UserError
-from hybrid.layout import DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_GRAPH, PROCESSOR_DIR, VISION_DIR
+from hybrid.export.prefill import derived_bytes
+from hybrid.layout import BORROWED_FILE, DECODER_DIR, DECODER_FILE, GENAI_DIR, PREFILL_GRAPH, PROCESSOR_DIR, VISION_DIR
 from hybrid.logs import setup_logging
 from hybrid.manifest import Manifest
 from hybrid.metrics import cpu_isa, rss_mb
@@ -457,8 +458,11 @@ def int4_decode_bytes(bundle: Path) -> int:
     (a decode step reads one row of it, and it is not in the decoder graph)."""
     import onnx  # only for the ceiling, after the routes are measured
 
-    model = onnx.load(str(bundle / DECODER_FILE), load_external_data=True)
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    graph = onnx.load(str(bundle / DECODER_FILE), load_external_data=False).graph
+    return sum(
+        int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        for t in graph.initializer
+    )
 
 
 class _Worker:
@@ -513,17 +517,23 @@ def _serve(conn, bundle: str, route: RouteName, runtime: RuntimeConfig) -> None:
 
 
 def _loaded_mb(bundle: Path, route: RouteName, pipeline) -> float:
-    """Bytes of weights a route loads (the memory-mapped embedding table counts only when read whole)."""
+    """Bytes of weights a route loads (the memory-mapped embedding table counts only when read whole):
+    the hybrid route's include the INT4 weights it reads from the GenAI model's file and the int8
+    ones its prompt pass makes at load."""
+    extra = 0
     if route == "pytorch":
         folder = Path(pipeline.manifest.checkpoint)
         files = list(folder.glob("*.safetensors"))
     elif route == "hybrid":
         files = list((bundle / VISION_DIR).glob("*.safetensors")) + list((bundle / DECODER_DIR).glob("model.onnx*"))
-        if pipeline.runtime.prefill == "int8":
-            files += list((bundle / DECODER_DIR).glob(PREFILL_GRAPH + ".data"))
+        if (bundle / BORROWED_FILE).is_file():
+            extra += json.loads((bundle / BORROWED_FILE).read_text())["bytes"]
+        prompt = bundle / DECODER_DIR / PREFILL_GRAPH
+        if pipeline.runtime.prefill == "int8" and prompt.is_file():
+            extra += derived_bytes(prompt)
     else:
         files = list((bundle / GENAI_DIR).glob("model.onnx*"))
-    return sum(f.stat().st_size for f in files) / 2**20
+    return (sum(f.stat().st_size for f in files) + extra) / 2**20
 
 
 def format_report(report: dict) -> str:

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from hybrid.errors import BundleError
+from hybrid.export.prefill import DerivedInt8
 from hybrid.layout import DECODER_NUM_LOGITS
 from hybrid.threads import session_options
 
@@ -71,10 +72,10 @@ class OnnxDecoder:
     """The decoder at `path`; `prompt`, where given, is the graph that runs prompt passes (`forward`)."""
 
     def __init__(self, path: str | Path, threads: int = 0, prompt: str | Path | None = None) -> None:
-        self.session, self._borrowed = _session(path, threads)
+        self.session, self._borrowed = open_session(path, threads)
         # its threads sleep once a prompt pass ends: spinning, they would share the cores with the steps
         self.prompt_session, self._prompt_borrowed = (
-            (None, None) if prompt is None else _session(prompt, threads, spin=False)
+            (None, None) if prompt is None else open_session(prompt, threads, spin=False, decoder=Path(path))
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
@@ -194,7 +195,7 @@ class OnnxDecoder:
         cache.length += seq
 
 
-class _Borrowed:
+class BorrowedWeights:
     """The initializers of a graph whose bytes lie in a file outside its folder, mapped read-only:
     an INT4 bundle's decoder reads its INT4 weights from the GenAI model's data file
     (`hybrid.export.shared`), and onnxruntime refuses such a location itself. The maps and values
@@ -226,17 +227,31 @@ class _Borrowed:
         return self.maps[file]
 
 
-def _session(path: str | Path, threads: int, spin: bool = True) -> tuple[ort.InferenceSession, _Borrowed]:
+def open_session(
+    path: str | Path, threads: int, spin: bool = True, decoder: Path | None = None
+) -> tuple[ort.InferenceSession, BorrowedWeights]:
+    """The session of the graph at `path`, with the weights it borrows mapped; a prompt graph's
+    int8 weights are made from the INT4 ones of the `decoder` graph (`hybrid.export.prefill`)."""
     options = session_options(threads)
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        borrowed = _Borrowed(Path(path))
-        if borrowed.names:
-            options.add_external_initializers(borrowed.names, borrowed.values)
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), borrowed
+        borrowed = BorrowedWeights(Path(path))
+        derived = None if decoder is None else DerivedInt8(Path(path), decoder)
+        names, values = list(borrowed.names), list(borrowed.values)
+        if derived is not None:
+            names += list(derived.arrays)
+            values += [ort.OrtValue.ortvalue_from_numpy(array) for array in derived.arrays.values()]
+        if names:
+            options.add_external_initializers(names, values)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except BundleError:
+        raise
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
+    if derived is not None:
+        derived.release()
+    return session, borrowed
 
 
 def _bind_cache(session: ort.InferenceSession, values: list[ort.OrtValue]) -> ort.IOBinding:

@@ -5,6 +5,7 @@ it run the INT4 graph, and the app's answers do not change for it."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -16,7 +17,7 @@ from hybrid.export import prefill
 from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
 from hybrid.export.int8 import LEVELS, int8_columns
 from hybrid.export.prefill import NBitsWeight
-from hybrid.layout import DECODER_FILE, PREFILL_FILE
+from hybrid.layout import DECODER_DIR, DECODER_FILE, PREFILL_FILE
 from hybrid.manifest import Manifest
 from hybrid.pipeline import Pipeline
 
@@ -70,9 +71,32 @@ def test_int8_columns_round_to_within_half_a_step():
     assert np.abs(codes).max() == LEVELS == 63  # 7 bits: no saturation in MLAS's AVX2 kernel
 
 
-def test_an_int4_bundle_has_the_int8_graph_and_an_fp32_one_does_not(bundle):
-    int4 = Manifest.load(bundle("base", "int4"))
-    assert {int4.parts[PREFILL_FILE].precision, int4.parts[PREFILL_FILE + ".data"].precision} == {"int8"}
+def test_an_int4_bundle_has_the_int8_graph_without_its_weights_and_an_fp32_one_does_not(bundle):
+    """The int8 weights take no disk: the graph names them at `DERIVED_LOCATION`, one pair for each
+    INT4 layer of the decoder, and the route makes them from the INT4 weights as it loads."""
+    folder = bundle("base", "int4")
+    manifest = Manifest.load(folder)
+    assert manifest.parts[PREFILL_FILE].precision == "int8"
+    assert [part for part in manifest.parts if part.startswith(PREFILL_FILE)] == [PREFILL_FILE]
+    decoder = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
+    layers = {
+        n.input[1].removesuffix("_Q4"): n
+        for n in decoder.node
+        if n.op_type == "MatMulNBits" and not n.input[1].startswith(prefill.HEAD_PREFIX)
+    }
+    graph = onnx.load(str(folder / PREFILL_FILE), load_external_data=False).graph
+    derived = {
+        t.name
+        for t in graph.initializer
+        if t.external_data[0:1] and t.external_data[0].value == prefill.DERIVED_LOCATION
+    }
+    assert derived == {stem + suffix for stem in layers for suffix in (prefill.CODES, prefill.SCALES)}
+    made = prefill.DerivedInt8(folder / PREFILL_FILE, folder / DECODER_FILE)
+    stored = {t.name: t for t in decoder.initializer}
+    for stem in ("layers.0.qkv.weight", "layers.1.down_proj.weight"):
+        codes, scales = prefill._nbits_weight(layers[stem], stored, folder / DECODER_DIR).int8()
+        np.testing.assert_array_equal(made.arrays[stem + prefill.CODES], codes)
+        np.testing.assert_array_equal(made.arrays[stem + prefill.SCALES], scales)
     assert PREFILL_FILE not in Manifest.load(bundle("base")).parts
     assert not (bundle("base") / PREFILL_FILE).exists()
 

@@ -20,15 +20,18 @@ pass runs for one row) are int8 weights derived at export from the INT4 ones:
 
 Decode steps, and the passes that verify drafted tokens (`hybrid.speculative`: their tokens must
 equal the plain loop's), run the INT4 graph: the int8 pass only writes the prompt's keys and values
-and gives the first token's logits. The int8 weights cost memory (one byte a weight: 1.4 GB for the
-2B's layers, in memory and on disk: the graph and its weights are a part of the bundle, written at
-export).
+and gives the first token's logits. The int8 weights cost memory (one byte a weight: 1.3 GB for the
+2B's layers) but no disk: the bundle holds the graph alone, its int8 weights named at
+`DERIVED_LOCATION`, and `DerivedInt8` makes them when the route loads (a few seconds for the 2B)
+in memory that is given back once onnxruntime has packed them into its own.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +39,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
 from hybrid.export.int8 import int8_columns
-from hybrid.export.tensors import ExternalData, read_initializer
+from hybrid.export.tensors import external_tensor, read_initializer
+from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "lm_head."
 AXES, FLOOR = "int8_prefill_axes", "int8_prefill_floor"  # the graph's two new constants
 ROW_BLOCK = 512  # output rows of a weight expanded to float at a time
+# Where the prompt graph's int8 weights are said to lie: no file, `DerivedInt8` makes them at load
+DERIVED_LOCATION = "derived-at-load:int8-of-the-decoder's-int4"
+CODES, SCALES = "_int8", "_int8_scales"  # a derived weight's names: its INT4 weight's stem and these
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,12 @@ class NBitsWeight:
         values *= self.scales[rows].reshape(n, blocks)[..., None]
         return values.reshape(n, blocks * self.block)[:, : self.k]
 
-    def int8(self) -> tuple[np.ndarray, np.ndarray]:
-        """`int8_columns` of the float weight, `ROW_BLOCK` output rows expanded at a time."""
+    def int8(self, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`int8_columns` of the float weight (into `codes` `(K, N)` where given), `ROW_BLOCK`
+        output rows expanded at a time."""
         n = self.packed.shape[0]
-        codes, scales = np.empty((self.k, n), dtype=np.int8), np.empty(n, dtype=np.float32)
+        codes = np.empty((self.k, n), dtype=np.int8) if codes is None else codes
+        scales = np.empty(n, dtype=np.float32)
         for first in range(0, n, ROW_BLOCK):
             rows = slice(first, min(first + ROW_BLOCK, n))
             codes[:, rows], scales[rows] = int8_columns(self.dequantized(rows))
@@ -88,28 +98,26 @@ def _unpacked(packed: np.ndarray) -> np.ndarray:
 
 def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
     """Write the int8 prompt-pass graph of the INT4 decoder at `decoder_path` to `out_path`, in the
-    same folder: its int8 weights in `out_path`.data, every other weight read from the decoder's
-    own data file. One weight is held at a time. Returns the bytes of int8 weights written."""
+    same folder (it reads the decoder's own weights where they are), its int8 weights named at
+    `DERIVED_LOCATION`. Returns the bytes they take in memory."""
     decoder_path, out_path = Path(decoder_path), Path(out_path)
     if decoder_path.parent != out_path.parent:
         raise ValueError("the int8 prompt pass reads the decoder's data file: write it in the decoder's folder")
-    start = time.perf_counter()
     model = onnx.load(str(decoder_path), load_external_data=False)
     graph = model.graph
     stored = {t.name: t for t in graph.initializer}
-    location = out_path.name + ".data"
     nodes, derived = [], []
-    with open(out_path.parent / location, "wb") as file:
-        data = ExternalData(file, location)
-        for node in graph.node:
-            if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
-                nodes.append(node)
-                continue
-            weight = _nbits_weight(node, stored, decoder_path.parent)
-            codes, scales = weight.int8()
-            stem = node.input[1].removesuffix("_Q4")
-            derived += [data.add(stem + "_int8", codes), data.add(stem + "_int8_scales", scales)]
-            nodes += _int8_nodes(node, stem)
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
+            nodes.append(node)
+            continue
+        k, n = (helper.get_attribute_value(a) for a in node.attribute if a.name in ("K", "N"))
+        stem = node.input[1].removesuffix("_Q4")
+        derived += [
+            external_tensor(stem + CODES, TensorProto.INT8, [k, n], DERIVED_LOCATION, 0, k * n),
+            external_tensor(stem + SCALES, TensorProto.FLOAT, [n], DERIVED_LOCATION, 0, 4 * n),
+        ]
+        nodes += _int8_nodes(node, stem)
     if not derived:
         raise ValueError(f"{decoder_path} has no INT4 layers to run in int8")
     used = {name for node in nodes for name in node.input}
@@ -123,11 +131,64 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
     graph.ClearField("initializer")
     graph.initializer.extend(kept + constants + derived)
     out_path.write_bytes(model.SerializeToString())
-    size = (out_path.parent / location).stat().st_size
-    log.info(
-        "int8 prompt pass: %d layers, %.0f MB, in %.1fs", len(derived) // 2, size / 2**20, time.perf_counter() - start
-    )
+    size = sum(int(np.prod(t.dims)) * (1 if t.data_type == TensorProto.INT8 else 4) for t in derived)
+    log.info("int8 prompt pass: %d layers, %.0f MB made at load", len(derived) // 2, size / 2**20)
     return size
+
+
+def derived_bytes(prompt_path: Path) -> int:
+    """The bytes of the int8 weights the prompt graph at `prompt_path` has made at load."""
+    graph = onnx.load(str(prompt_path), load_external_data=False).graph
+    return sum(
+        int({e.key: e.value for e in t.external_data}["length"])
+        for t in graph.initializer
+        if any(e.key == "location" and e.value == DERIVED_LOCATION for e in t.external_data)
+    )
+
+
+class DerivedInt8:
+    """The int8 weights of the prompt graph at `prompt_path` (those named at `DERIVED_LOCATION`),
+    made from the INT4 weights of the decoder at `decoder_path`, one weight a thread. The codes lie
+    in anonymous maps that `release` gives back to the system once onnxruntime has packed them into
+    its own buffers: the addresses stay valid (a read after it finds zeros, which the prompt pass's
+    tests would see), so memory holds the weights once."""
+
+    def __init__(self, prompt_path: Path, decoder_path: Path) -> None:
+        start = time.perf_counter()
+        wanted = [
+            t.name
+            for t in onnx.load(str(prompt_path), load_external_data=False).graph.initializer
+            if any(e.key == "location" and e.value == DERIVED_LOCATION for e in t.external_data)
+        ]
+        graph = onnx.load(str(decoder_path), load_external_data=False).graph
+        self._nodes = {n.input[1].removesuffix("_Q4"): n for n in graph.node if n.op_type == "MatMulNBits"}
+        self._stored = {t.name: t for t in graph.initializer}
+        self._folder = decoder_path.parent
+        stems = sorted({name.removesuffix(SCALES).removesuffix(CODES) for name in wanted})
+        missing = [stem for stem in stems if stem not in self._nodes]
+        if missing:
+            raise BundleError(f"{prompt_path} asks for int8 weights of {missing[0]}, which {decoder_path} lacks")
+        self._maps: list[mmap.mmap] = []
+        with ThreadPoolExecutor(physical_cores()) as pool:
+            made = dict(zip(stems, pool.map(self._derive, stems)))
+        self.arrays = {}
+        for stem, (codes, scales) in made.items():
+            self.arrays[stem + CODES], self.arrays[stem + SCALES] = codes, scales
+        self.arrays = {name: self.arrays[name] for name in wanted}
+        log.info(
+            "int8 prompt pass: %d weights made from the INT4 ones in %.1f s", len(stems), time.perf_counter() - start
+        )
+
+    def _derive(self, stem: str) -> tuple[np.ndarray, np.ndarray]:
+        weight = _nbits_weight(self._nodes[stem], self._stored, self._folder)
+        codes = mmap.mmap(-1, weight.k * weight.packed.shape[0])
+        self._maps.append(codes)
+        return weight.int8(np.frombuffer(codes, dtype=np.int8).reshape(weight.k, weight.packed.shape[0]))
+
+    def release(self) -> None:
+        """Give the codes' pages back (onnxruntime holds its packed copy)."""
+        for codes in self._maps:
+            codes.madvise(mmap.MADV_DONTNEED)
 
 
 def _nbits_weight(node: onnx.NodeProto, stored: dict[str, TensorProto], folder: Path) -> NBitsWeight:

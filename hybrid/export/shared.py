@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
-from hybrid.export.prefill import NBitsWeight
-from hybrid.export.tensors import ExternalData, external_tensor, read_initializer
+from hybrid.export.prefill import ROW_BLOCK, NBitsWeight
+from hybrid.export.tensors import ExternalData, external_tensor, map_initializer, read_initializer
 from hybrid.layout import BORROWED_FILE, BORROWED_LOCATION, GENAI_DATA
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,14 @@ def lend_int4_weights(genai_model: Path, decoder_model: Path, half_tables: bool)
                 if node.input[1] not in lent:
                     for name in node.input[1:]:
                         lent[name] = _offset(data.add(name, read_initializer(stored[name], decoder_model.parent)))
-                _check(part, node, stored, decoder_model.parent, read_initializer(tensor, genai_model.parent))
+                _check(part, node, stored, decoder_model.parent, map_initializer(tensor, genai_model.parent))
                 initializers += _row_views(part, node, stored, lent, location)
             elif tensor.data_location != TensorProto.EXTERNAL:
                 initializers.append(tensor)
-            else:
-                array = read_initializer(tensor, genai_model.parent)
-                initializers.append(data.add(tensor.name, array.astype(np.float16) if tensor.name in tables else array))
+            else:  # copied (a table in fp16), a block of rows at a time: the 2B's table is 1.2 GB in fp32
+                array = map_initializer(tensor, genai_model.parent)
+                dtype = np.float16 if tensor.name in tables else array.dtype
+                initializers.append(data.add_blocks(tensor.name, dtype, array.shape, _row_blocks(array)))
     graph.ClearField("initializer")
     graph.initializer.extend(initializers)
     rewritten = [_node(node, parts, nodes, tables) for node in graph.node]
@@ -111,6 +112,14 @@ def lend_int4_weights(genai_model: Path, decoder_model: Path, half_tables: bool)
     genai_model.write_bytes(genai.SerializeToString())
     log.debug("GenAI model: %d MatMuls on the decoder's INT4 weights", len(parts))
     return lent
+
+
+def _row_blocks(array: np.ndarray):
+    if array.ndim == 0:
+        yield np.asarray(array)
+        return
+    for first in range(0, len(array), ROW_BLOCK):
+        yield np.asarray(array[first : first + ROW_BLOCK])
 
 
 def _parts(nodes: dict[str, onnx.NodeProto], weights: dict[str, TensorProto]) -> dict[str, Part]:
@@ -174,12 +183,19 @@ def _row_views(
 
 
 def _check(part: Part, node: onnx.NodeProto, stored: dict[str, TensorProto], folder: Path, weight: np.ndarray) -> None:
-    """The part's INT4 rows are its fp32 weight `(K, N)` to within INT4's error (not another's rows)."""
-    arrays = [read_initializer(stored[name], folder)[part.rows] for name in node.input[1:]]
+    """The part's INT4 rows are its fp32 weight `(K, N)` to within INT4's error (not another's
+    rows), compared `ROW_BLOCK` rows at a time (the 2B's head is 1.2 GB in fp32)."""
+    arrays = [map_initializer(stored[name], folder)[part.rows] for name in node.input[1:]]
     nbits = NBitsWeight(
         arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, weight.shape[0], _attribute(node, "block_size")
     )
-    error = np.linalg.norm(nbits.dequantized() - weight.T) / max(np.linalg.norm(weight), 1e-30)
+    squared_error = squared_norm = 0.0
+    for first in range(0, weight.shape[1], ROW_BLOCK):
+        rows = slice(first, min(first + ROW_BLOCK, weight.shape[1]))
+        exact = np.asarray(weight[:, rows]).T
+        squared_error += float(np.square(nbits.dequantized(rows) - exact).sum())
+        squared_norm += float(np.square(exact).sum())
+    error = (squared_error / max(squared_norm, 1e-30)) ** 0.5
     if error > MAX_RELATIVE_ERROR:
         raise BundleError(f"the decoder's rows for {part.name} are not its weight (relative error {error:.2f})")
 

@@ -190,3 +190,13 @@ def read_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
     count = int(np.prod(tensor.dims))
     array = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
     return array.reshape(tuple(tensor.dims))
+
+
+def map_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
+    """`read_initializer` without reading: an external initializer mapped read-only in place."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    offset = int(info.get("offset", 0))
+    return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
