@@ -8,6 +8,7 @@ same cache buffers; decode steps and verifying passes always run the decoder's o
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,13 @@ class OnnxDecoder:
     """The decoder at `path`; `prompt`, where given, is the graph that runs prompt passes (`forward`)."""
 
     def __init__(self, path: str | Path, threads: int = 0, prompt: str | Path | None = None) -> None:
-        self.session, self._borrowed = open_session(path, threads)
-        # its threads sleep once a prompt pass ends: spinning, they would share the cores with the steps
+        # the prompt graph first: its int8 weights, made at load, are held twice until its session
+        # has packed them, and the decoder's session is not yet there to add to that peak. Its
+        # threads sleep once a prompt pass ends: spinning, they would share the cores with the steps
         self.prompt_session, self._prompt_borrowed = (
             (None, None) if prompt is None else open_session(prompt, threads, spin=False, decoder=Path(path))
         )
+        self.session, self._borrowed = open_session(path, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         past = inputs["past_key_values.0.key"].shape
@@ -204,7 +207,7 @@ class BorrowedWeights:
     def __init__(self, path: Path) -> None:
         self.names: list[str] = []
         self.values: list[ort.OrtValue] = []
-        self.maps: dict[Path, np.memmap] = {}
+        self.maps: dict[Path, mmap.mmap] = {}
         folder, bundle = path.parent.resolve(), path.parent.parent.resolve()
         for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
             info = {entry.key: entry.value for entry in tensor.external_data}
@@ -221,10 +224,18 @@ class BorrowedWeights:
             self.names.append(tensor.name)
             self.values.append(ort.OrtValue.ortvalue_from_numpy(array.view(dtype).reshape(tuple(tensor.dims))))
 
-    def _map(self, file: Path) -> np.memmap:
+    def _map(self, file: Path) -> np.ndarray:
         if file not in self.maps:
-            self.maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        return self.maps[file]
+            with open(file, "rb") as f:
+                self.maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self.maps[file], dtype=np.uint8)
+
+    def release(self) -> None:
+        """Drop the pages onnxruntime read while it packed the weights into its own buffers: they
+        are the file's, read again should anything touch them, and would otherwise count in this
+        process's memory for as long as the session lives."""
+        for mapped in self.maps.values():
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def open_session(
@@ -249,6 +260,7 @@ def open_session(
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BundleError(f"cannot load the ONNX decoder {path}: {exc}") from exc
+    borrowed.release()
     if derived is not None:
         derived.release()
     return session, borrowed

@@ -14,6 +14,7 @@ from hybrid.config import RuntimeConfig, UserError
 from hybrid.decoder import OnnxDecoder
 from hybrid.demo.eval import eval_exchanges, evaluate, pipeline_answerer
 from hybrid.export import prefill
+from hybrid.export.bundle import export_bundle
 from hybrid.export.int4 import Int4Setting, int4_arrays, matmul_nbits_attributes, quantize_int4
 from hybrid.export.int8 import LEVELS, int8_columns
 from hybrid.export.prefill import NBitsWeight
@@ -99,6 +100,16 @@ def test_an_int4_bundle_has_the_int8_graph_without_its_weights_and_an_fp32_one_d
         np.testing.assert_array_equal(made.arrays[stem + prefill.SCALES], scales)
     assert PREFILL_FILE not in Manifest.load(bundle("base")).parts
     assert not (bundle("base") / PREFILL_FILE).exists()
+
+
+def test_int8_weights_stored_in_the_bundle_give_what_the_ones_made_at_load_give(bundle, checkpoint, tmp_path):
+    stored = export_bundle(str(checkpoint("base")), tmp_path / "stored", "int4", store_int8=True)
+    assert (stored / (PREFILL_FILE + ".data")).stat().st_size > 0
+    made = bundle("base", "int4")
+    decoders = [OnnxDecoder(b / DECODER_FILE, prompt=b / PREFILL_FILE) for b in (stored, made)]
+    inputs = prompt(decoders[0], 20)
+    logits = [d.forward(d.new_cache(24), *inputs) for d in decoders]
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def prompt(decoder: OnnxDecoder, seq: int, seed: int = 3):

@@ -77,10 +77,16 @@ def resolve_checkpoint(source: str) -> Path:
 
 
 def export_bundle(
-    source: str, out: str | Path, precision: str = "fp32", genai: bool = True, int4: Int4Scheme = Int4Scheme()
+    source: str,
+    out: str | Path,
+    precision: str = "fp32",
+    genai: bool = True,
+    int4: Int4Scheme = Int4Scheme(),
+    store_int8: bool = False,
 ) -> Path:
     """Export `source` to the bundle `out`; an INT4 decoder is quantized by `int4`, and the GenAI
-    model runs the same INT4 weights (one copy on disk: `hybrid.export.shared`)."""
+    model runs the same INT4 weights (one copy on disk: `hybrid.export.shared`); its int8 prompt
+    pass's weights are made at load, or with `store_int8` kept in the bundle."""
     parts = Precisions.of(precision)
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -92,7 +98,7 @@ def export_bundle(
     work.chmod(0o755)
     lock = _hold(work)
     try:
-        model_info = _write_parts(checkpoint, work, precision, genai, int4)
+        model_info = _write_parts(checkpoint, work, precision, genai, int4, store_int8)
         manifest = Manifest(
             format=BUNDLE_FORMAT,
             source=source,
@@ -163,7 +169,7 @@ def _part_sizes(manifest: Manifest) -> str:
     return f"{sum(sizes.values()) / 1e6:.1f} MB: {listed}"
 
 
-def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4: Int4Scheme) -> dict:
+def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4: Int4Scheme, store_int8: bool) -> dict:
     """Every part of the bundle, each tensor read from the checkpoint as it is written."""
     from transformers import AutoConfig, AutoProcessor
 
@@ -185,7 +191,7 @@ def _write_parts(checkpoint: Path, work: Path, precision: str, genai: bool, int4
     with _step(3, steps, f"writing the ONNX text decoder ({what})"):
         decoder.export_decoder(tensors, config, work / DECODER_FILE, precision, _LayerProgress(), int4)
         if precisions.prompt == "int8":
-            write_int8_prefill(work / DECODER_FILE, work / PREFILL_FILE)
+            write_int8_prefill(work / DECODER_FILE, work / PREFILL_FILE, store=store_int8)
     if genai:
         with _step(4, steps, f"building the GenAI text model ({precision})"):
             lent = build_genai(checkpoint, work / GENAI_DIR, precision, processor, work / DECODER_FILE)

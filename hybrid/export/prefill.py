@@ -28,10 +28,12 @@ in memory that is given back once onnxruntime has packed them into its own.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
 from hybrid.export.int8 import int8_columns
-from hybrid.export.tensors import external_tensor, read_initializer
+from hybrid.export.tensors import ExternalData, external_tensor, read_initializer
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -96,28 +98,36 @@ def _unpacked(packed: np.ndarray) -> np.ndarray:
     return values
 
 
-def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
+def write_int8_prefill(decoder_path: str | Path, out_path: str | Path, store: bool = False) -> int:
     """Write the int8 prompt-pass graph of the INT4 decoder at `decoder_path` to `out_path`, in the
     same folder (it reads the decoder's own weights where they are), its int8 weights named at
-    `DERIVED_LOCATION`. Returns the bytes they take in memory."""
+    `DERIVED_LOCATION`, or with `store` made now and written to `out_path`.data (one weight held
+    at a time). Returns the bytes they take."""
     decoder_path, out_path = Path(decoder_path), Path(out_path)
     if decoder_path.parent != out_path.parent:
         raise ValueError("the int8 prompt pass reads the decoder's data file: write it in the decoder's folder")
     model = onnx.load(str(decoder_path), load_external_data=False)
     graph = model.graph
     stored = {t.name: t for t in graph.initializer}
+    location = out_path.name + ".data"
     nodes, derived = [], []
-    for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
-            nodes.append(node)
-            continue
-        k, n = (helper.get_attribute_value(a) for a in node.attribute if a.name in ("K", "N"))
-        stem = node.input[1].removesuffix("_Q4")
-        derived += [
-            external_tensor(stem + CODES, TensorProto.INT8, [k, n], DERIVED_LOCATION, 0, k * n),
-            external_tensor(stem + SCALES, TensorProto.FLOAT, [n], DERIVED_LOCATION, 0, 4 * n),
-        ]
-        nodes += _int8_nodes(node, stem)
+    with open(out_path.parent / location, "wb") if store else nullcontext() as file:
+        for node in graph.node:
+            if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
+                nodes.append(node)
+                continue
+            stem = node.input[1].removesuffix("_Q4")
+            if store:
+                codes, scales = _nbits_weight(node, stored, decoder_path.parent).int8()
+                data = ExternalData(file, location)
+                derived += [data.add(stem + CODES, codes), data.add(stem + SCALES, scales)]
+            else:
+                k, n = (helper.get_attribute_value(a) for a in node.attribute if a.name in ("K", "N"))
+                derived += [
+                    external_tensor(stem + CODES, TensorProto.INT8, [k, n], DERIVED_LOCATION, 0, k * n),
+                    external_tensor(stem + SCALES, TensorProto.FLOAT, [n], DERIVED_LOCATION, 0, 4 * n),
+                ]
+            nodes += _int8_nodes(node, stem)
     if not derived:
         raise ValueError(f"{decoder_path} has no INT4 layers to run in int8")
     used = {name for node in nodes for name in node.input}
@@ -132,7 +142,8 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path) -> int:
     graph.initializer.extend(kept + constants + derived)
     out_path.write_bytes(model.SerializeToString())
     size = sum(int(np.prod(t.dims)) * (1 if t.data_type == TensorProto.INT8 else 4) for t in derived)
-    log.info("int8 prompt pass: %d layers, %.0f MB made at load", len(derived) // 2, size / 2**20)
+    where = "in the bundle" if store else "made at load"
+    log.info("int8 prompt pass: %d layers, %.0f MB %s", len(derived) // 2, size / 2**20, where)
     return size
 
 
@@ -189,6 +200,15 @@ class DerivedInt8:
         """Give the codes' pages back (onnxruntime holds its packed copy)."""
         for codes in self._maps:
             codes.madvise(mmap.MADV_DONTNEED)
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand back the heap the derivation's float temporaries grew (glibc keeps freed blocks)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim this way
+        pass
 
 
 def _nbits_weight(node: onnx.NodeProto, stored: dict[str, TensorProto], folder: Path) -> NBitsWeight:
