@@ -27,7 +27,7 @@ FLOOR = {
     scenes.EDGE: {"shape": 0.8, "colour": 0.95, "position": 0.85, "count": 0.9},
 }
 # share of asked-for boxes that some box of the answer overlaps with IoU >= 0.5, whatever its label
-BOX_FLOOR = {scenes.TRAIN: 0.3, scenes.EDGE: 0.15}
+BOX_FLOOR = {scenes.TRAIN: 0.38, scenes.EDGE: 0.22}
 CHANCE_CEILING = {"colour": 0.35, "position": 0.45, "count": 0.6}  # chance: 1/6 colours, 1/5 places, 1/3 counts
 
 
