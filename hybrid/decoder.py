@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from hybrid.errors import BundleError
 from hybrid.export.prefill import DerivedInt8
+from hybrid.export.tensors import external_info
 from hybrid.layout import DECODER_NUM_LOGITS
 from hybrid.threads import session_options
 
@@ -210,8 +211,8 @@ class BorrowedWeights:
         self.maps: dict[Path, mmap.mmap] = {}
         folder, bundle = path.parent.resolve(), path.parent.parent.resolve()
         for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            if tensor.data_location != onnx.TensorProto.EXTERNAL or "location" not in info:
+            info = external_info(tensor)
+            if "location" not in info:
                 continue
             file = (folder / info["location"]).resolve()
             if file.parent == folder:

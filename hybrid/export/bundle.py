@@ -27,7 +27,7 @@ from hybrid.export.genai import build_genai
 from hybrid.export.int4 import Int4Scheme
 from hybrid.export.prefill import write_int8_prefill
 from hybrid.export.shared import borrow_from_genai
-from hybrid.export.tensors import CheckpointTensors, write_npy, write_safetensors
+from hybrid.export.tensors import CheckpointTensors, external_info, write_npy, write_safetensors
 from hybrid.export.vision import export_vision
 from hybrid.layout import (
     CHECKPOINT_VISION_PREFIX,
@@ -211,7 +211,7 @@ def share_embedding_table(work: Path, rows: int = 4096) -> bool:
     if not found or table.dtype != np.float16 or found[0].data_type != onnx.TensorProto.FLOAT16:
         return False
     tensor = found[0]
-    where = {entry.key: entry.value for entry in tensor.external_data}
+    where = external_info(tensor)
     data = f"{GENAI_DIR}/{where.get('location')}"
     if tuple(tensor.dims) != table.shape or data != GENAI_DATA:  # the file the hybrid route verifies
         return False

@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
 from hybrid.export.int8 import int8_columns
-from hybrid.export.tensors import ExternalData, external_tensor, read_initializer
+from hybrid.export.tensors import ExternalData, external_info, external_tensor, read_initializer
 from hybrid.threads import physical_cores
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path, store: bo
     location = out_path.name + ".data"
     nodes, derived = [], []
     with open(out_path.parent / location, "wb") if store else nullcontext() as file:
+        data = ExternalData(file, location) if store else None
         for node in graph.node:
             if node.op_type != "MatMulNBits" or node.input[1].startswith(HEAD_PREFIX):
                 nodes.append(node)
@@ -119,7 +120,6 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path, store: bo
             stem = node.input[1].removesuffix("_Q4")
             if store:
                 codes, scales = _nbits_weight(node, stored, decoder_path.parent).int8()
-                data = ExternalData(file, location)
                 derived += [data.add(stem + CODES, codes), data.add(stem + SCALES, scales)]
             else:
                 k, n = (helper.get_attribute_value(a) for a in node.attribute if a.name in ("K", "N"))
@@ -147,14 +147,15 @@ def write_int8_prefill(decoder_path: str | Path, out_path: str | Path, store: bo
     return size
 
 
+def derived_initializers(prompt_path: Path) -> list[TensorProto]:
+    """The initializers of the prompt graph at `prompt_path` that are made at load (`DERIVED_LOCATION`)."""
+    graph = onnx.load(str(prompt_path), load_external_data=False).graph
+    return [t for t in graph.initializer if external_info(t).get("location") == DERIVED_LOCATION]
+
+
 def derived_bytes(prompt_path: Path) -> int:
     """The bytes of the int8 weights the prompt graph at `prompt_path` has made at load."""
-    graph = onnx.load(str(prompt_path), load_external_data=False).graph
-    return sum(
-        int({e.key: e.value for e in t.external_data}["length"])
-        for t in graph.initializer
-        if any(e.key == "location" and e.value == DERIVED_LOCATION for e in t.external_data)
-    )
+    return sum(int(external_info(t)["length"]) for t in derived_initializers(prompt_path))
 
 
 class DerivedInt8:
@@ -166,11 +167,7 @@ class DerivedInt8:
 
     def __init__(self, prompt_path: Path, decoder_path: Path) -> None:
         start = time.perf_counter()
-        wanted = [
-            t.name
-            for t in onnx.load(str(prompt_path), load_external_data=False).graph.initializer
-            if any(e.key == "location" and e.value == DERIVED_LOCATION for e in t.external_data)
-        ]
+        wanted = [t.name for t in derived_initializers(prompt_path)]
         graph = onnx.load(str(decoder_path), load_external_data=False).graph
         self._nodes = {n.input[1].removesuffix("_Q4"): n for n in graph.node if n.op_type == "MatMulNBits"}
         self._stored = {t.name: t for t in graph.initializer}
@@ -181,11 +178,10 @@ class DerivedInt8:
             raise BundleError(f"{prompt_path} asks for int8 weights of {missing[0]}, which {decoder_path} lacks")
         self._maps: list[mmap.mmap] = []
         with ThreadPoolExecutor(physical_cores()) as pool:
-            made = dict(zip(stems, pool.map(self._derive, stems)))
-        self.arrays = {}
-        for stem, (codes, scales) in made.items():
-            self.arrays[stem + CODES], self.arrays[stem + SCALES] = codes, scales
-        self.arrays = {name: self.arrays[name] for name in wanted}
+            made = {}
+            for stem, (codes, scales) in zip(stems, pool.map(self._derive, stems)):
+                made[stem + CODES], made[stem + SCALES] = codes, scales
+        self.arrays = {name: made[name] for name in wanted}  # in the graph's order
         log.info(
             "int8 prompt pass: %d weights made from the INT4 ones in %.1f s", len(stems), time.perf_counter() - start
         )

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from hybrid.errors import BundleError
 from hybrid.export.int4 import CONTRIB
 from hybrid.export.prefill import ROW_BLOCK, NBitsWeight
-from hybrid.export.tensors import ExternalData, external_tensor, map_initializer, read_initializer
+from hybrid.export.tensors import ExternalData, external_info, external_tensor, map_initializer, read_initializer
 from hybrid.layout import BORROWED_FILE, BORROWED_LOCATION, GENAI_DATA
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _tables(graph: onnx.GraphProto, weights: dict[str, TensorProto]) -> set[str]
 
 
 def _offset(tensor: TensorProto) -> int:
-    return int(next(entry.value for entry in tensor.external_data if entry.key == "offset"))
+    return int(external_info(tensor)["offset"])
 
 
 def _row_views(
@@ -244,8 +244,8 @@ def borrow_from_genai(bundle: Path, decoder_dir: str, lent: dict[str, int]) -> i
         data = ExternalData(file, own)
         for model in graphs.values():
             for tensor in model.graph.initializer:
-                info = {e.key: e.value for e in tensor.external_data}
-                if tensor.data_location != TensorProto.EXTERNAL or info.get("location") != own:
+                info = external_info(tensor)
+                if info.get("location") != own:
                     continue
                 offset, length = int(info.get("offset", 0)), int(info["length"])
                 if tensor.name in lent:

@@ -181,11 +181,18 @@ def external_tensor(name: str, data_type: int, dims: list[int], location: str, o
     return tensor
 
 
+def external_info(tensor: TensorProto) -> dict[str, str]:
+    """Where an external initializer's bytes lie (`location`, `offset`, `length`); {} for one in the graph."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return {}
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
 def read_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
     """The array of an ONNX initializer, from the graph or from its external-data file in `folder`."""
-    if tensor.data_location != TensorProto.EXTERNAL:
+    info = external_info(tensor)
+    if not info:
         return numpy_helper.to_array(tensor)
-    info = {entry.key: entry.value for entry in tensor.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     count = int(np.prod(tensor.dims))
     array = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
@@ -194,9 +201,9 @@ def read_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
 
 def map_initializer(tensor: TensorProto, folder: Path) -> np.ndarray:
     """`read_initializer` without reading: an external initializer mapped read-only in place."""
-    if tensor.data_location != TensorProto.EXTERNAL:
+    info = external_info(tensor)
+    if not info:
         return numpy_helper.to_array(tensor)
-    info = {entry.key: entry.value for entry in tensor.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     offset = int(info.get("offset", 0))
     return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
