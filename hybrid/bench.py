@@ -107,7 +107,9 @@ def preset_spec(preset: str, layers: int | None):
             TinySpec(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728, **text, **vision),
             num_attention_heads=32,
         ),
-        "tiny": TinySpec(num_hidden_layers=2, vocab_size=4096),
+        # three text layers: DeepStack (two maps) ends before the last one, as in the real models;
+        # llama.cpp's graph aborts when a DeepStack map falls on the last layer (its rows already cut)
+        "tiny": TinySpec(num_hidden_layers=3, vocab_size=4096),
     }
     if preset not in presets:
         raise UserError(f"--preset must be one of {', '.join(presets)}")
@@ -136,7 +138,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--peers",
         default="",
         help="comma-separated peers to measure beside the routes: openvino (OpenVINO GenAI's VLMPipeline on an "
-        "optimum-intel INT4 export of the same checkpoint, in its own environment under .cache/peers)",
+        "optimum-intel INT4 export of the same checkpoint, in its own environment under .cache/peers), llamacpp "
+        "(llama-server, built once for this CPU under ~/.cache/hybrid-peers, on Q4_K_M and Q4_0 GGUF conversions "
+        "of the checkpoint with an f16 projector)",
     )
     parser.add_argument("--cache", default=".cache/bench", help="where checkpoints and bundles are kept")
     parser.add_argument("--json", action="store_true")
@@ -248,14 +252,17 @@ def _prepare_checkpoint(cache: Path, preset: str, spec: TinySpec) -> Path:
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer column: its environment's Python, its export of the bench's checkpoint and that export's record."""
+    """A peer column: how to start its worker (given the threads and a log file), and the record of
+    its export of the bench's checkpoint with a line that says how it was made."""
 
-    python: Path
-    model: Path
+    start: Callable[[int, Path], object]
     export: dict
+    summary: str
+    disk_mb: float
+    log_dir: Path
 
 
-PEERS = {"openvino": "openvino_int4"}  # --peers name: its column
+PEERS = {"openvino": ("openvino_int4",), "llamacpp": ("llamacpp_q4_k_m", "llamacpp_q4_0")}  # name: its columns
 
 
 def _parse_peers(text: str) -> list[str]:
@@ -267,17 +274,53 @@ def _parse_peers(text: str) -> list[str]:
 
 
 def _prepare_peers(cache: Path, preset: str, spec: TinySpec, names: list[str]) -> dict[str, Peer]:
-    """Each named peer's environment (built once) and its export of the bench's checkpoint."""
+    """Each named peer's environment or build (made once) and its export of the bench's checkpoint,
+    as one Peer per column."""
     if not names:
         return {}
-    from hybrid.peers.openvino import OpenVinoScheme, ensure_env, ensure_export
-
     checkpoint = _prepare_checkpoint(cache, preset, spec)
+    peers: dict[str, Peer] = {}
+    if "openvino" in names:
+        peers |= _openvino_peer(cache, checkpoint, _checkpoint_name(preset, spec))
+    if "llamacpp" in names:
+        peers |= _llamacpp_peers(cache, checkpoint, _checkpoint_name(preset, spec))
+    return peers
+
+
+def _openvino_peer(cache: Path, checkpoint: Path, name: str) -> dict[str, Peer]:
+    from hybrid.peers.openvino import OpenVinoScheme, OpenVinoWorker, ensure_env, ensure_export
+
     python = ensure_env()
     scheme = OpenVinoScheme()
-    out = cache / f"openvino-{_checkpoint_name(preset, spec)}-{scheme.name}"
+    out = cache / f"openvino-{name}-{scheme.name}"
     record = ensure_export(python, checkpoint, out, scheme)
-    return {PEERS["openvino"]: Peer(python, out, asdict(record))}
+    summary = (
+        f"optimum-cli export openvino {record.scheme} took {record.seconds:.0f} s, peak {record.peak_rss_mb:.0f} MB "
+        f"(process tree), {record.disk_mb:.0f} MB on disk"
+    )
+
+    def start(threads: int, log_file: Path) -> OpenVinoWorker:
+        return OpenVinoWorker(python, out, threads, log_file)
+
+    return {"openvino_int4": Peer(start, asdict(record), summary, record.disk_mb, cache)}
+
+
+def _llamacpp_peers(cache: Path, checkpoint: Path, name: str) -> dict[str, Peer]:
+    from hybrid.peers import llamacpp
+
+    build = llamacpp.ensure_build()
+    out = cache / f"llamacpp-{name}"
+    record = llamacpp.ensure_export(build, checkpoint, out)
+    peers = {}
+    for quant, key in zip(llamacpp.QUANTS, PEERS["llamacpp"]):
+
+        def start(threads: int, log_file: Path, quant: str = quant) -> llamacpp.LlamaServerWorker:
+            text, mmproj = llamacpp.text_file(out, quant), llamacpp.mmproj_file(out)
+            return llamacpp.LlamaServerWorker(build, text, mmproj, threads, log_file)
+
+        disk = llamacpp.export_disk_mb(record, quant)
+        peers[key] = Peer(start, asdict(record), record.summary(quant), disk, cache)
+    return peers
 
 
 def measure(
@@ -306,10 +349,11 @@ def measure(
         return result
 
     samples, memory = take_rounds(bundles, [*routes, *peers], threads, runs, one, peers)
-    disk = {key: peers[key].export["disk_mb"] if key in peers else _disk_mb(bundles, ROUTES[key]) for key in samples}
+    disk = {key: peers[key].disk_mb if key in peers else _disk_mb(bundles, ROUTES[key]) for key in samples}
     report = _summarise(samples, memory, disk, bundles, new_tokens)
     report["peers"] = {
-        key: {"export": peer.export, "settings": samples[key][0]["settings"]} for key, peer in peers.items()
+        key: {"export": peer.export, "summary": peer.summary, "settings": samples[key][0]["settings"]}
+        for key, peer in peers.items()
     }
     return report
 
@@ -358,10 +402,7 @@ def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int, peer
     workers = {}
     for key in keys:
         if key in peers:
-            from hybrid.peers.openvino import OpenVinoWorker
-
-            peer = peers[key]
-            workers[key] = OpenVinoWorker(peer.python, peer.model, threads, peer.model.parent / f"{key}-worker.log")
+            workers[key] = peers[key].start(threads, peers[key].log_dir / f"{key}-worker.log")
         else:
             workers[key] = _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads)
     return workers
@@ -434,6 +475,13 @@ def _ratios(routes: dict) -> dict:
         ("hybrid_int4", "openvino_int4", "vision_ms"),
         ("hybrid_int4", "openvino_int4", "disk_mb"),
         ("genai_int4", "openvino_int4", "decode_tok_s"),
+        ("hybrid_int4", "llamacpp_q4_k_m", "prefill_tok_s"),
+        ("hybrid_int4", "llamacpp_q4_k_m", "ttft_ms"),
+        ("hybrid_int4", "llamacpp_q4_k_m", "decode_tok_s"),
+        ("hybrid_int4", "llamacpp_q4_k_m", "vision_ms"),
+        ("hybrid_int4", "llamacpp_q4_k_m", "disk_mb"),
+        ("hybrid_int4", "llamacpp_q4_0", "ttft_ms"),
+        ("hybrid_int4", "llamacpp_q4_0", "decode_tok_s"),
     ]
     for a, b, field in pairs:
         if a in routes and b in routes and routes[b][field]:
@@ -566,12 +614,8 @@ def format_report(report: dict) -> str:
         )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
     for key, peer in report.get("peers", {}).items():
-        export = peer["export"]
-        lines.append(
-            f"{key}: optimum-cli export openvino {export['scheme']} took {export['seconds']:.0f} s, "
-            f"peak {export['peak_rss_mb']:.0f} MB (process tree), {export['disk_mb']:.0f} MB on disk; CPU plugin "
-            + ", ".join(f"{name} {value}" for name, value in peer["settings"].items())
-        )
+        settings = ", ".join(f"{name} {value}" for name, value in peer["settings"].items())
+        lines.append(f"{key}: {peer['summary']}; {settings}")
     lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
     lines += _speculation_lines(routes, report.get("verify_cost", {}), report.get("by_kind", {}))
     lines.append(

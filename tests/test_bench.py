@@ -88,7 +88,7 @@ def test_tiny_bench_report(tmp_path):
     assert report["bandwidth_gb_s"] > 0
     # a decode step reads every decoder weight once: about the size of the INT4 decoder on disk (its
     # own file and the INT4 weights it reads from the GenAI model's)
-    int4 = tmp_path / "bundle-tiny-L2-int4"
+    int4 = tmp_path / "bundle-tiny-L3-int4"
     on_disk = sum(f.stat().st_size for f in (int4 / DECODER_DIR).glob("model.onnx*"))
     on_disk += json.loads((int4 / BORROWED_FILE).read_text())["bytes"]
     assert 0.5 * on_disk < report["int4_bytes_per_token"] <= on_disk

@@ -21,9 +21,8 @@ import venv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-
 from hybrid.errors import UserError
+from hybrid.peers.common import PeerUnavailable, checkpoint_digest, folder_mb, remove_stale_exports, run_with_peak
 from hybrid.types import Request
 
 log = logging.getLogger(__name__)
@@ -34,10 +33,6 @@ WORKER = HERE / "openvino_worker.py"
 ENV_DIR = HERE.parents[1] / ".cache" / "peers" / "openvino-env"
 STAMP = "hybrid-requirements.sha256"  # in the environment: the requirements it was built from
 EXPORT_RECORD = "hybrid-export.json"  # in an export: what it was made from, how long it took, its peak
-
-
-class PeerUnavailable(UserError):
-    """The peer's environment could not be built or its export failed (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +95,6 @@ def ensure_env(root: Path = ENV_DIR) -> Path:
     return env_python(root)
 
 
-def checkpoint_digest(checkpoint: Path) -> str:
-    """Names, sizes and modification times of the checkpoint's files: an export of other files is redone."""
-    parts = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.iterdir() if f.is_file())
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
 def read_record(out: Path) -> ExportRecord | None:
     try:
         return ExportRecord(**json.loads((out / EXPORT_RECORD).read_text()))
@@ -132,14 +121,9 @@ def ensure_export(python: Path, checkpoint: Path, out: Path, scheme: OpenVinoSch
     log.info("exporting %s for OpenVINO (%s) into %s", checkpoint, scheme.name, out)
     start = time.perf_counter()
     try:
-        with tempfile.TemporaryFile("w+") as output:
-            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-            peak = _wait_with_peak(process)
-            if process.returncode != 0:
-                output.seek(0)
-                raise PeerUnavailable(f"optimum-cli export openvino failed: {output.read().strip()[-1500:]}")
+        peak = run_with_peak(command, "optimum-cli export openvino")
         seconds = time.perf_counter() - start
-        disk = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) / 2**20
+        disk = folder_mb(work)
         record = ExportRecord(
             str(checkpoint), fingerprint, scheme.name, round(seconds, 1), round(peak, 1), round(disk, 1)
         )
@@ -150,30 +134,6 @@ def ensure_export(python: Path, checkpoint: Path, out: Path, scheme: OpenVinoSch
         shutil.rmtree(work, ignore_errors=True)
     log.info("OpenVINO export done in %.0f s, peak %.0f MB, %.0f MB on disk", seconds, peak, disk)
     return record
-
-
-def _wait_with_peak(process: subprocess.Popen, every_s: float = 0.2) -> float:
-    """Wait for `process`, sampling the resident memory of it and its children; returns the peak in MB."""
-    root = psutil.Process(process.pid)
-    peak = 0.0
-    while process.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(every_s)
-    return peak
-
-
-def remove_stale_exports(out: Path) -> None:
-    """Remove `.NAME.partial-PID` folders of exports whose process is gone."""
-    for folder in out.parent.glob(f".{out.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
-            continue
-        log.info("removing %s, left by an OpenVINO export that did not finish", folder)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 class OpenVinoWorker:
