@@ -398,13 +398,19 @@ def round_order(keys: list[str], run: int) -> list[str]:
 
 
 def _start_workers(bundles: dict[str, Path], keys: list[str], threads: int, peers: dict[str, Peer]) -> dict:
+    """One worker per column; if one cannot start, those already started are closed before the error."""
     ctx = mp.get_context("spawn")
     workers = {}
-    for key in keys:
-        if key in peers:
-            workers[key] = peers[key].start(threads, peers[key].log_dir / f"{key}-worker.log")
-        else:
-            workers[key] = _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads)
+    try:
+        for key in keys:
+            if key in peers:
+                workers[key] = peers[key].start(threads, peers[key].log_dir / f"{key}-worker.log")
+            else:
+                workers[key] = _Worker(ctx, bundles[ROUTES[key].precision], ROUTES[key], threads)
+    except BaseException:
+        for worker in workers.values():
+            worker.close()
+        raise
     return workers
 
 

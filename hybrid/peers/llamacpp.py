@@ -34,6 +34,7 @@ import psutil
 from hybrid.errors import UserError
 from hybrid.metrics import cpu_isa
 from hybrid.peers.common import PeerUnavailable, checkpoint_digest, remove_stale_exports, run_with_peak
+from hybrid.threads import intra_op_threads
 from hybrid.types import Request
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ class LlamaServerWorker:
     is the projector's time, read from the server's trace lines."""
 
     def __init__(self, build: Build, text: Path, mmproj: Path, threads: int, log_file: Path) -> None:
+        threads = intra_op_threads(threads)  # 0: one per physical core, as the routes
         self.port = _free_port()
         self.log_path = log_file
         self.log = open(log_file, "a")
