@@ -17,7 +17,7 @@ from PIL import Image
 
 from hybrid.config import SamplingConfig
 from hybrid.demo.eval import zero_deepstack
-from hybrid.peers import openvino
+from hybrid.peers import common, openvino
 from hybrid.pipeline import Pipeline
 from hybrid.types import Message, Request, collect
 
@@ -77,7 +77,7 @@ def test_an_export_killed_half_way_is_cleaned_up_by_the_next(peer_python, tmp_pa
     (dead / "openvino_language_model.bin").write_bytes(b"\0" * 1024)
     live = tmp_path / f".openvino-x.partial-{os.getppid()}"
     live.mkdir()
-    openvino.remove_stale_exports(out)
+    common.remove_stale_exports(out)
     assert not dead.exists() and live.exists()
 
 

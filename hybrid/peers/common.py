@@ -11,13 +11,17 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 from hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
+
+Made = TypeVar("Made")
 
 
 class PeerUnavailable(UserError):
@@ -64,6 +68,23 @@ def remove_stale_exports(out: Path) -> None:
             continue
         log.info("removing %s, left by an export that did not finish", folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_export(out: Path, make: Callable[[Path], Made]) -> Made:
+    """`make(work)` writes an export into `work`, a partial folder beside `out` that then replaces
+    `out`; partial folders of exports that did not finish are removed first, and this one if `make`
+    fails, so a killed export never passes for a whole one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_exports(out)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        made = make(work)
+        shutil.rmtree(out, ignore_errors=True)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return made
 
 
 def folder_mb(folder: Path) -> float:

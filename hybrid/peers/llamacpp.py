@@ -33,7 +33,7 @@ import psutil
 
 from hybrid.errors import UserError
 from hybrid.metrics import cpu_isa
-from hybrid.peers.common import PeerUnavailable, checkpoint_digest, remove_stale_exports, run_with_peak
+from hybrid.peers.common import PeerUnavailable, checkpoint_digest, run_with_peak, write_export
 from hybrid.threads import intra_op_threads
 from hybrid.types import Request
 
@@ -173,17 +173,7 @@ def ensure_export(
     if record and (record.checkpoint, record.fingerprint, record.build, record.outtype) == made_for:
         if set(quants) <= set(record.quantize_seconds):
             return record
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_exports(out)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        record = _export(build, checkpoint, fingerprint, work, quants, outtype)
-        shutil.rmtree(out, ignore_errors=True)
-        work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    record = write_export(out, lambda work: _export(build, checkpoint, fingerprint, work, quants, outtype))
     log.info("llama.cpp export done: %s", "; ".join(record.summary(q) for q in quants))
     return record
 
@@ -192,6 +182,7 @@ def _export(
     build: Build, checkpoint: Path, fingerprint: str, work: Path, quants: tuple[str, ...], outtype: str
 ) -> ExportRecord:
     log.info("converting %s to GGUF (%s) for llama.cpp", checkpoint, outtype)
+    work.mkdir()
     converted = text_file(work, outtype)
     convert = [sys.executable, str(CONVERT), str(build.tree), str(checkpoint), "--outtype", outtype]
     start = time.perf_counter()

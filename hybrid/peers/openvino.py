@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybrid.errors import UserError
-from hybrid.peers.common import PeerUnavailable, checkpoint_digest, folder_mb, remove_stale_exports, run_with_peak
+from hybrid.peers.common import PeerUnavailable, checkpoint_digest, folder_mb, run_with_peak, write_export
 from hybrid.types import Request
 
 log = logging.getLogger(__name__)
@@ -111,28 +111,27 @@ def ensure_export(python: Path, checkpoint: Path, out: Path, scheme: OpenVinoSch
     record = read_record(out)
     if record and (record.checkpoint, record.fingerprint, record.scheme) == (str(checkpoint), fingerprint, scheme.name):
         return record
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_exports(out)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
     cli = python.parent / "optimum-cli"
-    command = [str(cli), "export", "openvino", "--model", str(checkpoint), "--task", "image-text-to-text"]
-    command += [*scheme.arguments(), str(work)]
     log.info("exporting %s for OpenVINO (%s) into %s", checkpoint, scheme.name, out)
-    start = time.perf_counter()
-    try:
-        peak = run_with_peak(command, "optimum-cli export openvino")
-        seconds = time.perf_counter() - start
-        disk = folder_mb(work)
+
+    def make(work: Path) -> ExportRecord:
+        command = [str(cli), "export", "openvino", "--model", str(checkpoint), "--task", "image-text-to-text"]
+        start = time.perf_counter()
+        peak = run_with_peak([*command, *scheme.arguments(), str(work)], "optimum-cli export openvino")
+        seconds, disk = time.perf_counter() - start, folder_mb(work)
         record = ExportRecord(
             str(checkpoint), fingerprint, scheme.name, round(seconds, 1), round(peak, 1), round(disk, 1)
         )
         (work / EXPORT_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("OpenVINO export done in %.0f s, peak %.0f MB, %.0f MB on disk", seconds, peak, disk)
+        return record
+
+    record = write_export(out, make)
+    log.info(
+        "OpenVINO export done in %.0f s, peak %.0f MB, %.0f MB on disk",
+        record.seconds,
+        record.peak_rss_mb,
+        record.disk_mb,
+    )
     return record
 
 
