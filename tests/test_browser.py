@@ -67,6 +67,7 @@ def test_image_question_streams_an_answer_then_an_example_compares_routes(url, t
             download_conversation(page)
             retry_then_undo(page)
             compare_on_an_example(page)
+            follow_up_while_answering(page)
             screenshot = tmp_path / "app.png"
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
@@ -144,3 +145,20 @@ def compare_on_an_example(page) -> None:
     expect(figure).to_contain_text("PyTorch reference")
     expect(figure).to_contain_text("Hybrid ONNX")
     expect(page.locator("#chatbot img")).to_have_count(2)  # the question's picture and the one with boxes
+
+
+def follow_up_while_answering(page) -> None:
+    """A question sent with Enter while the last one is still being answered is not dropped: it is
+    answered after it (every route again), and the textbox is emptied."""
+    marks = page.locator("#chatbot .route-mark")
+    before = marks.count()
+    textbox = page.locator("#prompt textarea")
+    textbox.fill("Locate every shape.")
+    textbox.press("Enter")
+    expect(marks).to_have_count(before + 1)  # the first route is answering
+    textbox.fill("How many shapes are there?")
+    textbox.press("Enter")
+    expect(marks).to_have_count(before + 4)
+    expect(marks.last).to_contain_text("tok/s")
+    expect(page.locator("#chatbot")).to_contain_text("How many shapes are there?")
+    expect(textbox).to_have_value("")

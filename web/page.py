@@ -216,8 +216,11 @@ def _wire(service: ChatService, controls: Controls, stop: gr.Button, clear: gr.B
         yield from service.edit(data, values[page.turns], controls.read(values), values[page.history], request)
 
     generating = dict(concurrency_id=CPU, concurrency_limit=1, show_progress="minimal")
-    # the page's own event (its inputs are the session's state): programs use /generate or /v1
-    chat_event = page.prompt.submit(chat, asked, page.outputs, api_name="chat", api_visibility="private", **generating)
+    # the page's own event (its inputs are the session's state): programs use /generate or /v1.
+    # A question sent while the last answer's final updates still stream runs after it ("always_last").
+    chat_event = page.prompt.submit(
+        chat, asked, page.outputs, api_name="chat", api_visibility="private", trigger_mode="always_last", **generating
+    )
     page.chatbot.retry(retry, asked, page.outputs, api_visibility="private", **generating)
     page.chatbot.edit(edit, asked, page.outputs, api_visibility="private", **generating)
     conversation = [page.prompt, page.chatbot, page.turns, page.download]
