@@ -150,6 +150,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time a second question on the same picture, with and without conversation reuse",
     )
     parser.add_argument(
+        "--prefill-ahead",
+        action="store_true",
+        help="also time, on each hybrid route, the question about a picture that was prefilled when it was "
+        "added (as the page does while the question is typed) against the same question asked fresh",
+    )
+    parser.add_argument(
         "--detail",
         action="store_true",
         help="also time the vision tower on a 12-megapixel photo at each image detail level",
@@ -202,6 +208,12 @@ def run_bench(args: argparse.Namespace) -> int:
             bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads
         )
         for key, row in follow_up.items():
+            report["routes"][key].update(row)
+    if args.prefill_ahead:
+        ahead = measure_prefill_ahead(
+            bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads
+        )
+        for key, row in ahead.items():
             report["routes"][key].update(row)
     if args.detail:
         report["vision_by_detail"] = measure_detail(bundles, routes, args.threads)
@@ -519,6 +531,13 @@ def int4_decode_bytes(bundle: Path) -> int:
     )
 
 
+@dataclass(frozen=True)
+class PrefillAhead:
+    """A worker's request to prefill `request`'s picture ahead of its question (`Pipeline.warm`)."""
+
+    request: Request
+
+
 class _Worker:
     """One route of one bundle in its own process; requests go over a pipe (with the column's
     speculative setting), results come back."""
@@ -535,8 +554,9 @@ class _Worker:
         self.loaded_mb = ready["loaded_mb"]
         self.baseline_rss_mb = ready["baseline_rss_mb"]
 
-    def ask(self, request: Request) -> dict:
-        request = replace(request, sampling=replace(request.sampling, speculative=self.speculative))
+    def ask(self, request: Request | PrefillAhead) -> dict:
+        if isinstance(request, Request):
+            request = replace(request, sampling=replace(request.sampling, speculative=self.speculative))
         self.conn.send(request)
         result = self.conn.recv()
         if "error" in result:
@@ -565,6 +585,11 @@ def _serve(conn, bundle: str, route: RouteName, runtime: RuntimeConfig) -> None:
         return
     while (request := conn.recv()) is not None:
         try:
+            if isinstance(request, PrefillAhead):
+                start = time.perf_counter()
+                tokens = pipeline.warm(request.request)
+                conn.send({"tokens": tokens, "ms": 1e3 * (time.perf_counter() - start)})
+                continue
             conn.send(collect(route, pipeline.stream(request, route)))
         except Exception as exc:  # reported to the parent, which raises it
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
@@ -622,7 +647,7 @@ def format_report(report: dict) -> str:
     for key, peer in report.get("peers", {}).items():
         settings = ", ".join(f"{name} {value}" for name, value in peer["settings"].items())
         lines.append(f"{key}: {peer['summary']}; {settings}")
-    lines += _follow_up_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
+    lines += _follow_up_lines(routes) + _ahead_lines(routes) + _detail_lines(report.get("vision_by_detail", {}))
     lines += _speculation_lines(routes, report.get("verify_cost", {}), report.get("by_kind", {}))
     lines.append(
         "peak_rss_mb is the route's own process; baseline_rss_mb is that process after imports, before loading"
@@ -661,6 +686,48 @@ def measure_follow_up(
     rows = {key: _follow_up_row(rows) for key, rows in samples.items()}
     for key, row in rows.items():
         log.info("%s follow-up: %s", key, row)
+    return rows
+
+
+def measure_prefill_ahead(
+    bundles: dict[str, Path],
+    routes: list[str],
+    width: int,
+    height: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    threads: int,
+) -> dict:
+    """Per hybrid route: a picture prefilled ahead (`Pipeline.warm`: its vision and its prompt tokens,
+    before the question is known), then its question in the same conversation, against the same
+    question asked fresh (medians). The time to first token after the question is what a person
+    waits after pressing Enter, when the picture was added while the question was typed."""
+    keys = [key for key in routes if ROUTES[key].route == "hybrid"]
+
+    def one(worker: _Worker, key: str, run: int) -> dict:
+        question = replace(
+            _image_request(width, height, prompt_tokens, new_tokens, run), conversation_id=f"ahead-{run}"
+        )
+        ahead = replace(question, messages=(replace(question.messages[-1], text=""),))
+        warmed = worker.ask(PrefillAhead(ahead))
+        return {
+            "ahead": warmed,
+            "after": worker.ask(question),
+            "fresh": worker.ask(replace(question, conversation_id=None)),
+        }
+
+    samples, _ = take_rounds(bundles, keys, threads, runs, one)
+    rows = {}
+    for key, rounds in samples.items():
+        rows[key] = {
+            "ahead_ms": statistics.median(r["ahead"]["ms"] for r in rounds),
+            "ahead_tokens": rounds[0]["ahead"]["tokens"],
+            "ahead_ttft_ms": statistics.median(r["after"]["timings"]["ttft_ms"] for r in rounds),
+            "ahead_ttft_ms_fresh": statistics.median(r["fresh"]["timings"]["ttft_ms"] for r in rounds),
+            "ahead_same_tokens": all(r["after"]["token_ids"] == r["fresh"]["token_ids"] for r in rounds),
+        }
+        log.info("%s prefill ahead: %s", key, rows[key])
     return rows
 
 
@@ -729,6 +796,16 @@ def measure_detail(bundles: dict[str, Path], routes: list[str], threads: int) ->
         results[key] = levels
         del tower
     return results
+
+
+def _ahead_lines(routes: dict) -> list[str]:
+    return [
+        f"{key}: picture prefilled ahead ({row['ahead_tokens']} tokens in {row['ahead_ms']:.0f} ms, while the question "
+        f"is typed), then TTFT {row['ahead_ttft_ms']:.0f} ms after the question, {row['ahead_ttft_ms_fresh']:.0f} ms "
+        f"asked fresh; same tokens: {row['ahead_same_tokens']}"
+        for key, row in routes.items()
+        if "ahead_ttft_ms" in row
+    ]
 
 
 def _follow_up_lines(routes: dict) -> list[str]:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,17 +185,34 @@ class Pipeline:
         log.debug("dropped %d kept caches of conversation %s", dropped, conversation_id)
 
     def stream(self, request: Request, route: RouteName, cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first).
+        """Stream the answer of one concrete route (resolve "auto"/"compare" with `plan` first);
+        a fault inside it is a `RouteError` (`_faults`)."""
+        with self._faults(route):
+            yield from self._route(route).stream(request, cancel)
 
-        A fault inside a route (not a user error) is logged with its traceback and re-raised as a
-        `RouteError` naming the route, so one failing request never takes the server down."""
+    def warm(self, request: Request) -> int:
+        """Encode and prefill, on the hybrid route, `request`'s prompt up to its last image or video,
+        kept for the conversation's next request (`HybridRoute.warm`): the page does it when a
+        picture is added, before its question is sent. Returns the tokens prefilled."""
+        with self._faults("hybrid"):
+            route = self._route("hybrid")
+            assert isinstance(route, HybridRoute)
+            return route.warm(request)
+
+    def _route(self, route: RouteName) -> Route:
         if route not in self.routes:
             reason = self.unavailable.get(route)
             if reason:
                 raise RouteError(f"the {route} route is unavailable: {reason}")
             raise RouteError(f"the {route} route is not loaded; loaded: {', '.join(self.routes)}")
+        return self.routes[route]
+
+    @contextmanager
+    def _faults(self, route: RouteName) -> Iterator[None]:
+        """A fault inside a route (not a user error) is logged with its traceback and re-raised as
+        a `RouteError` naming the route, so one failing request never takes the server down."""
         try:
-            yield from self.routes[route].stream(request, cancel)
+            yield
         except HybridError:
             raise
         except Exception as exc:  # a bug or a runtime fault in one route: report it, keep serving

@@ -91,6 +91,16 @@ class PreparedInputs:
         """The patch rows of item `index` of `kind` `(patches_i, C * T * P * P)`."""
         return _rows(self.pixels(kind), self.grid(kind), index)
 
+    def media_end(self) -> int:
+        """Where the prompt's last image or video ends (0 when it has none)."""
+        return max((end for kind in MEDIA for _, end in self.spans(kind)), default=0)
+
+    def head(self, end: int) -> PreparedInputs:
+        """The prompt's first `end` tokens; every image and video must be inside them."""
+        if end < self.media_end():
+            raise ValueError(f"an image or a video ends after token {end}")
+        return replace(self, input_ids=self.input_ids[:, :end], mm_token_type_ids=self.mm_token_type_ids[:, :end])
+
     def tail(self, start: int) -> PreparedInputs:
         """The prompt from token `start` on, with only the images and videos inside it; `start`
         must not cut one."""

@@ -68,6 +68,7 @@ def test_tiny_bench_report(tmp_path):
         str(tmp_path),
         "--json",
         "--follow-up",
+        "--prefill-ahead",
         "--detail",
         "--speculation",
         "--routes",
@@ -104,6 +105,12 @@ def test_tiny_bench_report(tmp_path):
         exact = r.route == "genai" or r.precision == "fp32" or r.prefill == "decoder"
         assert row["follow_up_same_tokens"] or not exact, key
     assert "follow_up_ttft_ms" not in report["routes"]["pytorch_fp32"]
+    for key, r in [(k, r) for k, r in ROUTES.items() if r.route == "hybrid"]:
+        row = report["routes"][key]
+        assert 0 < row["ahead_tokens"] < row["prompt_tokens"] and row["ahead_ms"] > 0, key
+        assert 0 < row["ahead_ttft_ms"] and 0 < row["ahead_ttft_ms_fresh"], key
+        assert row["ahead_same_tokens"] or not (r.precision == "fp32" or r.prefill == "decoder"), key
+    assert "ahead_ttft_ms" not in report["routes"]["genai_int4"]
     assert report["cpu"] and "hybrid_int4/hybrid_int4_plain decode_tok_s" in report["ratios"]
     assert report["ratios"]["hybrid_int4/hybrid_int4_int4prefill prefill_tok_s"] > 0
     assert report["routes"]["hybrid_int4_plain"]["decode_tokens"] == 6

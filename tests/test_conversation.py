@@ -15,11 +15,12 @@ from hybrid.media import IMAGE
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
-from tests.page import chat_updates, last, make_service, session
+from tests.page import chat_updates, last, make_service, session, settings
 
 RED = draw_scene((96, 96), (200, 30, 30))
 BLUE = draw_scene((128, 64), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))
 FIRST = "What is in this picture?"
+GREEDY = (8.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # the page's sampling controls: 8 new tokens, greedy
 
 
 def conversation(pipe, route: str, second_images=(), cid: str = "c1", model_images=(RED,), **sampling):
@@ -166,15 +167,66 @@ def test_reusable_prefix_stops_where_ids_or_pictures_differ():
 def test_clear_and_the_end_of_a_session_drop_the_cache(pipeline):
     pipe = pipeline("base")
     service = make_service(pipe)
-    greedy = (8.0, 0.0, 1.0, 0.0, 1.0, 0.0)
     message = {"text": FIRST, "files": []}
-    updates = chat_updates(service, message, route="hybrid", sampling=greedy, name="clearing")
+    updates = chat_updates(service, message, route="hybrid", sampling=GREEDY, name="clearing")
     assert ("clearing", "hybrid") in pipe.conversations
     turns = last(updates, "turns")
-    follow = chat_updates(service, {"text": "And then?", "files": []}, turns, "hybrid", greedy, name="clearing")
+    follow = chat_updates(service, {"text": "And then?", "files": []}, turns, "hybrid", GREEDY, name="clearing")
     assert last(follow, "latency")["reused tokens"].iloc[0] > 0, "the latency table shows the reused tokens"
     service.clear(session("clearing"))
     assert ("clearing", "hybrid") not in pipe.conversations
-    chat_updates(service, message, route="hybrid", sampling=greedy, name="clearing")
+    chat_updates(service, message, route="hybrid", sampling=GREEDY, name="clearing")
     service.end_session(session("clearing"))
     assert ("clearing", "hybrid") not in pipe.conversations
+
+
+@pytest.mark.parametrize("case", ["picture in turn 1", "new picture in turn 2"])
+def test_a_warmed_picture_answers_as_a_fresh_prefill(pipeline, monkeypatch, case):
+    """`Pipeline.warm` prefills the prompt through its last picture before the question is known; the
+    question then prefills only its own tokens and answers exactly as a fresh prefill does."""
+    pipe = pipeline("base")
+    route = pipe.routes["hybrid"]
+    if case == "picture in turn 1":
+        question, history = replace(ask(FIRST, (RED,)), conversation_id=case), ()
+    else:
+        question, _ = conversation(pipe, "hybrid", (BLUE,), cid=case)
+        history = question.messages[:-1]
+    ahead = replace(ask("", question.messages[-1].images, history=history), conversation_id=case)
+    picture_end = route.processor.prepare(question.messages).media_end()
+    warmed = pipe.warm(ahead)
+    assert 0 < warmed <= picture_end
+    assert pipe.warm(ahead) == 0, "a second warm-up finds the picture in the kept cache"
+    recorder = LogitRecorder(route.decoder, monkeypatch)
+    answer = run(pipe, question, "hybrid")
+    answer_logits = recorder.take()
+    fresh = run(pipe, replace(question, conversation_id=None), "hybrid")
+    fresh_logits = recorder.take()
+    assert answer["timings"]["reused_tokens"] >= picture_end
+    assert answer["token_ids"] == fresh["token_ids"] and len(set(fresh["token_ids"])) > 5
+    np.testing.assert_allclose(answer_logits, fresh_logits, atol=1e-4, rtol=0)
+
+
+def test_warm_needs_a_conversation_and_a_picture(pipeline):
+    pipe = pipeline("base")
+    assert pipe.warm(ask("", (RED,))) == 0, "without a conversation there is nothing to keep it for"
+    assert pipe.warm(replace(ask(FIRST), conversation_id="no picture")) == 0
+    assert ("no picture", "hybrid") not in pipe.conversations
+
+
+def test_the_page_warms_an_added_picture_for_hybrid_only(pipeline, tmp_path):
+    pipe = pipeline("base")
+    service = make_service(pipe)
+    picture = tmp_path / "red.png"
+    RED.save(picture)
+    added = {"text": "", "files": [str(picture)]}
+    service.warm(added, [], settings("pytorch", GREEDY), session("reference"))
+    assert ("reference", "hybrid") not in pipe.conversations, "PyTorch answers: nothing to warm"
+    service.warm(added, [], settings("auto", GREEDY), session("warm"))
+    assert ("warm", "hybrid") in pipe.conversations
+    updates = chat_updates(service, {**added, "text": FIRST}, route="auto", sampling=GREEDY, name="warm")
+    image_end = pipe.routes["hybrid"].processor.prepare(ask(FIRST, (RED,)).messages).media_end()
+    assert last(updates, "latency")["reused tokens"].iloc[0] >= image_end
+    service.warm(
+        {"text": "", "files": [__file__]}, [], settings("auto", GREEDY), session("unreadable")
+    )  # reported on send
+    assert ("unreadable", "hybrid") not in pipe.conversations

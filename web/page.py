@@ -215,11 +215,28 @@ def _wire(service: ChatService, controls: Controls, stop: gr.Button, clear: gr.B
     def edit(data: gr.EditData, values: dict, request: gr.Request) -> Iterator[dict]:
         yield from service.edit(data, values[page.turns], controls.read(values), values[page.history], request)
 
+    def warm(values: dict, request: gr.Request) -> None:
+        try:
+            settings = controls.read(values)
+        except gr.Error:  # reported when the question is sent
+            return
+        service.warm(values[page.prompt], values[page.turns], settings, request)
+
     generating = dict(concurrency_id=CPU, concurrency_limit=1, show_progress="minimal")
     # the page's own event (its inputs are the session's state): programs use /generate or /v1.
     # A question sent while the last answer's final updates still stream runs after it ("always_last").
     chat_event = page.prompt.submit(
         chat, asked, page.outputs, api_name="chat", api_visibility="private", trigger_mode="always_last", **generating
+    )
+    page.prompt.change(
+        warm,
+        asked,
+        None,
+        trigger_mode="always_last",
+        concurrency_id="warm",
+        concurrency_limit=1,
+        show_progress="hidden",
+        api_visibility="private",
     )
     page.chatbot.retry(retry, asked, page.outputs, api_visibility="private", **generating)
     page.chatbot.edit(edit, asked, page.outputs, api_visibility="private", **generating)

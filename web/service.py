@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import threading
@@ -46,6 +47,8 @@ from web.view import (
     to_request,
     turn_of_bubble,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class ChatService:
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._exports: Path | None = None  # a folder per session holds its conversation.json
+        self._warmed: dict[str, tuple] = {}  # session -> what its last warm-up was for
 
     def chat(
         self, message: dict | None, turns: list[Turn], settings: Settings, history: list[dict], request: gr.Request
@@ -241,6 +245,32 @@ class ChatService:
             raise gr.Error("Pick a question (one of your messages) to retry, edit or undo.")
         return index
 
+    def warm(self, message: dict | None, turns: list[Turn], settings: Settings, request: gr.Request) -> None:
+        """Pictures or a video added to the textbox are encoded and prefilled on Hybrid ONNX at once
+        (`Pipeline.warm`), kept for the question about them, so that the wait after Enter is the
+        question's own (its answer counts them as reused tokens). Only where Hybrid ONNX would
+        answer, once per set of files; it waits for the CPU like a request, and a question sent
+        meanwhile waits for it. Nothing is shown: a file that cannot be read is reported when the
+        question is sent."""
+        session, files = _session(request), message_files(message)
+        key = (files, len(turns), settings.route, settings.max_image_tokens)
+        if not session or not files or self._warmed.get(session) == key:
+            return
+        self._warmed[session] = key
+        runtime = self.pipeline.runtime
+        try:
+            question = question_of({"files": list(files)}, runtime.max_image_pixels, self.pipeline.open_video)
+            ahead = to_request([*turns, question], settings.sampling, session, settings.max_image_tokens)
+            if "hybrid" not in self.pipeline.plan(ahead, settings.route):
+                return
+            started = time.perf_counter()
+            with self.admission.cpu():
+                tokens = self.pipeline.warm(ahead)
+        except HybridError as exc:
+            log.info("no warm-up of the added files: %s", exc)
+            return
+        log.info("warmed %d prompt tokens of the added files in %.2f s", tokens, time.perf_counter() - started)
+
     def stop(self, turns: list[Turn], request: gr.Request) -> dict:
         """Cancel this session's running request; an unfinished reply is marked as stopped."""
         with self._lock:
@@ -263,6 +293,7 @@ class ChatService:
         session = _session(request)
         if session:
             self.pipeline.forget(session)
+            self._warmed.pop(session, None)
         if self._exports is not None:
             shutil.rmtree(self._export_folder(request), ignore_errors=True)
 

@@ -64,6 +64,33 @@ class HybridRoute:
             self.keep(request.conversation_id, cache, token_ids, images)
         yield emitter.final()
 
+    def warm(self, request: Request) -> int:
+        """Prefill the prompt up to the end of its last image or video, and keep that cache for the
+        conversation's next request, which then prefills only what follows (the question's text):
+        a picture is encoded while its question is typed. Returns the tokens prefilled (0 without a
+        conversation, an image or a video, or when the kept cache already holds them)."""
+        if request.conversation_id is None:
+            return 0
+        watch = Stopwatch()
+        inputs = prepare(self.processor, request, watch)
+        end = inputs.media_end()
+        if end == 0:
+            return 0
+        inputs = inputs.head(end)
+        ids = inputs.input_ids[0]
+        images = image_runs(inputs)
+        kept = self.conversations.take(self.name, request.conversation_id, ids, images)
+        if kept is not None and _holds(kept, ids, images):
+            self.conversations.keep(self.name, request.conversation_id, kept)
+            return 0
+        reused = reusable_prefix(kept, ids, images)
+        cache = self.cache_for(kept, reused, end)
+        self.prefill(
+            cache, inputs, reused, watch
+        )  # if it fails, the conversation's cache is gone: the next request starts afresh
+        self.keep(request.conversation_id, cache, ids.tolist(), images)
+        return end - reused
+
     def prefill(self, cache: KVCache, inputs: PreparedInputs, reused: int, watch: Stopwatch) -> tuple[np.ndarray, int]:
         """Encode the images and videos among the prompt's tokens after the first `reused` (those the
         cache holds), inject them and run them; returns the next token's logits `(V,)` and the M-RoPE
@@ -208,6 +235,14 @@ class _Picker:
 
 MEMORY_EVERY = 32  # decode steps between two reads of the resident memory (the final timings read it too)
 _NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+def _holds(kept: Kept, token_ids: np.ndarray, images: tuple[ImageRun, ...]) -> bool:
+    """Whether `kept` holds all of `token_ids` `(S,)` and the same images and videos at their places."""
+    n = len(token_ids)
+    return (
+        len(kept.token_ids) >= n and bool((kept.token_ids[:n] == token_ids).all()) and set(images) <= set(kept.images)
+    )
 
 
 def _numpy(grid_thw) -> np.ndarray | None:
