@@ -108,7 +108,7 @@ def test_tiny_bench_report(tmp_path):
     for key, r in [(k, r) for k, r in ROUTES.items() if r.route == "hybrid"]:
         row = report["routes"][key]
         assert 0 < row["ahead_tokens"] < row["prompt_tokens"] and row["ahead_ms"] > 0, key
-        assert 0 < row["ahead_ttft_ms"] and 0 < row["ahead_ttft_ms_fresh"], key
+        assert row["ahead_ttft_ms"] > 0, key
         assert row["ahead_same_tokens"] or not (r.precision == "fp32" or r.prefill == "decoder"), key
     assert "ahead_ttft_ms" not in report["routes"]["genai_int4"]
     assert report["cpu"] and "hybrid_int4/hybrid_int4_plain decode_tok_s" in report["ratios"]
