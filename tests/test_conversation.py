@@ -180,11 +180,14 @@ def test_clear_and_the_end_of_a_session_drop_the_cache(pipeline):
     assert ("clearing", "hybrid") not in pipe.conversations
 
 
-@pytest.mark.parametrize("case", ["picture in turn 1", "new picture in turn 2"])
-def test_a_warmed_picture_answers_as_a_fresh_prefill(pipeline, monkeypatch, case):
+@pytest.mark.parametrize(
+    "case, precision", [("picture in turn 1", "fp32"), ("new picture in turn 2", "fp32"), ("picture in turn 1", "int4")]
+)
+def test_a_warmed_picture_answers_as_a_fresh_prefill(pipeline, monkeypatch, case, precision):
     """`Pipeline.warm` prefills the prompt through its last picture before the question is known; the
-    question then prefills only its own tokens and answers exactly as a fresh prefill does."""
-    pipe = pipeline("base")
+    question then prefills only its own tokens and answers exactly as a fresh prefill does (INT4:
+    the int8 prompt pass, in two passes against one)."""
+    pipe = pipeline("base", precision)
     route = pipe.routes["hybrid"]
     if case == "picture in turn 1":
         question, history = replace(ask(FIRST, (RED,)), conversation_id=case), ()
