@@ -175,6 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown routes {sorted(unknown)}; choose from {', '.join(ROUTES)}")
     width, height = _parse_size(args.image)
+    work = Workload(width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
         raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
     if args.speculation:
@@ -194,9 +195,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.speculation and args.preset == DEMO:
         report = measure_demo_speculation(bundles, routes, args.new_tokens, args.runs, args.threads)
     else:
-        report = measure(
-            bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads, peers
-        )
+        report = measure(bundles, routes, work, peers)
     report.update(preset=args.preset, layers=layers, image=args.image, cpu=cpu_isa())
     if args.speculation:
         hybrid = sorted({ROUTES[key].precision for key in routes if ROUTES[key].route == "hybrid"})
@@ -204,16 +203,10 @@ def run_bench(args: argparse.Namespace) -> int:
             f"hybrid_{precision}": measure_verify_cost(bundles[precision], args.threads) for precision in hybrid
         }
     if args.follow_up:
-        follow_up = measure_follow_up(
-            bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads
-        )
-        for key, row in follow_up.items():
+        for key, row in measure_follow_up(bundles, routes, work).items():
             report["routes"][key].update(row)
     if args.prefill_ahead:
-        ahead = measure_prefill_ahead(
-            bundles, routes, width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads
-        )
-        for key, row in ahead.items():
+        for key, row in measure_prefill_ahead(bundles, routes, work).items():
             report["routes"][key].update(row)
     if args.detail:
         report["vision_by_detail"] = measure_detail(bundles, routes, args.threads)
@@ -335,17 +328,23 @@ def _llamacpp_peers(cache: Path, checkpoint: Path, name: str) -> dict[str, Peer]
     return peers
 
 
-def measure(
-    bundles: dict[str, Path],
-    routes: list[str],
-    width: int,
-    height: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    runs: int,
-    threads: int,
-    peers: dict[str, Peer] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class Workload:
+    """What every timed request of one bench run asks: a new `width` x `height` picture per round and
+    `prompt_tokens` of text, `new_tokens` greedy; `runs` rounds, `threads` per route."""
+
+    width: int
+    height: int
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    threads: int
+
+    def image_request(self, seed: int) -> Request:
+        return _image_request(self.width, self.height, self.prompt_tokens, self.new_tokens, seed)
+
+
+def measure(bundles: dict[str, Path], routes: list[str], work: Workload, peers: dict[str, Peer] | None = None) -> dict:
     """Per route (and peer): medians of the timings of an image prompt (a text prompt as long, for a
     text-only route), a new picture every round so that the vision feature cache never answers for
     the tower."""
@@ -353,16 +352,16 @@ def measure(
     peers = peers or {}
 
     def one(worker: _Worker, key: str, run: int) -> dict:
-        image_prompt = _image_request(width, height, prompt_tokens, new_tokens, seed=run)
+        image_prompt = work.image_request(seed=run)
         if key not in peers and not can_serve(ROUTES[key].route, image_prompt):
-            return worker.ask(_text_request(image_tokens.get("image", prompt_tokens), new_tokens))
+            return worker.ask(_text_request(image_tokens.get("image", work.prompt_tokens), work.new_tokens))
         result = worker.ask(image_prompt)
         image_tokens["image"] = result["timings"]["prompt_tokens"]
         return result
 
-    samples, memory = take_rounds(bundles, [*routes, *peers], threads, runs, one, peers)
+    samples, memory = take_rounds(bundles, [*routes, *peers], work.threads, work.runs, one, peers)
     disk = {key: peers[key].disk_mb if key in peers else _disk_mb(bundles, ROUTES[key]) for key in samples}
-    report = _summarise(samples, memory, disk, bundles, new_tokens)
+    report = _summarise(samples, memory, disk, bundles, work.new_tokens)
     report["peers"] = {
         key: {"export": peer.export, "summary": peer.summary, "settings": samples[key][0]["settings"]}
         for key, peer in peers.items()
@@ -656,16 +655,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_follow_up(
-    bundles: dict[str, Path],
-    routes: list[str],
-    width: int,
-    height: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    runs: int,
-    threads: int,
-) -> dict:
+def measure_follow_up(bundles: dict[str, Path], routes: list[str], work: Workload) -> dict:
     """Per reusing route: time to first token of a first question, and of a second question in the
     same conversation with the kept cache reused and prefilled from scratch (medians)."""
     keys = [key for key in routes if ROUTES[key].route in REUSING]
@@ -673,7 +663,7 @@ def measure_follow_up(
 
     def one(worker: _Worker, key: str, run: int) -> dict:
         route = ROUTES[key].route
-        first = _first_question(route, width, height, prompt_tokens, new_tokens, run, image_tokens.get("image"))
+        first = _first_question(route, work, run, image_tokens.get("image"))
         first = replace(first, conversation_id=f"bench-{run}")
         answer = worker.ask(first)
         if first.has_images:
@@ -682,23 +672,14 @@ def measure_follow_up(
         reused = worker.ask(second)
         return {"first": answer, "reused": reused, "fresh": worker.ask(replace(second, conversation_id=None))}
 
-    samples, _ = take_rounds(bundles, keys, threads, runs, one)
+    samples, _ = take_rounds(bundles, keys, work.threads, work.runs, one)
     rows = {key: _follow_up_row(rows) for key, rows in samples.items()}
     for key, row in rows.items():
         log.info("%s follow-up: %s", key, row)
     return rows
 
 
-def measure_prefill_ahead(
-    bundles: dict[str, Path],
-    routes: list[str],
-    width: int,
-    height: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    runs: int,
-    threads: int,
-) -> dict:
+def measure_prefill_ahead(bundles: dict[str, Path], routes: list[str], work: Workload) -> dict:
     """Per hybrid route: a picture prefilled ahead (`Pipeline.warm`: its vision and its prompt tokens,
     before the question is known), then its question in the same conversation (medians). The time
     to first token after the question is what a person waits after pressing Enter when the picture
@@ -708,9 +689,7 @@ def measure_prefill_ahead(
     keys = [key for key in routes if ROUTES[key].route == "hybrid"]
 
     def one(worker: _Worker, key: str, run: int) -> dict:
-        question = replace(
-            _image_request(width, height, prompt_tokens, new_tokens, run), conversation_id=f"ahead-{run}"
-        )
+        question = replace(work.image_request(run), conversation_id=f"ahead-{run}")
         ahead = replace(question, messages=(replace(question.messages[-1], text=""),))
         warmed = worker.ask(PrefillAhead(ahead))
         return {
@@ -719,7 +698,7 @@ def measure_prefill_ahead(
             "fresh": worker.ask(replace(question, conversation_id=None)),
         }
 
-    samples, _ = take_rounds(bundles, keys, threads, runs, one)
+    samples, _ = take_rounds(bundles, keys, work.threads, work.runs, one)
     rows = {}
     for key, rounds in samples.items():
         rows[key] = {
@@ -732,21 +711,13 @@ def measure_prefill_ahead(
     return rows
 
 
-def _first_question(
-    route: RouteName,
-    width: int,
-    height: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    seed: int,
-    image_prompt_tokens: int | None,
-) -> Request:
+def _first_question(route: RouteName, work: Workload, seed: int, image_prompt_tokens: int | None) -> Request:
     """A picture and a question (for a text-only route a text prompt as long as the image prompt),
     greedy without a minimum length: the only requests whose generator GenAI can continue."""
-    request = _image_request(width, height, prompt_tokens, new_tokens, seed)
+    request = work.image_request(seed)
     if not can_serve(route, request):
-        request = _text_request(image_prompt_tokens or prompt_tokens, new_tokens)
-    return replace(request, sampling=SamplingConfig(max_new_tokens=new_tokens))
+        request = _text_request(image_prompt_tokens or work.prompt_tokens, work.new_tokens)
+    return replace(request, sampling=SamplingConfig(max_new_tokens=work.new_tokens))
 
 
 def _second_question(first: Request, answer: str) -> Request:
