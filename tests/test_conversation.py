@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from hybrid.conversation import POOL, ConversationStore, ImageRun, Kept, reusable_prefix
+from hybrid.limits import RateLimiter
 from hybrid.media import IMAGE
 from hybrid.types import Message
 from tests.conftest import draw_scene
 from tests.helpers import ask, run
 from tests.page import chat_updates, last, make_service, session, settings
+from web.admission import Admission
 
 RED = draw_scene((96, 96), (200, 30, 30))
 BLUE = draw_scene((128, 64), (30, 30, 200), (0.2, 0.5, 0.9, 0.9))
@@ -233,3 +235,16 @@ def test_the_page_warms_an_added_picture_for_hybrid_only(pipeline, tmp_path):
         {"text": "", "files": [__file__]}, [], settings("auto", GREEDY), session("unreadable")
     )  # reported on send
     assert ("unreadable", "hybrid") not in pipe.conversations
+
+
+def test_a_warm_up_counts_against_the_client_rate(pipeline, tmp_path):
+    """Adding pictures cannot keep the CPU busier than asking could: over the rate, no warm-up."""
+    pipe = pipeline("base")
+    service = make_service(pipe, admission=Admission(RateLimiter(1, 60.0)))
+    picture = tmp_path / "red.png"
+    RED.save(picture)
+    added = {"text": "", "files": [str(picture)]}
+    service.warm(added, [], settings("auto", GREEDY), session("first", host="10.0.0.7"))
+    assert ("first", "hybrid") in pipe.conversations
+    service.warm(added, [], settings("auto", GREEDY), session("second", host="10.0.0.7"))
+    assert ("second", "hybrid") not in pipe.conversations, "the address has used its one request a minute"

@@ -251,7 +251,8 @@ class ChatService:
         question's own (its answer counts them as reused tokens). Only where Hybrid ONNX would
         answer, once per set of files; it waits for the CPU like a request, and a question sent
         meanwhile waits for it. Nothing is shown: a file that cannot be read is reported when the
-        question is sent."""
+        question is sent. It counts against the client's rate like a request (a refused one is
+        skipped), so that adding pictures cannot keep the CPU busy beyond what asking could."""
         session, files = _session(request), message_files(message)
         key = (files, len(turns), settings.route, settings.max_image_tokens)
         if not session or not files or self._warmed.get(session) == key:
@@ -263,6 +264,7 @@ class ChatService:
             ahead = to_request([*turns, question], settings.sampling, session, settings.max_image_tokens)
             if "hybrid" not in self.pipeline.plan(ahead, settings.route):
                 return
+            self._count(request)
             started = time.perf_counter()
             with self.admission.cpu():
                 tokens = self.pipeline.warm(ahead)
@@ -349,13 +351,15 @@ class ChatService:
 
     def _admit(self, request: gr.Request | None) -> None:
         """Count the request against its client address's rate (the same limit as the API's)."""
-        client = getattr(request, "client", None)
         try:
-            self.admission.check(
-                self.admission.client(getattr(client, "host", None), getattr(request, "headers", None))
-            )
+            self._count(request)
         except HybridError as exc:
             raise gr.Error(str(exc)) from exc
+
+    def _count(self, request: gr.Request | None) -> None:
+        """Count one request of the client's address; `Busy` when it is over its rate."""
+        client = getattr(request, "client", None)
+        self.admission.check(self.admission.client(getattr(client, "host", None), getattr(request, "headers", None)))
 
     def _begin(self, session: str) -> threading.Event:
         cancel = threading.Event()
