@@ -175,9 +175,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown routes {sorted(unknown)}; choose from {', '.join(ROUTES)}")
     width, height = _parse_size(args.image)
-    work = Workload(width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_tokens < 1:
         raise UserError("--new-tokens must be >= 2, --runs and --prompt-tokens >= 1")
+    work = Workload(width, height, args.prompt_tokens, args.new_tokens, args.runs, args.threads)
     if args.speculation:
         plain = [ROUTES[key].plain.key for key in routes if ROUTES[key].route == "hybrid"]
         routes += [key for key in plain if key in ROUTES]  # the int4-prefill column has no plain twin

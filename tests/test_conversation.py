@@ -231,9 +231,8 @@ def test_the_page_warms_an_added_picture_for_hybrid_only(pipeline, tmp_path):
     updates = chat_updates(service, {**added, "text": FIRST}, route="auto", sampling=GREEDY, name="warm")
     image_end = pipe.routes["hybrid"].processor.prepare(ask(FIRST, (RED,)).messages).media_end()
     assert last(updates, "latency")["reused tokens"].iloc[0] >= image_end
-    service.warm(
-        {"text": "", "files": [__file__]}, [], settings("auto", GREEDY), session("unreadable")
-    )  # reported on send
+    unreadable = {"text": "", "files": [__file__]}  # reported when the question is sent, not here
+    service.warm(unreadable, [], settings("auto", GREEDY), session("unreadable"))
     assert ("unreadable", "hybrid") not in pipe.conversations
 
 

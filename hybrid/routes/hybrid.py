@@ -85,9 +85,8 @@ class HybridRoute:
             return 0
         reused = reusable_prefix(kept, ids, images)
         cache = self.cache_for(kept, reused, end)
-        self.prefill(
-            cache, inputs, reused, watch
-        )  # if it fails, the conversation's cache is gone: the next request starts afresh
+        # if the prefill fails, the conversation's cache is gone: its next request starts afresh
+        self.prefill(cache, inputs, reused, watch)
         self.keep(request.conversation_id, cache, ids.tolist(), images)
         return end - reused
 
