@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from hybrid.media import MEDIA
-from hybrid.processor import PreparedInputs, pixel_digest
+from hybrid.processor import PreparedInputs
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ def image_runs(inputs: PreparedInputs) -> tuple[ImageRun, ...]:
     """Where each image and video of the prompt sits, and what it is (equal digests: equal pixels
     and grid), in prompt order."""
     runs = [
-        ImageRun(start, end, pixel_digest(inputs.item_pixels(kind, i), inputs.grid(kind)[i : i + 1]))
+        ImageRun(start, end, digest)
         for kind in MEDIA
-        for i, (start, end) in enumerate(inputs.spans(kind))
+        for (start, end), digest in zip(inputs.spans(kind), inputs.digests(kind), strict=True)
     ]
     return tuple(sorted(runs, key=lambda run: run.start))
 

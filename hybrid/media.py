@@ -23,6 +23,7 @@ class Media:
     pixel_values: str  # the batch key (and `PreparedInputs` field) of the patches
     grid_thw: str  # the batch key (and `PreparedInputs` field) of the grids `(items, 3)`
     tokens: str  # the `PreparedInputs` and `Stopwatch` field with each item's pad tokens
+    digests: str  # the `PreparedInputs` field with each item's `pixel_digest`
     limit: str  # the `RuntimeConfig` field capping how many a conversation may hold
     frame_pair_runs: bool  # each pair of frames is a pad run of its own (a video: timestamps between)
 
@@ -38,6 +39,7 @@ IMAGE = Media(
     pixel_values="pixel_values",
     grid_thw="image_grid_thw",
     tokens="image_tokens",
+    digests="image_digests",
     limit="max_images",
     frame_pair_runs=False,
 )
@@ -52,6 +54,7 @@ VIDEO = Media(
     pixel_values="pixel_values_videos",
     grid_thw="video_grid_thw",
     tokens="video_tokens",
+    digests="video_digests",
     limit="max_videos",
     frame_pair_runs=True,
 )

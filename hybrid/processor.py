@@ -23,6 +23,7 @@ from hybrid.config import DEFAULT_MAX_IMAGE_TOKENS, DEFAULT_MAX_VIDEO_TOKENS, Vi
 from hybrid.errors import BundleError, UserError
 from hybrid.images import to_rgb
 from hybrid.media import IMAGE, MEDIA, MM_TEXT, VIDEO, Media
+from hybrid.recent import Recent
 from hybrid.thinking import opens_thinking
 from hybrid.types import Message, Video
 from hybrid.videos import VideoInfo, open_video
@@ -51,9 +52,11 @@ class PreparedInputs:
     pixel_values: torch.Tensor | None = None  # (patches, C * T * P * P)
     image_grid_thw: torch.Tensor | None = None  # (images, 3)
     image_tokens: tuple[int, ...] = ()  # <|image_pad|> tokens of each image, in prompt order
+    image_digests: tuple[str, ...] = ()  # `pixel_digest` of each image, in prompt order
     pixel_values_videos: torch.Tensor | None = None  # (patches, C * T * P * P), every video's frames
     video_grid_thw: torch.Tensor | None = None  # (videos, 3): t counts pairs of frames
     video_tokens: tuple[int, ...] = ()  # <|video_pad|> tokens of each video (all its frames), in prompt order
+    video_digests: tuple[str, ...] = ()  # `pixel_digest` of each video, in prompt order
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +74,10 @@ class PreparedInputs:
         """The pad tokens of each item of `kind`, in prompt order."""
         return getattr(self, kind.tokens)
 
+    def digests(self, kind: Media) -> tuple[str, ...]:
+        """The `pixel_digest` of each item of `kind`, in prompt order: equal digests, equal items."""
+        return getattr(self, kind.digests)
+
     def vision_kwargs(self) -> dict[str, torch.Tensor]:
         """The pictures and videos as transformers' model takes them (`pixel_values`, `image_grid_thw`,
         `pixel_values_videos`, `video_grid_thw`), those present."""
@@ -86,10 +93,6 @@ class PreparedInputs:
         counts = grid[:, 0].tolist() if kind.frame_pair_runs and grid is not None else [1] * len(runs)
         ends = np.cumsum(counts).tolist()
         return [(runs[end - n][0], runs[end - 1][1]) for n, end in zip(counts, ends)]
-
-    def item_pixels(self, kind: Media, index: int) -> torch.Tensor:
-        """The patch rows of item `index` of `kind` `(patches_i, C * T * P * P)`."""
-        return _rows(self.pixels(kind), self.grid(kind), index)
 
     def media_end(self) -> int:
         """Where the prompt's last image or video ends (0 when it has none)."""
@@ -112,6 +115,7 @@ class PreparedInputs:
             first = sum(1 for _, e in found if e <= start)
             kept[kind.pixel_values], kept[kind.grid_thw] = _from(self.pixels(kind), self.grid(kind), first)
             kept[kind.tokens] = self.tokens(kind)[first:]
+            kept[kind.digests] = self.digests(kind)[first:]
         return replace(
             self, input_ids=self.input_ids[:, start:], mm_token_type_ids=self.mm_token_type_ids[:, start:], **kept
         )
@@ -141,6 +145,22 @@ def _from(
     return pixels[offset:], grid_thw[first:]
 
 
+@dataclass(frozen=True)
+class Picture:
+    """One image as the model takes it: its patches `(patches, C * T * P * P)`, grid `(1, 3)` and their digest."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    digest: str
+
+
+PICTURES_KEPT, PICTURE_BYTES_KEPT = 8, 256 << 20  # processed pictures kept for the next turns that show them
+
+
+def _picture_bytes(picture: Picture) -> int:
+    return picture.pixel_values.numel() * picture.pixel_values.element_size()
+
+
 class Processor:
     """Chat template + tokenizer + image processor of one checkpoint."""
 
@@ -158,6 +178,7 @@ class Processor:
         self.max_context = max_context
         self.opens_thinking = opens_thinking(self.render((Message("user", "?"),)))  # a Thinking template
         self.takes_videos = self.hf.video_processor is not None and self._places_videos()
+        self.pictures: Recent[Picture] = Recent(PICTURES_KEPT, PICTURE_BYTES_KEPT, _picture_bytes)
 
     def render(self, messages: tuple[Message, ...]) -> str:
         """The chat-templated prompt text, ending with the assistant's turn opener."""
@@ -191,25 +212,54 @@ class Processor:
         self, messages: tuple[Message, ...], budgets: dict[Media, int]
     ) -> tuple[dict[str, object], dict[Media, list[str]]]:
         """The `PreparedInputs` fields of the conversation's images and videos (patches, grids, pad
-        tokens of each), and each item's placeholder text, by kind; kinds it lacks are left out."""
+        tokens and digest of each), and each item's placeholder text, by kind; kinds it lacks are left out."""
         fields: dict[str, object] = {}
         placeholders: dict[Media, list[str]] = {}
         for kind in MEDIA:
             items = [item for m in messages for item in getattr(m, kind.items)]
             if not items:
                 continue
-            batch = self._videos(items, budgets[kind]) if kind is VIDEO else self._images(items, budgets[kind])
+            if kind is VIDEO:
+                batch = self._videos(items, budgets[kind])
+                grids = batch[kind.grid_thw]
+                digests = tuple(
+                    pixel_digest(_rows(batch[kind.pixel_values], grids, i), grids[i : i + 1]) for i in range(len(items))
+                )
+            else:
+                batch, digests = self._images(items, budgets[kind])
             grid_thw = batch[kind.grid_thw]
             merge = getattr(self.hf, kind.processor).merge_size
             fields[kind.pixel_values], fields[kind.grid_thw] = batch[kind.pixel_values], grid_thw
             fields[kind.tokens] = tuple((grid_thw.prod(-1) // merge**2).tolist())
+            fields[kind.digests] = digests
             placeholders[kind] = [getattr(self.hf, kind.placeholder)(batch, i) for i in range(len(items))]
         return fields, placeholders
 
-    def _images(self, images: list[Image.Image], max_image_tokens: int) -> BatchFeature:
-        """The image processor's batch: `pixel_values`, `image_grid_thw`."""
+    def _images(
+        self, images: list[Image.Image], max_image_tokens: int
+    ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+        """The image processor's batch (`pixel_values`, `image_grid_thw`) and each image's digest.
+        A picture processed at the same size before (the same conversation's next turn) is reused."""
         size = self.image_size(max_image_tokens)
-        return self.hf.image_processor(images=[to_rgb(img) for img in images], return_tensors="pt", size=size)
+        pictures = [self._picture(to_rgb(img), size) for img in images]
+        batch = {
+            IMAGE.pixel_values: torch.cat([p.pixel_values for p in pictures]),
+            IMAGE.grid_thw: torch.cat([p.grid_thw for p in pictures]),
+        }
+        return batch, tuple(p.digest for p in pictures)
+
+    def _picture(self, image: Image.Image, size: dict[str, int]) -> Picture:
+        """One RGB image as the model takes it at `size`, from the cache of recent ones or processed now."""
+        content = hashlib.blake2b(image.tobytes(), digest_size=16)
+        content.update(json.dumps([image.size, sorted(size.items())]).encode())
+        key = content.hexdigest()
+        picture = self.pictures.get(key)
+        if picture is None:
+            batch = self.hf.image_processor(images=[image], return_tensors="pt", size=size)
+            pixels, grid = batch[IMAGE.pixel_values], batch[IMAGE.grid_thw]
+            picture = Picture(pixels, grid, pixel_digest(pixels, grid))
+            self.pictures.put(key, picture)
+        return picture
 
     def image_size(self, max_image_tokens: int) -> dict[str, int]:
         """The image processor's `size` (pixel counts) for a budget of `max_image_tokens` per image:

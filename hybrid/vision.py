@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from hybrid.config import VISION_BACKENDS, VisionBackend
 from hybrid.errors import BundleError
 from hybrid.layout import CHECKPOINT_VISION_PREFIX, ONNX_VISION_TENSORS, VISION_CONFIG, VISION_WEIGHTS, vision_graph
 from hybrid.processor import pixel_digest
+from hybrid.recent import Recent
 from hybrid.vision_onnx import OnnxVisionTower
 
 log = logging.getLogger(__name__)
@@ -34,27 +34,11 @@ class VisionFeatures:
     deepstack_embeds: np.ndarray  # (D, N, H): one map per DeepStack layer
 
 
-class FeatureCache:
-    """A small LRU of vision features keyed by the pixels and grid, so a follow-up question about
-    the same pictures skips the vision tower."""
+FEATURES_KEPT, FEATURE_BYTES_KEPT = 8, 1 << 30  # the vision features of recent pictures, at most
 
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict[str, VisionFeatures] = OrderedDict()
-        self.hits = 0
 
-    def get(self, key: str) -> VisionFeatures | None:
-        features = self.entries.get(key)
-        if features is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
-        return features
-
-    def put(self, key: str, features: VisionFeatures) -> None:
-        self.entries[key] = features
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+def _feature_bytes(features: VisionFeatures) -> int:
+    return features.image_embeds.nbytes + features.deepstack_embeds.nbytes
 
 
 class VisionTower:
@@ -90,12 +74,17 @@ class VisionTower:
         self.backend = backend
         self.spatial_merge_size = config.spatial_merge_size
         self.threads = threads
-        self.cache = FeatureCache()
+        self.cache: Recent[VisionFeatures] = Recent(FEATURES_KEPT, FEATURE_BYTES_KEPT, _feature_bytes)
         self.model = _load_torch(folder, config, int8, checkpoint) if backend == "torch" else None
         self.onnx = OnnxVisionTower(folder, config, graph, threads) if backend == "onnx" else None
 
-    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
-        key = pixel_digest(pixel_values, image_grid_thw)
+    def encode(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, key: str | None = None
+    ) -> VisionFeatures:
+        """The features of `pixel_values` (of images whose grids are `image_grid_thw`), from the cache
+        when these pixels were encoded lately. `key`: their `pixel_digest` where it is known (a
+        single item's), or anything that names exactly these pixels and grids."""
+        key = key or pixel_digest(pixel_values, image_grid_thw)
         features = self.cache.get(key)
         if features is None:
             features = self._run(pixel_values, image_grid_thw)

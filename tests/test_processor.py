@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hybrid.processor import Processor
+from hybrid.processor import Processor, pixel_digest
+from hybrid.recent import Recent
 from hybrid.types import Message
 from tests.conftest import draw_scene
 
@@ -40,6 +41,46 @@ def test_ids_equal_the_hf_processor(processor, name):
     np.testing.assert_array_equal(ours.mm_token_type_ids, theirs["mm_token_type_ids"])
     if images:
         np.testing.assert_array_equal(ours.pixel_values.numpy(), theirs["pixel_values"])
+        np.testing.assert_array_equal(ours.image_grid_thw.numpy(), theirs["image_grid_thw"])
+
+
+def test_a_picture_shown_again_is_not_processed_again(processor):
+    """The next turn's copy of a picture (a new object, the same pixels) comes from the cache; the
+    same picture at another budget, or other pixels, do not; each digest is its own pixels'."""
+
+    def prepare(*images, budget=1024):
+        return processor.prepare((Message("user", "?", images),), max_image_tokens=budget)
+
+    first = prepare(RED, BLUE)
+    hits = processor.pictures.hits
+    again = prepare(RED.copy(), BLUE.copy())
+    assert processor.pictures.hits == hits + 2
+    assert again.image_digests == first.image_digests
+    np.testing.assert_array_equal(again.pixel_values.numpy(), first.pixel_values.numpy())
+    sizes = first.image_grid_thw.prod(-1).tolist()
+    for i, digest in enumerate(first.image_digests):
+        rows = first.pixel_values[sum(sizes[:i]) : sum(sizes[: i + 1])]
+        assert digest == pixel_digest(rows, first.image_grid_thw[i : i + 1])
+    hits = processor.pictures.hits
+    smaller = prepare(RED, budget=4)
+    changed = RED.copy()
+    changed.putpixel((0, 0), (1, 2, 3))
+    other = prepare(changed)
+    assert processor.pictures.hits == hits
+    assert len({first.image_digests[0], smaller.image_digests[0], other.image_digests[0]}) == 3
+
+
+def test_recent_keeps_the_latest_within_its_bounds():
+    kept = Recent(capacity=3, max_bytes=10, nbytes=len)
+    for key in "abc":
+        kept.put(key, "xx")
+    assert kept.get("a") == "xx"  # now the most recent
+    kept.put("d", "xx")
+    assert list(kept.entries) == ["c", "a", "d"]
+    kept.put("e", "xxxxxx")  # 12 bytes in all: the oldest goes
+    assert list(kept.entries) == ["a", "d", "e"]
+    kept.put("big", "x" * 11)
+    assert "big" not in kept.entries and list(kept.entries) == ["a", "d", "e"]
 
 
 @pytest.mark.parametrize("typed", TYPED)

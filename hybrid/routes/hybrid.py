@@ -142,7 +142,7 @@ class HybridRoute:
 
     def encode(self, inputs: PreparedInputs, kind: Media) -> VisionFeatures | None:
         pixels = inputs.pixels(kind)
-        return None if pixels is None else self.vision.encode(pixels, inputs.grid(kind))
+        return None if pixels is None else self.vision.encode(pixels, inputs.grid(kind), "+".join(inputs.digests(kind)))
 
     def inject(self, inputs: PreparedInputs, features: dict[Media, VisionFeatures | None]) -> InjectedInputs:
         token_ids, num_deepstack = self.processor.token_ids, self.decoder.num_deepstack
