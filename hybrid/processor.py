@@ -145,6 +145,17 @@ def _from(
     return pixels[offset:], grid_thw[first:]
 
 
+MAX_ASPECT = 200  # the longest side over the shortest that the Qwen-VL processors take
+
+
+def _check_aspect(width: int, height: int, what: str) -> None:
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UserError(
+            f"the {what} is {width}x{height} pixels: the model reads only pictures and videos whose long side "
+            f"is at most {MAX_ASPECT} times the short one; crop or pad it"
+        )
+
+
 @dataclass(frozen=True)
 class Picture:
     """One image as the model takes it: its patches `(patches, C * T * P * P)`, grid `(1, 3)` and their digest."""
@@ -241,6 +252,8 @@ class Processor:
         """The image processor's batch (`pixel_values`, `image_grid_thw`) and each image's digest.
         A picture processed at the same size before (the same conversation's next turn) is reused."""
         size = self.image_size(max_image_tokens)
+        for img in images:
+            _check_aspect(img.width, img.height, "picture")
         pictures = [self._picture(to_rgb(img), size) for img in images]
         batch = {
             IMAGE.pixel_values: torch.cat([p.pixel_values for p in pictures]),
@@ -297,6 +310,8 @@ class Processor:
         each video's placeholder (per frame pair: its timestamp, then its pads) is written from."""
         if not self.takes_videos:
             raise UserError("this model's chat template has no place for a video: ask about pictures instead")
+        for v in videos:
+            _check_aspect(v.frames.shape[2], v.frames.shape[1], "video")
         metadata = [
             _metadata(v.total_num_frames, v.fps, v.frames.shape[2], v.frames.shape[1], list(v.frames_indices))
             for v in videos

@@ -89,3 +89,15 @@ def test_odd_images_get_answers(pipeline, name):
     result = run(pipe, ask("What is this?", [open_image(odd_images()[name])], max_new_tokens=4), "hybrid")
     assert result["timings"]["vision_ms"] > 0 and len(result["timings"]["image_tokens"]) == 1
     assert result["timings"]["image_tokens"][0] >= 1, "the picture reached the model as image tokens"
+
+
+@pytest.mark.parametrize("size", [(3000, 6), (2, 3000)])
+def test_a_picture_too_thin_for_the_processor_is_a_user_error_on_every_route(pipeline, size):
+    """Qwen-VL's processors refuse a side over 200 times the other: said as the user's error, not a
+    route's fault, and the route serves the next picture."""
+    pipe = pipeline("base")
+    thin = ask("What is this?", [Image.new("RGB", size, "white")], max_new_tokens=2)
+    for route in ("hybrid", "pytorch"):
+        with pytest.raises(UserError, match=f"is {size[0]}x{size[1]} pixels.*at most 200 times"):
+            run(pipe, thin, route)
+    assert run(pipe, ask("What is this?", [Image.new("RGB", (2000, 10), "white")], max_new_tokens=2), "hybrid")

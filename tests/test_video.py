@@ -369,3 +369,10 @@ def test_cli_answers_a_video_on_both_routes_alike(bundle, clips, capsys):
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["route"] for r in results] == ["pytorch", "hybrid"]
     assert results[0]["token_ids"] == results[1]["token_ids"] and results[1]["timings"]["video_tokens"][0] > 0
+
+
+def test_a_video_too_thin_for_the_processor_is_refused_with_one_line(processors, tmp_path):
+    processor = processors["base"]
+    video = processor.open_video(write_video(tmp_path / "thin.mp4", size=(420, 2)), VideoLimits())
+    with pytest.raises(UserError, match=r"^the video is 420x2 pixels: .* at most 200 times the short one"):
+        processor.prepare((Message("user", "What happens?", videos=(video,)),))
