@@ -270,8 +270,8 @@ def _blank(pipeline: Pipeline, route: str, features: bool) -> None:
         tower = pipeline.routes["hybrid"].vision
         encode = tower.encode
 
-        def blank(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
-            real = encode(pixel_values, image_grid_thw)
+        def blank(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, key: str | None = None) -> VisionFeatures:
+            real = encode(pixel_values, image_grid_thw, key)
             embeds = np.zeros_like(real.image_embeds) if features else real.image_embeds
             return VisionFeatures(embeds, np.zeros_like(real.deepstack_embeds))
 
