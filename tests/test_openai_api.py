@@ -214,6 +214,22 @@ def test_a_body_that_is_not_json_is_a_400(served):
     assert refused.status_code == 400 and "not JSON" in refused.json()["error"]["message"]
 
 
+def test_a_body_nested_too_deeply_is_a_400_and_the_server_keeps_serving(served):
+    nested = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    refused = httpx.post(f"{served}/v1/chat/completions", content=nested, headers={"Authorization": f"Bearer {KEY}"})
+    assert refused.status_code == 400 and "nested too deeply" in refused.json()["error"]["message"]
+    assert httpx.get(f"{served}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_an_answer_longer_than_the_servers_limit_is_refused_naming_its_parameter(served, name):
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Hello!"}], name: 10**6}
+    refused = httpx.post(f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == name, error
+    assert error["message"] == f"{name} is 1000000, this server's limit is 1024"
+
+
 def test_the_key_is_required(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         refused = httpx.get(f"{served}/v1/models", headers=headers)

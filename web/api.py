@@ -62,6 +62,7 @@ class ChatApi:
             max_pixels=pipeline.runtime.max_image_pixels,
             open_video=pipeline.open_video if pipeline.processor.takes_videos else None,
             allow_urls=config.allow_url_images,
+            max_new_tokens=pipeline.runtime.max_new_tokens_limit,
         )
 
     def routes(self) -> list[Route]:
@@ -266,6 +267,8 @@ async def _json_body(request: HttpRequest) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the request body's JSON is nested too deeply to read") from exc
 
 
 def error_response(exc: ApiError) -> JSONResponse:

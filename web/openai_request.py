@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
-from hybrid.config import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL, SamplingConfig
+from hybrid.config import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL, RuntimeConfig, SamplingConfig
 from hybrid.errors import HybridError
 from hybrid.images import open_image
 from hybrid.types import Message, Request, Video
@@ -106,12 +106,13 @@ class ChatCall:
 class Context:
     """What reading a request depends on: the sampling a request leaves out (the checkpoint's own),
     the pixel limit of a picture, the video opener (None: the model's template has no place for
-    videos) and whether http(s) URLs may be fetched."""
+    videos), whether http(s) URLs may be fetched and the most tokens an answer may be asked for."""
 
     defaults: dict[str, Any]
     max_pixels: int
     open_video: Callable[[bytes], Video] | None
     allow_urls: bool = False
+    max_new_tokens: int = RuntimeConfig.max_new_tokens_limit
 
 
 def read_call(body: Any, context: Context, conversation_id: str | None) -> ChatCall:
@@ -128,7 +129,7 @@ def read_call(body: Any, context: Context, conversation_id: str | None) -> ChatC
     if options is not None and not (isinstance(options, dict) and stream):
         raise ApiError(400, "stream_options must be an object, and only with stream: true", "stream_options")
     try:
-        request = Request(messages, _sampling(body, context.defaults), conversation_id, IMAGE_DETAIL[detail])
+        request = Request(messages, _sampling(body, context), conversation_id, IMAGE_DETAIL[detail])
     except HybridError as exc:
         raise ApiError(400, str(exc), "messages") from exc
     return ChatCall(model, request, stream, bool((options or {}).get("include_usage", False)))
@@ -173,7 +174,8 @@ def _text(body: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
-def _sampling(body: dict[str, Any], defaults: dict[str, Any]) -> SamplingConfig:
+def _sampling(body: dict[str, Any], context: Context) -> SamplingConfig:
+    defaults = context.defaults
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -197,10 +199,15 @@ def _sampling(body: dict[str, Any], defaults: dict[str, Any]) -> SamplingConfig:
         "speculative": ("speculative", _text(body, "speculative", SamplingConfig.speculative)),
     }
     try:
-        return SamplingConfig(**{key: value for key, (_, value) in values.items()}, stop=tuple(stop or ()))
+        sampling = SamplingConfig(**{key: value for key, (_, value) in values.items()}, stop=tuple(stop or ()))
     except HybridError as exc:
         field = next((name for key, (name, _) in values.items() if key in str(exc)), None)
         raise ApiError(400, str(exc), field) from exc
+    if sampling.max_new_tokens > context.max_new_tokens:
+        raise ApiError(
+            400, f"{name} is {sampling.max_new_tokens}, this server's limit is {context.max_new_tokens}", name
+        )
+    return sampling
 
 
 def _messages(raw: Any, media: Context) -> tuple[tuple[Message, ...], str]:
