@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -151,6 +152,11 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check_int("threads", self.threads, low=0)
+        if self.threads > logical_cpus():
+            raise UserError(
+                f"threads is {self.threads}, more than the {logical_cpus()} logical CPUs this process may use "
+                "(0: one per physical core)"
+            )
         _check_int("max_new_tokens_limit", self.max_new_tokens_limit, low=1)
         _check_int("max_images", self.max_images, low=0)
         _check_int("max_image_pixels", self.max_image_pixels, low=1)
@@ -215,6 +221,11 @@ class CheckpointSampling:
 def check_max_image_tokens(value: Any) -> int:
     """An image token budget per picture, as a user may give it."""
     return _check_int("max_image_tokens", value, low=1)
+
+
+def logical_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_int(name: str, value: Any, low: int) -> int:

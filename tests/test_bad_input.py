@@ -41,8 +41,10 @@ CASES = [
     ("max new tokens above the limit", ["--max-new-tokens", "5000"], "the limit is 1024"),
     ("non-integer seed", ["--seed", "1.5"], "seed"),
     ("negative seed", ["--seed", "-3"], "seed must be >= 0"),
+    ("a picture 500 times as wide as tall", ["--image", "{thin}"], "at most 200 times the short one"),
 ]
 IDS = [case[0] for case in CASES]
+CLI_ONLY = [("more threads than CPUs", ["--threads", "4096"], "threads is 4096, more than the")]  # not a page setting
 
 
 def png_of(width: int, height: int, rows: int | None = None) -> bytes:
@@ -72,6 +74,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "huge.png": png_of(20000, 20000, rows=4),
         "bomb.png": png_of(12000, 12000),
         "small.png": good.getvalue(),
+        "thin.png": png_of(3000, 6),
     }
     for name, data in contents.items():
         (folder / name).write_bytes(data)
@@ -92,7 +95,7 @@ def exit_code(args: list[str]) -> int:
         return exc.code
 
 
-@pytest.mark.parametrize("case, extra, message", CASES, ids=IDS)
+@pytest.mark.parametrize("case, extra, message", CASES + CLI_ONLY, ids=IDS + [case[0] for case in CLI_ONLY])
 def test_cli_refuses_with_one_line(bundle, files, capsys, case, extra, message):
     args = cli_args(bundle("base"), extra, files)
     capsys.readouterr()  # the bundle's export, on first use
