@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid.config import PRECISIONS
+from hybrid.config import PRECISIONS, logical_cpus
 from hybrid.demo import scenes
 from hybrid.demo.eval import (
     MAX_NEW_TOKENS,
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"also keep the figures in the model's {TRAINING_RECORD} (the app's header reads them)",
     )
     check.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    check.add_argument("--threads", type=int, default=2)
+    check.add_argument("--threads", type=int, default=min(2, logical_cpus()), help="(2, or fewer on a smaller machine)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
